@@ -1,0 +1,3 @@
+"""vlp: vision-language pretraining."""
+
+__version__ = "0.1.0"
