@@ -1,0 +1,385 @@
+"""Typed configuration for every entry point: dataclasses, YAML loading, command-line overrides.
+
+A config is a tree of dataclasses. Values come, in increasing priority, from the dataclass defaults, a YAML
+file (``--config x.yaml``) and command-line flags. Every field is reachable as ``--section.field`` (dashes and
+underscores are interchangeable) and the common ones have short aliases (``--loss siglip`` sets ``loss.name``).
+Unknown keys and bad values raise :class:`ConfigError` naming the key and listing what is valid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file or on the command line."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Schema
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """Which tower preset to build and how."""
+
+    name: str = "tiny"
+    """Preset name (a file in configs/models/) or a path to a preset YAML file."""
+    pretrained: str | None = None
+    """Local path to weights to initialise from (a checkpoint of this project)."""
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class LossConfig:
+    """The contrastive image-text objective."""
+
+    name: Literal["clip", "siglip"] = "siglip"
+    impl: Literal["naive", "chunked"] = "naive"
+    """naive materialises the logits matrix (reference); chunked tiles it."""
+    chunk_size: int = 1024
+    """Tile edge for the chunked implementation."""
+    init_logit_scale: float | None = None
+    """Initial log temperature t; default log(1/0.07) for clip, log(10) for siglip."""
+    init_logit_bias: float | None = None
+    """Initial bias b (siglip only); default -10."""
+    max_logit_scale: float | None = None
+    """Upper clamp on t; default log(100) for clip, none for siglip."""
+
+    def __post_init__(self) -> None:
+        if self.chunk_size < 1:
+            raise ConfigError(f"loss.chunk_size must be >= 1, got {self.chunk_size}")
+
+    @property
+    def resolved_init_logit_scale(self) -> float:
+        if self.init_logit_scale is not None:
+            return self.init_logit_scale
+        return math.log(1 / 0.07) if self.name == "clip" else math.log(10.0)
+
+    @property
+    def resolved_init_logit_bias(self) -> float | None:
+        if self.name != "siglip":
+            return None
+        return -10.0 if self.init_logit_bias is None else self.init_logit_bias
+
+    @property
+    def resolved_max_logit_scale(self) -> float | None:
+        if self.max_logit_scale is not None:
+            return self.max_logit_scale
+        return math.log(100.0) if self.name == "clip" else None
+
+
+@dataclass
+class DataConfig:
+    """Where training and evaluation samples come from."""
+
+    train_shards: str | None = None
+    """WebDataset shard spec (brace patterns allowed, '::' separates sources). None: the embedded synthetic set."""
+    eval_shards: str | None = None
+    """Held-out shards for zero-shot evaluation; None with synthetic data: its held-out split."""
+    train_num_samples: int | None = None
+    """Samples per epoch; None: read from the shards' metadata."""
+    synthetic_dir: str | None = None
+    """Cache directory for the embedded synthetic shards (default: ~/.cache/vlp/synthetic)."""
+    synthetic_train_samples: int = 40000
+    synthetic_eval_samples: int = 1000
+    caption_key: str = "txt"
+    """Where the caption lives: 'txt', or 'json:FIELD' for a field of the json member."""
+    workers: int = 2
+    shuffle_buffer: int = 1000
+
+    def __post_init__(self) -> None:
+        if self.workers < 0:
+            raise ConfigError(f"data.workers must be >= 0, got {self.workers}")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.98
+    eps: float = 1e-6
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.0
+    grad_clip: float | None = 1.0
+
+
+@dataclass
+class TrainConfig:
+    """Run length, batch and bookkeeping."""
+
+    steps: int = 1000
+    batch_size: int = 128
+    """Per-process batch size."""
+    seed: int = 0
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """auto: bf16 on GPU, fp32 on CPU."""
+    log_every: int = 10
+    save_first_batch: bool = False
+    """Save each rank's first batch next to the outputs (to check multi-process runs against one process)."""
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ConfigError(f"train.steps must be >= 1, got {self.steps}")
+        if self.batch_size < 1:
+            raise ConfigError(f"train.batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation at the end of training."""
+
+    zeroshot: bool = True
+    batch_size: int = 256
+
+
+@dataclass
+class PretrainConfig:
+    """Everything `scripts/pretrain.py` needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output_dir: str | None = None
+    """Run directory; default runs/<time>-<loss>."""
+
+
+PRETRAIN_ALIASES: dict[str, str] = {
+    "loss": "loss.name",
+    "model": "model.name",
+    "batch-size": "train.batch_size",
+    "steps": "train.steps",
+    "seed": "train.seed",
+    "precision": "train.precision",
+    "lr": "optim.lr",
+    "warmup-steps": "optim.warmup_steps",
+    "output-dir": "output_dir",
+    "train-shards": "data.train_shards",
+    "eval-shards": "data.eval_shards",
+    "train-num-samples": "data.train_num_samples",
+    "workers": "data.workers",
+}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Building dataclasses from plain data, with validation
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def _is_optional(tp: Any) -> tuple[bool, Any]:
+    origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(get_args(tp)) == 2:
+            return True, args[0]
+    return False, tp
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Convert ``value`` to type ``tp`` or raise ConfigError naming ``key``."""
+    optional, inner = _is_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{key}: null is not allowed (expected {getattr(inner, '__name__', inner)})")
+    tp = inner
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping with keys {_field_names(tp)}, got {value!r}")
+        return from_dict(tp, value, prefix=f"{key}.")
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}: invalid value {value!r}; valid: {', '.join(map(str, choices))}")
+        return value
+    if origin in (list, Sequence):
+        (item_tp,) = get_args(tp) or (Any,)
+        if isinstance(value, str) or not isinstance(value, Sequence):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
+    """Build dataclass ``cls`` from nested mappings, rejecting unknown keys and badly typed values."""
+    hints = get_type_hints(cls)
+    names = _field_names(cls)
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        k = unknown[0]
+        close = difflib.get_close_matches(k, names, n=1)
+        hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
+        raise ConfigError(f"unknown key {prefix}{k}{hint}; valid keys: {', '.join(prefix + n for n in names)}")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}{k}") for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise e
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{prefix or cls.__name__}: {e}") from e
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as plain nested dicts (for YAML)."""
+    return dataclasses.asdict(cfg)
+
+
+def _deep_merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = _deep_merge(dict(out[k]), v)
+        else:
+            out[k] = v
+    return out
+
+
+def _set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        d = d.setdefault(p, {})
+        if not isinstance(d, dict):
+            raise ConfigError(f"cannot set {dotted}: {p} is not a section")
+    d[parts[-1]] = value
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; a missing file or a non-mapping is a ConfigError."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML ({e})") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def save_yaml(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config next to a run's outputs."""
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _dotted_fields(cls: type, prefix: str = "") -> list[tuple[str, Any, str]]:
+    """(dotted name, type, doc) for every leaf field."""
+    out = []
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        _, inner = _is_optional(tp)
+        if dataclasses.is_dataclass(inner):
+            out.extend(_dotted_fields(inner, f"{prefix}{f.name}."))
+        else:
+            out.append((f"{prefix}{f.name}", tp, ""))
+    return out
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> typing.NoReturn:  # one line, no usage dump
+        raise ConfigError(message + " (see --help)")
+
+
+def _type_label(tp: Any) -> str:
+    optional, inner = _is_optional(tp)
+    if get_origin(inner) is Literal:
+        label = "|".join(map(str, get_args(inner)))
+    else:
+        label = getattr(inner, "__name__", str(inner))
+    return label + ("|null" if optional else "")
+
+
+def parse_cli(cls: type[T], argv: Sequence[str], aliases: Mapping[str, str] | None = None, prog: str | None = None) -> T:
+    """Parse ``argv`` into ``cls``: ``--config FILE`` (repeatable) then ``--a.b VALUE`` overrides and aliases."""
+    aliases = dict(aliases or {})
+    leaves = _dotted_fields(cls)
+    leaf_names = {name for name, _, _ in leaves}
+    parser = _Parser(prog=prog, description=(cls.__doc__ or "").strip(), allow_abbrev=False)
+    parser.add_argument("--config", action="append", default=[], metavar="FILE", help="YAML config (repeatable)")
+    for alias, target in aliases.items():
+        if target not in leaf_names:
+            raise AssertionError(f"alias --{alias} targets unknown key {target}")
+        tp = next(t for n, t, _ in leaves if n == target)
+        parser.add_argument(f"--{alias}", dest=target, metavar=_type_label(tp), default=argparse.SUPPRESS,
+                            help=f"alias of --{target}")
+    for name, tp, _ in leaves:
+        flags = [f"--{name}"]
+        dashed = f"--{name.replace('_', '-')}"
+        if dashed != flags[0] and dashed[2:] not in aliases:
+            flags.append(dashed)
+        flags = [f for f in flags if f[2:] not in aliases]
+        parser.add_argument(*flags, dest=name, metavar=_type_label(tp), default=argparse.SUPPRESS)
+    ns, unknown = parser.parse_known_args(list(argv))
+    if unknown:
+        bad = unknown[0]
+        valid = sorted({"--" + n for n in leaf_names} | {"--" + a for a in aliases})
+        close = difflib.get_close_matches(bad.split("=")[0], valid, n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise ConfigError(f"unrecognised argument {bad}{hint} (see --help for all options)")
+    data: dict[str, Any] = {}
+    for cfg_file in ns.config:
+        data = _deep_merge(data, load_yaml(cfg_file))
+    for name, raw in vars(ns).items():
+        if name == "config":
+            continue
+        try:
+            value = yaml.safe_load(raw) if isinstance(raw, str) else raw
+        except yaml.YAMLError:
+            value = raw
+        tp = next(t for n, t, _ in leaves if n == name)
+        _, inner = _is_optional(tp)
+        if inner is str and value is not None and not isinstance(value, str):
+            value = raw  # keep '0001' or 'true' as written when a string is wanted
+        _set_dotted(data, name, value)
+    return from_dict(cls, data)
