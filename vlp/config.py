@@ -340,7 +340,9 @@ def _type_label(tp: Any) -> str:
     return label + ("|null" if optional else "")
 
 
-def parse_cli(cls: type[T], argv: Sequence[str], aliases: Mapping[str, str] | None = None, prog: str | None = None) -> T:
+def parse_cli(
+    cls: type[T], argv: Sequence[str], aliases: Mapping[str, str] | None = None, prog: str | None = None
+) -> T:
     """Parse ``argv`` into ``cls``: ``--config FILE`` (repeatable) then ``--a.b VALUE`` overrides and aliases."""
     aliases = dict(aliases or {})
     leaves = _dotted_fields(cls)

@@ -1,0 +1,183 @@
+"""Build the dual-tower image/text model from a model preset.
+
+Towers come from open_clip (its ViT and text transformer, or a timm trunk such as SigLIP's MAP-pooled ViT); this
+module only reads presets, builds them, and exposes what the rest of the stack needs: normalised image/text
+embeddings, the image tower's pooled backbone features (before the contrastive projection), and the learnable
+temperature ``logit_scale`` and bias ``logit_bias``.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+import torch.nn.functional as F
+from open_clip.tokenizer import SimpleTokenizer
+from open_clip.transformer import VisionTransformer
+from torch import nn
+
+from vlp.config import ConfigError, LossConfig, load_yaml
+
+
+def configs_dir() -> Path:
+    """The repository's configs/ folder (override with VLP_CONFIG_DIR)."""
+    env = os.environ.get("VLP_CONFIG_DIR")
+    return Path(env) if env else Path(__file__).resolve().parents[1] / "configs"
+
+
+def available_presets() -> list[str]:
+    """Names of the model presets in configs/models/."""
+    return sorted(p.stem for p in (configs_dir() / "models").glob("*.yaml"))
+
+
+@dataclass
+class ModelPreset:
+    """A tower preset: open_clip-style model config plus the preprocessing that matches it."""
+
+    name: str
+    embed_dim: int
+    vision_cfg: dict[str, Any]
+    text_cfg: dict[str, Any]
+    custom_text: bool = False
+    quick_gelu: bool = False
+    preprocess: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def image_size(self) -> int:
+        size = self.vision_cfg.get("image_size", 224)
+        return size if isinstance(size, int) else int(size[0])
+
+    @property
+    def context_length(self) -> int:
+        return int(self.text_cfg.get("context_length", 77))
+
+    def open_clip_config(self) -> dict[str, Any]:
+        """The preset as an open_clip model config dict (as in open_clip's model_configs/*.json)."""
+        cfg = {"embed_dim": self.embed_dim, "vision_cfg": copy.deepcopy(self.vision_cfg),
+               "text_cfg": copy.deepcopy(self.text_cfg)}
+        if self.quick_gelu:
+            cfg["quick_gelu"] = True
+        if self.custom_text:
+            cfg["custom_text"] = True
+        return cfg
+
+
+def load_preset(name_or_path: str) -> ModelPreset:
+    """Read a preset by name (configs/models/NAME.yaml) or from a YAML path."""
+    path = Path(name_or_path)
+    if not (path.suffix in (".yaml", ".yml") and path.is_file()):
+        path = configs_dir() / "models" / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown model preset {name_or_path!r}; valid: {', '.join(available_presets())} "
+                          "(or a path to a preset .yaml)")
+    data = load_yaml(path)
+    known = {"embed_dim", "vision_cfg", "text_cfg", "custom_text", "quick_gelu", "preprocess"}
+    unknown = set(data) - known
+    if unknown:
+        raise ConfigError(f"{path}: unknown preset keys {sorted(unknown)}; valid: {sorted(known)}")
+    for key in ("embed_dim", "vision_cfg", "text_cfg"):
+        if key not in data:
+            raise ConfigError(f"{path}: preset is missing {key!r}")
+    return ModelPreset(name=path.stem, **data)
+
+
+class DualTower(nn.Module):
+    """Image and text towers with a learnable temperature (and bias for sigmoid losses).
+
+    ``forward(images, tokens)`` returns L2-normalised image and text embeddings plus ``logit_scale`` (t, the log
+    temperature) and ``logit_bias`` (b, or None), so that data-parallel wrappers see every parameter used.
+    """
+
+    def __init__(self, clip: nn.Module, preset: ModelPreset) -> None:
+        super().__init__()
+        self.clip = clip
+        self.preset = preset
+
+    @property
+    def visual(self) -> nn.Module:
+        return self.clip.visual
+
+    @property
+    def logit_scale(self) -> nn.Parameter:
+        return self.clip.logit_scale
+
+    @property
+    def logit_bias(self) -> nn.Parameter | None:
+        return self.clip.logit_bias
+
+    def image_backbone_features(self, images: torch.Tensor) -> torch.Tensor:
+        """Pooled image-tower features before the contrastive projection (used by SSL heads and adapters)."""
+        visual = self.visual
+        if isinstance(visual, VisionTransformer):
+            x = visual.transformer(visual._embeds(images))
+            pooled, _ = visual._pool(x)
+            return pooled
+        if isinstance(visual, open_clip.timm_model.TimmModel):
+            return visual.trunk(images)
+        raise TypeError(f"unsupported vision tower {type(visual).__name__}")
+
+    def project_image(self, backbone_features: torch.Tensor) -> torch.Tensor:
+        """Apply the image tower's contrastive projection to pooled backbone features."""
+        visual = self.visual
+        if isinstance(visual, VisionTransformer):
+            return backbone_features @ visual.proj if visual.proj is not None else backbone_features
+        return visual.head(backbone_features)
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        feats = self.clip.encode_image(images)
+        return F.normalize(feats, dim=-1) if normalize else feats
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        feats = self.clip.encode_text(tokens)
+        return F.normalize(feats, dim=-1) if normalize else feats
+
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor):
+        return (self.encode_image(images), self.encode_text(tokens), self.clip.logit_scale, self.clip.logit_bias)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.clip.set_grad_checkpointing(enable)
+
+
+def build_open_clip_model(preset: ModelPreset, init_logit_scale: float, init_logit_bias: float | None) -> nn.Module:
+    """Instantiate open_clip's CLIP or CustomTextCLIP for a preset (random init)."""
+    cls = open_clip.CustomTextCLIP if preset.custom_text else open_clip.CLIP
+    return cls(
+        embed_dim=preset.embed_dim,
+        vision_cfg=copy.deepcopy(preset.vision_cfg),
+        text_cfg=copy.deepcopy(preset.text_cfg),
+        quick_gelu=preset.quick_gelu,
+        init_logit_scale=init_logit_scale,
+        init_logit_bias=init_logit_bias,
+    )
+
+
+def build_model(preset: ModelPreset | str, loss: LossConfig | None = None) -> DualTower:
+    """The dual tower for ``preset`` with temperature/bias initialised for ``loss`` (default: siglip)."""
+    if isinstance(preset, str):
+        preset = load_preset(preset)
+    loss = loss or LossConfig()
+    clip = build_open_clip_model(preset, loss.resolved_init_logit_scale, loss.resolved_init_logit_bias)
+    return DualTower(clip, preset)
+
+
+def build_tokenizer(preset: ModelPreset) -> SimpleTokenizer:
+    """open_clip's BPE tokenizer (its vocabulary ships with the package), at the preset's context length."""
+    return SimpleTokenizer(context_length=preset.context_length)
+
+
+def build_transforms(preset: ModelPreset, is_train: bool):
+    """open_clip image transform matching the preset (size, resize mode, interpolation, mean/std)."""
+    pp = preset.preprocess
+    return open_clip.image_transform(
+        preset.image_size,
+        is_train=is_train,
+        mean=pp.get("mean"),
+        std=pp.get("std"),
+        resize_mode=pp.get("resize_mode"),
+        interpolation=pp.get("interpolation"),
+    )
