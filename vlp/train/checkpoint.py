@@ -38,3 +38,40 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     return path
+
+
+def load_trained_model(path: str | Path, map_location: str = "cpu"):
+    """Rebuild a trained DualTower and its PretrainConfig from a run directory or checkpoint file.
+
+    Accepts a run directory (``checkpoint.pt`` or ``model.safetensors`` beside ``config.yaml``), a ``.pt``
+    checkpoint holding ``model`` and ``config``, or a ``.safetensors`` file with ``config.yaml`` beside it.
+    """
+    from vlp.config import ConfigError, PretrainConfig, from_dict, load_yaml
+    from vlp.model import build_model, load_preset
+
+    path = Path(path)
+    if path.is_dir():
+        candidates = [path / "model.safetensors", path / "checkpoint.pt"]
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is None:
+            raise ConfigError(f"{path}: no checkpoint.pt or model.safetensors in this run directory")
+        path = found
+    if not path.is_file():
+        raise ConfigError(f"checkpoint not found: {path}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path), device=map_location)
+        cfg_file = path.with_name("config.yaml")
+        if not cfg_file.is_file():
+            raise ConfigError(f"{path}: expected config.yaml beside the weights")
+        cfg_dict = load_yaml(cfg_file)
+    else:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        if "model" not in ckpt or "config" not in ckpt:
+            raise ConfigError(f"{path}: not a vlp checkpoint (needs 'model' and 'config' entries)")
+        state, cfg_dict = ckpt["model"], ckpt["config"]
+    cfg = from_dict(PretrainConfig, cfg_dict)
+    model = build_model(load_preset(cfg.model.name), cfg.loss)
+    model.load_state_dict(state)
+    return model, cfg

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from data_pipelines.loader import build_eval_samples, build_image_text_loader
 from data_pipelines.synthetic import ensure_synthetic_data
-from vlp.config import ConfigError, PretrainConfig, save_yaml
+from vlp.config import ConfigError, PretrainConfig, save_yaml, to_dict
 from vlp.distributed import world_info
 from vlp.eval.zeroshot import encode_images, evaluate_label_families
 from vlp.losses import build_loss
@@ -193,7 +193,7 @@ def run_pretraining(cfg: PretrainConfig) -> dict[str, Any]:
     if world.is_main:
         atomic_save({"model": unwrapped.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "step": cfg.train.steps, "rng": rng_state(),
-                     "config": cfg}, out_dir / "checkpoint.pt")
+                     "config": to_dict(cfg)}, out_dir / "checkpoint.pt")
         if cfg.eval.zeroshot:
             summary.update(zeroshot_summary(unwrapped, data, tokenizer, eval_tf, accelerator.device,
                                             cfg.eval.batch_size))
