@@ -11,7 +11,6 @@ import logging
 import random
 from collections.abc import Callable, Iterator
 
-import torch
 import webdataset as wds
 from PIL import Image
 
@@ -33,10 +32,12 @@ def _caption(sample: dict, caption_key: str, rng: random.Random) -> str | None:
     return raw.decode("utf-8") if raw is not None else None
 
 
-def decode_image_text(caption_key: str = "txt", seed: int = 0) -> Callable[[Iterator[dict]], Iterator[dict]]:
-    """A pipeline stage: raw tar samples -> {"__key__", "image": PIL RGB, "text": str, "json": dict|None}.
+def decode_image_text(caption_key: str = "txt", seed: int = 0, require_text: bool = True
+                      ) -> Callable[[Iterator[dict]], Iterator[dict]]:
+    """A pipeline stage: raw tar samples -> {"__key__", "image": PIL RGB, "text": str|None, "json": dict|None}.
 
-    Samples with no image, an undecodable image or an empty caption are skipped.
+    Samples with no image or an undecodable image are skipped, and so are samples without a usable caption
+    when ``require_text`` (image-only samples pass through for objectives that need no text).
     """
     def stage(samples: Iterator[dict]) -> Iterator[dict]:
         rng = random.Random(seed)
@@ -48,20 +49,20 @@ def decode_image_text(caption_key: str = "txt", seed: int = 0) -> Callable[[Iter
                 image = Image.open(io.BytesIO(sample[img_key]))
                 image = image.convert("RGB")
                 text = _caption(sample, caption_key, rng)
+                meta = json.loads(sample["json"]) if "json" in sample else None
             except Exception as e:  # corrupt image / bad UTF-8 / bad JSON: skip and move on
                 log.debug("skipping %s: %s", sample.get("__key__"), e)
                 continue
-            if not text or not text.strip():
+            text = text.strip() if text else None
+            if require_text and not text:
                 continue
-            meta = json.loads(sample["json"]) if "json" in sample else None
-            yield {"__key__": sample["__key__"], "image": image, "text": text.strip(), "json": meta}
+            yield {"__key__": sample["__key__"], "image": image, "text": text, "json": meta}
     return stage
 
 
-def build_image_text_loader(
+def build_train_loader(
     shards: str,
-    image_transform: Callable,
-    tokenizer: Callable,
+    sample_transform: Callable[[dict], dict],
     batch_size: int,
     *,
     seed: int = 0,
@@ -70,19 +71,24 @@ def build_image_text_loader(
     workers: int = 1,
     shuffle_buffer: int = 1000,
     caption_key: str = "txt",
+    require_text: bool = True,
+    collate_fn: Callable[[list[dict]], dict] | None = None,
 ) -> wds.WebLoader:
-    """An infinite, resampled stream of (images, tokens) batches for training.
+    """An infinite, resampled stream of collated batches (dicts of tensors) for training.
 
-    Each rank and worker draws shards with replacement from its own seeded stream, so ranks see different
-    samples and a run is reproducible for a seed.
+    ``sample_transform`` turns a decoded sample into tensors (the objective decides which). Each rank and worker
+    draws shards with replacement from its own seeded stream, so ranks see different samples and a run is
+    reproducible for a seed.
     """
+    from vlp.train.objective import collate
+
     pipeline = wds.DataPipeline(
-        wds.ResampledShards(shards, seed=seed * 1000 + rank, deterministic=True),
+        wds.ResampledShards(shards, seed=seed, deterministic=True),
         wds.tarfile_to_samples(handler=wds.warn_and_continue),
         wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), rng=random.Random(seed * 7919 + rank)),
-        decode_image_text(caption_key, seed=seed + rank),
-        wds.map(lambda s: (image_transform(s["image"]), tokenizer([s["text"]])[0])),
-        wds.batched(batch_size, collation_fn=_collate, partial=False),
+        decode_image_text(caption_key, seed=seed + rank, require_text=require_text),
+        wds.map(sample_transform),
+        wds.batched(batch_size, collation_fn=collate_fn or collate, partial=False),
     )
     return wds.WebLoader(pipeline, batch_size=None, num_workers=workers, persistent_workers=workers > 0)
 
@@ -95,8 +101,3 @@ def build_eval_samples(shards: str) -> Iterator[dict]:
         decode_image_text(),
     )
     return iter(pipeline)
-
-
-def _collate(samples: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    images, tokens = zip(*samples)
-    return torch.stack(images), torch.stack(tokens)

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 from vlp.cli import run_cli, setup_logging
 from vlp.config import PRETRAIN_ALIASES, PretrainConfig, parse_cli
+from vlp.launch import relaunch_on_cpu_if_requested
 
 
 def main(argv: list[str]) -> int:
     cfg = parse_cli(PretrainConfig, argv, PRETRAIN_ALIASES, prog="pretrain.py")
+    relaunch_on_cpu_if_requested(__file__, argv)
     setup_logging()
     from vlp.train.pretrain import run_pretraining
 
     summary = run_pretraining(cfg)
+    if not summary["is_main"]:
+        return 0
     if summary.get("zeroshot/num_images"):
         print(f"\nHeld-out zero-shot ({summary['zeroshot/num_images']} images), run in {summary['output_dir']}:")
         print(f"  {'family':<10} {'top-1':>7} {'top-5':>7} {'chance':>7}")

@@ -154,6 +154,8 @@ class EvalConfig:
 class PretrainConfig:
     """Everything `scripts/pretrain.py` needs."""
 
+    objective: str = "contrastive"
+    """What to train: contrastive (image-text, --loss picks clip or siglip) or a registered SSL objective."""
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -166,6 +168,7 @@ class PretrainConfig:
 
 PRETRAIN_ALIASES: dict[str, str] = {
     "loss": "loss.name",
+    "objective": "objective",
     "model": "model.name",
     "batch-size": "train.batch_size",
     "steps": "train.steps",
@@ -361,6 +364,8 @@ def parse_cli(
         if dashed != flags[0] and dashed[2:] not in aliases:
             flags.append(dashed)
         flags = [f for f in flags if f[2:] not in aliases]
+        if not flags:  # reachable only through its alias
+            continue
         parser.add_argument(*flags, dest=name, metavar=_type_label(tp), default=argparse.SUPPRESS)
     ns, unknown = parser.parse_known_args(list(argv))
     if unknown:

@@ -15,15 +15,16 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from data_pipelines.loader import build_eval_samples, build_image_text_loader
+from data_pipelines.loader import build_eval_samples, build_train_loader
 from data_pipelines.synthetic import ensure_synthetic_data
 from vlp.config import ConfigError, PretrainConfig, save_yaml, to_dict
 from vlp.distributed import world_info
 from vlp.eval.zeroshot import encode_images, evaluate_label_families
-from vlp.losses import build_loss
 from vlp.model import DualTower, build_model, build_tokenizer, build_transforms, load_preset
+from vlp.train import contrastive as _contrastive  # noqa: F401 - registers the objective
 from vlp.train.checkpoint import atomic_save, rng_state
 from vlp.train.metrics import MetricsWriter
+from vlp.train.objective import OBJECTIVES, to_device
 from vlp.train.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
@@ -129,19 +130,19 @@ def run_pretraining(cfg: PretrainConfig) -> dict[str, Any]:
     if cfg.model.pretrained:
         state = torch.load(cfg.model.pretrained, map_location="cpu", weights_only=True)
         model.load_state_dict(state.get("model", state))
-    loss_fn = build_loss(cfg.loss)
-    if loss_fn.needs_bias and model.logit_bias is None:
-        raise ConfigError(f"loss {cfg.loss.name} needs a logit bias but the model has none")
+    if cfg.objective not in OBJECTIVES:
+        raise ConfigError(f"unknown objective {cfg.objective!r}; valid: {', '.join(sorted(OBJECTIVES))}")
+    objective = OBJECTIVES[cfg.objective](cfg, model, preset)
     tokenizer = build_tokenizer(preset)
-    train_tf, eval_tf = build_transforms(preset, is_train=True), build_transforms(preset, is_train=False)
-    loader = build_image_text_loader(
-        data.train_shards, train_tf, tokenizer, cfg.train.batch_size, seed=cfg.train.seed, rank=world.rank,
+    eval_tf = build_transforms(preset, is_train=False)
+    loader = build_train_loader(
+        data.train_shards, objective.sample_transform, cfg.train.batch_size, seed=cfg.train.seed, rank=world.rank,
         world_size=world.world_size, workers=cfg.data.workers, shuffle_buffer=cfg.data.shuffle_buffer,
-        caption_key=cfg.data.caption_key)
+        caption_key=cfg.data.caption_key, require_text=objective.requires_text)
 
-    optimizer = build_optimizer(model, cfg.optim)
+    optimizer = build_optimizer(objective, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)  # stepped by hand: once per update
-    model, optimizer = accelerator.prepare(model, optimizer)
+    wrapped, optimizer = accelerator.prepare(objective, optimizer)
     metrics = MetricsWriter(out_dir, enabled=world.is_main)
     global_batch = cfg.train.batch_size * world.world_size
     log.info("training %s with %s/%s loss on %d process(es), global batch %d, %d steps; outputs in %s",
@@ -149,32 +150,29 @@ def run_pretraining(cfg: PretrainConfig) -> dict[str, Any]:
 
     batches = iter(loader)
     bar = tqdm(total=cfg.train.steps, desc="pretrain", unit="step", disable=not world.is_main)
-    model.train()
+    wrapped.train()
     t_start = time.perf_counter()
     losses = []
     for step in range(1, cfg.train.steps + 1):
         t0 = time.perf_counter()
-        images, tokens = next(batches)
+        batch = next(batches)
         if step == 1 and cfg.train.save_first_batch:
-            torch.save({"images": images, "tokens": tokens}, out_dir / f"first_batch_rank{world.rank}.pt")
-        images, tokens = images.to(accelerator.device), tokens.to(accelerator.device)
+            torch.save(batch, out_dir / f"first_batch_rank{world.rank}.pt")
         with accelerator.autocast():
-            img, txt, scale, bias = model(images, tokens)
-        loss = loss_fn(img.float(), txt.float(), scale.float(), None if bias is None else bias.float())
+            loss, logs = wrapped(to_device(batch, accelerator.device))
         accelerator.backward(loss)
         grad_norm = None
         if cfg.optim.grad_clip:
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            grad_norm = accelerator.clip_grad_norm_(wrapped.parameters(), cfg.optim.grad_clip)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        objective.after_step(step, cfg.train.steps)
         dt = time.perf_counter() - t0
         loss_value = loss.item()
         losses.append(loss_value)
-        record = {"loss": loss_value, "lr": scheduler.get_last_lr()[0], "logit_scale": scale.item(),
-                  "samples_per_s": global_batch / dt, "step_time_s": dt}
-        if bias is not None:
-            record["logit_bias"] = bias.item()
+        record = {"loss": loss_value, "lr": scheduler.get_last_lr()[0], "samples_per_s": global_batch / dt,
+                  "step_time_s": dt, **{k: float(v) for k, v in logs.items()}}
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
         metrics.log(step, record)
@@ -184,22 +182,22 @@ def run_pretraining(cfg: PretrainConfig) -> dict[str, Any]:
     bar.close()
     train_time = time.perf_counter() - t_start
 
-    unwrapped = accelerator.unwrap_model(model)
     summary: dict[str, Any] = {
         "steps": cfg.train.steps, "world_size": world.world_size, "global_batch": global_batch,
         "loss": cfg.loss.name, "model": preset.name, "first_loss": losses[0], "final_loss": losses[-1],
         "train_time_s": train_time, "samples_per_s": global_batch * cfg.train.steps / train_time,
     }
     if world.is_main:
-        atomic_save({"model": unwrapped.state_dict(), "optimizer": optimizer.state_dict(),
+        atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "step": cfg.train.steps, "rng": rng_state(),
                      "config": to_dict(cfg)}, out_dir / "checkpoint.pt")
         if cfg.eval.zeroshot:
-            summary.update(zeroshot_summary(unwrapped, data, tokenizer, eval_tf, accelerator.device,
+            summary.update(zeroshot_summary(model, data, tokenizer, eval_tf, accelerator.device,
                                             cfg.eval.batch_size))
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         metrics.log(cfg.train.steps, {k: v for k, v in summary.items() if k.startswith("zeroshot/")})
     metrics.close()
     accelerator.wait_for_everyone()
     summary["output_dir"] = str(out_dir)
+    summary["is_main"] = world.is_main
     return summary
