@@ -1,0 +1,70 @@
+"""Config loading: defaults, YAML, CLI overrides and aliases, and clear errors naming what is valid."""
+
+import math
+
+import pytest
+
+from vlp.config import PRETRAIN_ALIASES, ConfigError, LossConfig, PretrainConfig, from_dict, parse_cli
+
+
+def parse(argv):
+    return parse_cli(PretrainConfig, argv, PRETRAIN_ALIASES)
+
+
+def test_defaults_and_aliases():
+    cfg = parse(["--loss", "clip", "--batch-size", "256", "--model", "vit-b-16-siglip", "--steps", "7"])
+    assert (cfg.loss.name, cfg.train.batch_size, cfg.model.name, cfg.train.steps) == ("clip", 256, "vit-b-16-siglip", 7)
+    assert cfg.optim.lr == PretrainConfig().optim.lr
+
+
+def test_dotted_keys_with_dashes_or_underscores():
+    cfg = parse(["--loss.chunk_size", "4096", "--optim.warmup-steps", "3", "--data.train_num_samples", "null"])
+    assert cfg.loss.chunk_size == 4096 and cfg.optim.warmup_steps == 3 and cfg.data.train_num_samples is None
+
+
+def test_yaml_then_cli_override(tmp_path):
+    f = tmp_path / "x.yaml"
+    f.write_text("loss: {name: clip, chunk_size: 64}\ntrain: {batch_size: 8, steps: 5}\n")
+    cfg = parse(["--config", str(f), "--batch-size", "16"])
+    assert (cfg.loss.name, cfg.loss.chunk_size, cfg.train.batch_size, cfg.train.steps) == ("clip", 64, 16, 5)
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["--loss", "softmax"], "valid: clip, siglip"),
+        (["--batch-size", "lots"], "train.batch_size: expected an integer"),
+        (["--bach-size", "3"], "did you mean --batch-size"),
+        (["--steps", "0"], "train.steps must be >= 1"),
+    ],
+)
+def test_user_mistakes_are_one_line_errors(argv, fragment):
+    with pytest.raises(ConfigError) as e:
+        parse(argv)
+    assert fragment in str(e.value) and "\n" not in str(e.value)
+
+
+def test_unknown_yaml_key_lists_valid_keys(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("loss: {nmae: clip}\n")
+    with pytest.raises(ConfigError, match=r"unknown key loss.nmae \(did you mean loss.name\?\); valid keys: loss.name"):
+        parse(["--config", str(f)])
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="config file not found"):
+        parse(["--config", "/nonexistent/x.yaml"])
+
+
+def test_loss_defaults_per_loss():
+    clip, sig = LossConfig(name="clip"), LossConfig(name="siglip")
+    assert clip.resolved_init_logit_scale == pytest.approx(math.log(1 / 0.07))
+    assert clip.resolved_max_logit_scale == pytest.approx(math.log(100)) and clip.resolved_init_logit_bias is None
+    assert sig.resolved_init_logit_scale == pytest.approx(math.log(10)) and sig.resolved_init_logit_bias == -10
+
+
+def test_from_dict_roundtrip():
+    cfg = parse(["--loss", "clip", "--lr", "0.5"])
+    from vlp.config import to_dict
+
+    assert from_dict(PretrainConfig, to_dict(cfg)) == cfg

@@ -1,0 +1,79 @@
+"""Model presets build the towers open_clip builds, and the DualTower exposes what training needs."""
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vlp.config import ConfigError, LossConfig
+from vlp.model import available_presets, build_model, build_tokenizer, build_transforms, load_preset
+
+
+def n_params(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_presets_listed():
+    assert {"tiny", "small", "vit-b-16-clip", "vit-l-14-clip", "vit-b-16-siglip", "so400m-14-siglip"} <= set(
+        available_presets())
+
+
+def test_unknown_preset_names_valid_ones():
+    with pytest.raises(ConfigError, match="unknown model preset 'vit-z'.*valid: .*tiny"):
+        load_preset("vit-z")
+
+
+@pytest.mark.parametrize("ours, theirs", [("vit-b-16-clip", "ViT-B-16"), ("vit-l-14-clip", "ViT-L-14")])
+def test_clip_presets_match_open_clip_parameter_counts(ours, theirs):
+    with torch.device("meta"):
+        mine = build_model(ours, LossConfig(name="clip"))
+        ref = open_clip.create_model(theirs, device="meta")
+    assert n_params(mine.visual) == n_params(ref.visual)
+    assert n_params(mine) == n_params(ref)
+    assert [tuple(p.shape) for p in mine.clip.parameters()] == [tuple(p.shape) for p in ref.parameters()]
+
+
+@pytest.mark.parametrize("ours, theirs", [("vit-b-16-siglip", "ViT-B-16-SigLIP"),
+                                          ("so400m-14-siglip", "ViT-SO400M-14-SigLIP")])
+def test_siglip_presets_match_open_clip_vision_and_text_shapes(ours, theirs):
+    with torch.device("meta"):
+        mine = build_model(ours, LossConfig(name="siglip"))
+        ref = open_clip.create_model(theirs, device="meta")
+    assert n_params(mine.visual) == n_params(ref.visual)
+    # Same text transformer; only the vocabulary differs (open_clip BPE 49408 rows vs SigLIP's 32000).
+    width = mine.clip.text.token_embedding.weight.shape[1]
+    vocab_delta = mine.clip.text.token_embedding.weight.shape[0] - ref.text.token_embedding.weight.shape[0]
+    assert vocab_delta == 49408 - 32000
+    assert n_params(mine.clip.text) - n_params(ref.text) == vocab_delta * width
+
+
+def test_tiny_forward_and_backbone_projection():
+    preset = load_preset("tiny")
+    model = build_model(preset, LossConfig(name="siglip")).eval()
+    tok = build_tokenizer(preset)
+    images = torch.randn(3, 3, preset.image_size, preset.image_size)
+    tokens = tok(["a red circle", "a blue star", "a big green square"])
+    img, txt, t, b = model(images, tokens)
+    assert img.shape == txt.shape == (3, preset.embed_dim)
+    torch.testing.assert_close(img.norm(dim=-1), torch.ones(3))
+    torch.testing.assert_close(txt.norm(dim=-1), torch.ones(3))
+    assert t.item() == pytest.approx(2.302585, abs=1e-5) and b.item() == -10.0
+    feats = model.image_backbone_features(images)
+    assert feats.shape == (3, preset.vision_cfg["width"])
+    torch.testing.assert_close(F.normalize(model.project_image(feats), dim=-1), img)
+
+
+def test_clip_loss_init_has_no_bias_and_clip_temperature():
+    model = build_model("tiny", LossConfig(name="clip"))
+    assert model.logit_bias is None
+    assert model.logit_scale.item() == pytest.approx(2.659260, abs=1e-5)
+
+
+def test_transforms_follow_preset():
+    preset = load_preset("vit-b-16-siglip")
+    tf = build_transforms(preset, is_train=False)
+    from PIL import Image
+
+    x = tf(Image.new("RGB", (300, 200), (255, 0, 0)))
+    assert x.shape == (3, 224, 224)
+    torch.testing.assert_close(x[0].mean(), torch.tensor(1.0))  # (1 - 0.5) / 0.5
