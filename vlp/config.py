@@ -143,11 +143,58 @@ class TrainConfig:
 
 
 @dataclass
+class ZeroShotDataConfig:
+    """A labelled image set for zero-shot classification: one image folder, WebDataset shards or HF dataset."""
+
+    image_folder: str | None = None
+    """A folder with one sub-folder of images per class."""
+    wds_shards: str | None = None
+    """WebDataset shards whose samples carry a class label (see label_key); needs classnames."""
+    hf_dataset: str | None = None
+    """A Hugging Face dataset: a save_to_disk folder, or anything datasets.load_dataset reads."""
+    hf_split: str | None = None
+    """Split of a HF DatasetDict (default: its only split)."""
+    image_key: str = "image"
+    """Image column of the HF dataset."""
+    label_key: str | None = None
+    """Class label: WebDataset 'cls' (default) or 'json:FIELD'; HF ClassLabel column (default 'label')."""
+    classnames: str | None = None
+    """'imagenet' or a .txt/.json file; default: folder names / ClassLabel names (required for WebDataset)."""
+    templates: str = "openai"
+    """Prompt templates: 'openai' (80), 'simple' (18) or a .txt/.json file, one '{}' per template."""
+    name: str | None = None
+    """Task name in results and logs; default: the folder, shard folder or dataset name."""
+
+    def __post_init__(self) -> None:
+        given = [k for k in ("image_folder", "wds_shards", "hf_dataset") if getattr(self, k)]
+        if len(given) > 1:
+            raise ConfigError(f"give one labelled image source, not {' and '.join(given)}")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.image_folder or self.wds_shards or self.hf_dataset)
+
+
+@dataclass
 class EvalConfig:
-    """Evaluation at the end of training."""
+    """Evaluation during and at the end of training."""
 
     zeroshot: bool = True
     batch_size: int = 256
+    every: int = 0
+    """Run held-out zero-shot classification and retrieval every N steps (0: only at the end)."""
+    retrieval: bool = True
+    """Measure image-text retrieval recall on the held-out shards' captions (data.caption_key)."""
+    workers: int = 0
+    """Loader processes decoding held-out images during training evaluation."""
+    classification: ZeroShotDataConfig = field(default_factory=ZeroShotDataConfig)
+    """A labelled image set to evaluate alongside the held-out shards."""
+
+    def __post_init__(self) -> None:
+        if self.every < 0:
+            raise ConfigError(f"eval.every must be >= 0 (0 turns periodic evaluation off), got {self.every}")
+        if self.batch_size < 1:
+            raise ConfigError(f"eval.batch_size must be >= 1, got {self.batch_size}")
 
 
 @dataclass
@@ -181,6 +228,59 @@ PRETRAIN_ALIASES: dict[str, str] = {
     "eval-shards": "data.eval_shards",
     "train-num-samples": "data.train_num_samples",
     "workers": "data.workers",
+    "eval-every": "eval.every",
+}
+
+
+@dataclass
+class ZeroShotEvalConfig:
+    """Zero-shot classification and retrieval of a vlp checkpoint or an open_clip model (scripts/eval_zeroshot.py)."""
+
+    checkpoint: str | None = None
+    """A vlp run directory or checkpoint (.pt, or a consolidated .safetensors beside config.yaml)."""
+    open_clip_model: str | None = None
+    """An open_clip model name (or local-dir:PATH) to evaluate instead of a vlp checkpoint."""
+    pretrained: str | None = None
+    """Weights for --open-clip-model: a local file (or a tag open_clip knows)."""
+    data: ZeroShotDataConfig = field(default_factory=ZeroShotDataConfig)
+    retrieval_shards: str | None = None
+    """Image-caption WebDataset shards for retrieval recall."""
+    caption_key: str = "txt"
+    """Captions of retrieval_shards: 'txt' or 'json:FIELD' (a string or a list of captions)."""
+    heldout: bool | None = None
+    """Evaluate the run's held-out data exactly as training does; default: when no other data is given."""
+    output_dir: str | None = None
+    """Where results.json and the plots go; default <run dir>/eval-zeroshot, else ./eval-zeroshot."""
+    batch_size: int = 256
+    workers: int = 2
+    device: str = "auto"
+    """auto (cuda when available), cpu, cuda, cuda:N."""
+    plots: bool = True
+    num_examples: int = 16
+    """Images in the example grid (with their top predictions)."""
+
+    def __post_init__(self) -> None:
+        if bool(self.checkpoint) == bool(self.open_clip_model):
+            raise ConfigError("give exactly one model: --checkpoint RUN_DIR_OR_FILE or --open-clip-model NAME "
+                              "[--pretrained PATH]")
+        if self.pretrained and not self.open_clip_model:
+            raise ConfigError("--pretrained goes with --open-clip-model (a vlp --checkpoint holds its own weights)")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.workers < 0 or self.num_examples < 0:
+            raise ConfigError("workers and num_examples must be >= 0")
+
+
+ZEROSHOT_ALIASES: dict[str, str] = {
+    "image-folder": "data.image_folder",
+    "wds-shards": "data.wds_shards",
+    "hf-dataset": "data.hf_dataset",
+    "hf-split": "data.hf_split",
+    "image-key": "data.image_key",
+    "label-key": "data.label_key",
+    "classnames": "data.classnames",
+    "templates": "data.templates",
+    "task-name": "data.name",
 }
 
 
