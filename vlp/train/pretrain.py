@@ -19,6 +19,7 @@ from data_pipelines.loader import build_eval_samples, build_train_loader
 from data_pipelines.synthetic import ensure_synthetic_data
 from vlp.config import ConfigError, PretrainConfig, save_yaml, to_dict
 from vlp.distributed import world_info
+from vlp.eval.during_training import TrainingEvaluator
 from vlp.eval.zeroshot import encode_images, evaluate_label_families
 from vlp.model import DualTower, build_model, build_tokenizer, build_transforms, load_preset
 from vlp.train import contrastive as _contrastive  # noqa: F401 - registers the objective
@@ -135,6 +136,8 @@ def run_pretraining(cfg: PretrainConfig) -> dict[str, Any]:
     objective = OBJECTIVES[cfg.objective](cfg, model, preset)
     tokenizer = build_tokenizer(preset)
     eval_tf = build_transforms(preset, is_train=False)
+    evaluator = TrainingEvaluator.from_config(cfg, data.eval_shards, data.class_families, data.templates,
+                                              tokenizer, eval_tf)
     loader = build_train_loader(
         data.train_shards, objective.sample_transform, cfg.train.batch_size, seed=cfg.train.seed, rank=world.rank,
         world_size=world.world_size, workers=cfg.data.workers, shuffle_buffer=cfg.data.shuffle_buffer,
@@ -176,6 +179,8 @@ def run_pretraining(cfg: PretrainConfig) -> dict[str, Any]:
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
         metrics.log(step, record)
+        if eval_metrics := evaluator.maybe_evaluate(step, model):  # all ranks; metrics on the main one
+            metrics.log(step, eval_metrics)
         bar.update(1)
         if step % cfg.train.log_every == 0 or step == 1:
             bar.set_postfix(loss=f"{loss_value:.4f}", samples_s=f"{global_batch / dt:.0f}")
