@@ -1,0 +1,85 @@
+"""The pretraining entry point: a short in-process run, the 2-process CPU launch, and one-line user errors."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.utils import set_seed
+
+from vlp.config import PRETRAIN_ALIASES, LossConfig, PretrainConfig, parse_cli
+from vlp.losses import build_loss
+from vlp.model import build_model, load_preset
+from vlp.train.checkpoint import load_trained_model
+from vlp.train.metrics import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
+
+
+def small_run_args(tmp_path, out, steps=3, loss="siglip"):
+    return ["--loss", loss, "--steps", str(steps), "--batch-size", "8", "--workers", "0", "--output-dir", str(out),
+            "--data.synthetic_dir", str(tmp_path / "syn"), "--data.synthetic_train_samples", "200",
+            "--data.synthetic_eval_samples", "50", "--warmup-steps", "1"]
+
+
+@pytest.mark.parametrize("loss", ["siglip", "clip"])
+def test_short_run_writes_outputs_and_summary(tmp_path, loss):
+    from vlp.train.pretrain import run_pretraining
+
+    out = tmp_path / "run"
+    cfg = parse_cli(PretrainConfig, small_run_args(tmp_path, out, loss=loss), PRETRAIN_ALIASES)
+    summary = run_pretraining(cfg)
+    records = read_metrics(out / "metrics.jsonl")
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    on_disk = json.loads((out / "summary.json").read_text())
+    for fam, n in (("shape", 10), ("color", 8), ("size", 3), ("position", 9)):
+        assert on_disk[f"zeroshot/{fam}/chance"] == pytest.approx(1 / n)
+        assert 0.0 <= on_disk[f"zeroshot/{fam}/top1"] <= 1.0
+    assert on_disk["zeroshot/num_images"] == 50 and summary["final_loss"] == losses[-1]
+    assert (out / "config.yaml").is_file() and any((out / "tensorboard").iterdir())
+    model, cfg2 = load_trained_model(out)
+    assert cfg2 == cfg and (model.logit_bias is None) == (loss == "clip")
+
+
+def run_script(args, env_extra=None, launcher=None, timeout=600):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    cmd = (launcher or [sys.executable]) + [str(ROOT / "scripts" / "pretrain.py"), *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_two_process_first_step_equals_single_process_on_global_batch(tmp_path):
+    out = tmp_path / "run2"
+    args = small_run_args(tmp_path, out, steps=1) + ["--train.save_first_batch", "true", "--eval.zeroshot", "false"]
+    proc = run_script(args, launcher=[ACCELERATE, "launch", "--num_processes", "2"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first = read_metrics(out / "metrics.jsonl")[0]
+    batches = [torch.load(out / f"first_batch_rank{r}.pt") for r in range(2)]
+    images = torch.cat([b["image"] for b in batches])
+    tokens = torch.cat([b["text"] for b in batches])
+    assert images.shape[0] == 16  # the global batch: 2 ranks x 8
+    set_seed(0)
+    model = build_model(load_preset("tiny"), LossConfig(name="siglip"))
+    img, txt, t, b = model(images, tokens)
+    single = build_loss(LossConfig(name="siglip", impl="naive"))(img, txt, t, b).item()
+    assert first["loss"] == pytest.approx(single, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--bach-size", "3"], "did you mean --batch-size"),
+        (["--model", "vit-z", "--steps", "1"], "unknown model preset 'vit-z'; valid:"),
+        (["--train-shards", "/nonexistent/x-{000..003}.tar", "--steps", "1"], "no shards found for"),
+    ],
+)
+def test_user_mistakes_print_one_line_without_traceback(tmp_path, args, fragment):
+    proc = run_script(args + ["--output-dir", str(tmp_path / "bad")])
+    assert proc.returncode == 2
+    err_lines = [ln for ln in proc.stderr.splitlines() if "error:" in ln]
+    assert len(err_lines) == 1 and fragment in err_lines[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
