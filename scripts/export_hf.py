@@ -1,0 +1,23 @@
+"""Export a run to transformers or open_clip, or import a transformers CLIP/SigLIP folder.
+
+  python scripts/export_hf.py --checkpoint RUN_OR_FILE --output DIR --format hf-vision|hf-full|open_clip
+  python scripts/export_hf.py --checkpoint HF_DIR --output RUN_DIR --format import-hf [--preset NAME] [--loss clip]
+"""
+
+from __future__ import annotations
+
+from vlp.cli import run_cli, setup_logging
+from vlp.config import parse_cli
+from vlp.export.run import ExportConfig, run_export
+
+
+def main(argv: list[str]) -> int:
+    cfg = parse_cli(ExportConfig, argv, prog="export_hf.py")
+    setup_logging()
+    out = run_export(cfg)
+    print(f"wrote {cfg.format} to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)
