@@ -22,6 +22,7 @@ from vlp.distributed import world_info
 from vlp.eval.during_training import TrainingEvaluator
 from vlp.eval.zeroshot import encode_images, evaluate_label_families
 from vlp.model import DualTower, build_model, build_tokenizer, build_transforms, load_preset
+from vlp.ssl import monitor as _ssl_monitor  # registers the SSL objectives and auxiliary terms too
 from vlp.train import contrastive as _contrastive  # noqa: F401 - registers the objective
 from vlp.train.checkpoint import atomic_save, rng_state
 from vlp.train.metrics import MetricsWriter
@@ -138,6 +139,9 @@ def run_pretraining(cfg: PretrainConfig) -> dict[str, Any]:
     eval_tf = build_transforms(preset, is_train=False)
     evaluator = TrainingEvaluator.from_config(cfg, data.eval_shards, data.class_families, data.templates,
                                               tokenizer, eval_tf)
+    monitor = _ssl_monitor.RepresentationMonitor.from_config(
+        cfg, data.eval_shards, eval_tf, is_ssl_run=cfg.objective != "contrastive" or bool(cfg.aux_ssl)
+    ) if world.is_main else None
     loader = build_train_loader(
         data.train_shards, objective.sample_transform, cfg.train.batch_size, seed=cfg.train.seed, rank=world.rank,
         world_size=world.world_size, workers=cfg.data.workers, shuffle_buffer=cfg.data.shuffle_buffer,
@@ -181,6 +185,8 @@ def run_pretraining(cfg: PretrainConfig) -> dict[str, Any]:
         metrics.log(step, record)
         if eval_metrics := evaluator.maybe_evaluate(step, model):  # all ranks; metrics on the main one
             metrics.log(step, eval_metrics)
+        if monitor is not None and (rep := monitor.maybe_run(step, model.visual, accelerator.device)):
+            metrics.log(step, rep)  # k-NN / collapse checks of the image backbone, main process only
         bar.update(1)
         if step % cfg.train.log_every == 0 or step == 1:
             bar.set_postfix(loss=f"{loss_value:.4f}", samples_s=f"{global_batch / dt:.0f}")
@@ -196,7 +202,10 @@ def run_pretraining(cfg: PretrainConfig) -> dict[str, Any]:
         atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "step": cfg.train.steps, "rng": rng_state(),
                      "config": to_dict(cfg)}, out_dir / "checkpoint.pt")
-        if cfg.eval.zeroshot:
+        if monitor is not None:
+            final = monitor.last if cfg.train.steps % monitor.every == 0 else {}
+            summary.update(final or monitor.run(model.visual, accelerator.device))
+        if cfg.eval.zeroshot and objective.requires_text:  # standalone SSL trains no text tower
             summary.update(zeroshot_summary(model, data, tokenizer, eval_tf, accelerator.device,
                                             cfg.eval.batch_size))
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
