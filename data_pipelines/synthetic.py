@@ -22,6 +22,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
+from data_pipelines.metadata import write_shard_metadata
+
 log = logging.getLogger(__name__)
 
 SHAPES = ["circle", "square", "triangle", "star", "cross", "diamond", "hexagon", "ring", "arrow", "crescent"]
@@ -190,9 +192,13 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 def write_split(out_dir: Path, prefix: str, num_samples: int, seed: int, shard_size: int,
                 desc: str = "synthetic") -> list[Path]:
-    """Write ``num_samples`` captioned images as ``prefix-NNNNNN.tar`` shards; returns the shard paths."""
+    """Write ``num_samples`` captioned images as ``prefix-NNNNNN.tar`` shards; returns the shard paths.
+
+    Also writes the shard metadata (``prefix.meta.json`` and ``sizes.json``, see data_pipelines.metadata).
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
+    counts: dict[str, int] = {}
     num_shards = math.ceil(num_samples / shard_size)
     with tqdm(total=num_samples, desc=desc, unit="img", disable=None) as bar:
         for shard in range(num_shards):
@@ -211,7 +217,9 @@ def write_split(out_dir: Path, prefix: str, num_samples: int, seed: int, shard_s
                     _add_member(tar, f"{key}.json", json.dumps(labels).encode())
             os.replace(tmp, path)
             paths.append(path)
+            counts[path.name] = n
             bar.update(n)
+    write_shard_metadata(out_dir, prefix, counts, {"source": "vlp synthetic", "seed": seed})
     return paths
 
 
