@@ -91,8 +91,17 @@ class DataConfig:
     """WebDataset shard spec (brace patterns allowed, '::' separates sources). None: the embedded synthetic set."""
     eval_shards: str | None = None
     """Held-out shards for zero-shot evaluation; None with synthetic data: its held-out split."""
+    mode: Literal["epoch", "resampled"] = "epoch"
+    """epoch: every sample once per epoch, split exactly over ranks x workers; resampled: shards drawn with
+    replacement, infinite (see docs/data.md)."""
+    source_weights: list[float] | None = None
+    """One weight per '::'-separated source: per-sample upsampling factors (epoch mode: whole numbers)."""
     train_num_samples: int | None = None
-    """Samples per epoch; None: read from the shards' metadata."""
+    """Samples per epoch; None: read from the shards' metadata (in epoch mode it must agree with it)."""
+    train_metadata: str | None = None
+    """Explicit shard metadata file(s) ('::'-separated): sizes.json or *.meta.json; default: found beside the shards."""
+    epochs: float | None = None
+    """Train for this many passes over the data instead of train.steps (ceil(epochs x samples / global batch))."""
     synthetic_dir: str | None = None
     """Cache directory for the embedded synthetic shards (default: ~/.cache/vlp/synthetic)."""
     synthetic_train_samples: int = 40000
@@ -101,10 +110,27 @@ class DataConfig:
     """Where the caption lives: 'txt', or 'json:FIELD' for a field of the json member."""
     workers: int = 2
     shuffle_buffer: int = 1000
+    """Samples per shuffle window (each reader permutes consecutive windows of this many samples)."""
+    max_consecutive_failures: int = 1000
+    """Stop with an error after this many bad samples/shards in a row (instead of spinning on unusable data)."""
+    loader_timeout_s: float = 600.0
+    """Fail instead of hanging when a DataLoader worker delivers nothing for this long (0: wait forever)."""
 
     def __post_init__(self) -> None:
         if self.workers < 0:
             raise ConfigError(f"data.workers must be >= 0, got {self.workers}")
+        if self.shuffle_buffer < 1:
+            raise ConfigError(f"data.shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
+        if self.max_consecutive_failures < 1:
+            raise ConfigError(f"data.max_consecutive_failures must be >= 1, got {self.max_consecutive_failures}")
+        if self.train_num_samples is not None and self.train_num_samples < 1:
+            raise ConfigError(f"data.train_num_samples must be >= 1, got {self.train_num_samples}")
+        if self.epochs is not None and not self.epochs > 0:
+            raise ConfigError(f"data.epochs must be > 0, got {self.epochs}")
+        if self.loader_timeout_s < 0:
+            raise ConfigError(f"data.loader_timeout_s must be >= 0, got {self.loader_timeout_s}")
+        if self.source_weights is not None and any(not w > 0 for w in self.source_weights):
+            raise ConfigError(f"data.source_weights must all be > 0, got {self.source_weights}")
 
 
 @dataclass
