@@ -154,6 +154,23 @@ class TrainStream:
         dist.all_reduce(vec)
         return {k: int(v) for k, v in zip(ALL_KINDS, vec.tolist())}
 
+    def log_metrics(self, with_faults: bool) -> dict[str, float]:
+        """Scalars for the metrics file: epochs and samples so far, plus (``with_faults``) skipped data by kind.
+
+        With ``with_faults`` it is collective (sums over ranks): call it on every rank at the same steps. A log
+        line reports the counts whenever they grew since the last call.
+        """
+        out: dict[str, float] = {"data/samples": float(self.samples * self.spec.world_size)}
+        if self.epoch is not None:
+            out["data/epoch"] = self.epoch
+        if with_faults:
+            counts = self.global_fault_counts()
+            out.update({f"data/skipped/{k}": float(v) for k, v in counts.items()})
+            if counts != getattr(self, "_last_logged", None) and any(counts.values()):
+                log.warning("data: skipped so far (all ranks): %s", format_counts(counts))
+            self._last_logged = counts
+        return out
+
     # ------------------------------------------------------------------------------------------------ position
     def state_dict(self) -> dict[str, Any]:
         """This rank's data position: plain ints/strings/lists, safe for ``torch.load(weights_only=True)``.

@@ -145,7 +145,12 @@ def run_pretraining(cfg: PretrainConfig) -> dict[str, Any]:
     loader = build_train_loader(
         data.train_shards, objective.sample_transform, cfg.train.batch_size, seed=cfg.train.seed, rank=world.rank,
         world_size=world.world_size, workers=cfg.data.workers, shuffle_buffer=cfg.data.shuffle_buffer,
-        caption_key=cfg.data.caption_key, require_text=objective.requires_text)
+        caption_key=cfg.data.caption_key, require_text=objective.requires_text, mode=cfg.data.mode,
+        weights=cfg.data.source_weights, num_samples=cfg.data.train_num_samples, metadata=cfg.data.train_metadata,
+        max_consecutive_failures=cfg.data.max_consecutive_failures, timeout_s=cfg.data.loader_timeout_s)
+    if cfg.data.epochs is not None:  # run length in passes over the data (needs the epoch length)
+        cfg.train.steps = loader.steps_for_epochs(cfg.data.epochs, cfg.train.batch_size * world.world_size)
+        log.info("%g epoch(s) of %d samples = %d steps", cfg.data.epochs, loader.num_samples, cfg.train.steps)
 
     optimizer = build_optimizer(objective, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)  # stepped by hand: once per update
@@ -156,7 +161,8 @@ def run_pretraining(cfg: PretrainConfig) -> dict[str, Any]:
              preset.name, cfg.loss.name, cfg.loss.impl, world.world_size, global_batch, cfg.train.steps, out_dir)
 
     batches = iter(loader)
-    bar = tqdm(total=cfg.train.steps, desc="pretrain", unit="step", disable=not world.is_main)
+    bar = tqdm(total=cfg.train.steps * global_batch, desc="pretrain", unit="sample", unit_scale=True,
+               disable=not world.is_main)  # samples, of a known total
     wrapped.train()
     t_start = time.perf_counter()
     losses = []
@@ -182,21 +188,25 @@ def run_pretraining(cfg: PretrainConfig) -> dict[str, Any]:
                   "step_time_s": dt, **{k: float(v) for k, v in logs.items()}}
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
+        record.update(loader.log_metrics(with_faults=step % cfg.train.log_every == 0 or step in (1, cfg.train.steps)))
         metrics.log(step, record)
         if eval_metrics := evaluator.maybe_evaluate(step, model):  # all ranks; metrics on the main one
             metrics.log(step, eval_metrics)
         if monitor is not None and (rep := monitor.maybe_run(step, model.visual, accelerator.device)):
             metrics.log(step, rep)  # k-NN / collapse checks of the image backbone, main process only
-        bar.update(1)
+        bar.update(global_batch)
         if step % cfg.train.log_every == 0 or step == 1:
-            bar.set_postfix(loss=f"{loss_value:.4f}", samples_s=f"{global_batch / dt:.0f}")
+            bar.set_postfix(loss=f"{loss_value:.4f}", samples_s=f"{global_batch / dt:.0f}",
+                            **({"epoch": f"{loader.epoch:.2f}"} if loader.epoch is not None else {}))
     bar.close()
+    loader.close()
     train_time = time.perf_counter() - t_start
 
     summary: dict[str, Any] = {
         "steps": cfg.train.steps, "world_size": world.world_size, "global_batch": global_batch,
         "loss": cfg.loss.name, "model": preset.name, "first_loss": losses[0], "final_loss": losses[-1],
         "train_time_s": train_time, "samples_per_s": global_batch * cfg.train.steps / train_time,
+        **loader.log_metrics(with_faults=True),  # collective: data position and skipped data, all ranks
     }
     if world.is_main:
         atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
