@@ -13,6 +13,7 @@ different transformers version reads the same numbers.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import logging
@@ -179,6 +180,12 @@ def bpe_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
     Ids are identical to open_clip's SimpleTokenizer: 256 byte symbols, the same with an end-of-word mark, one
     token per merge, then start and end of text (49406, 49407).
     """
+    vocab, merges = _bpe_vocab_and_merges()
+    return dict(vocab), list(merges)
+
+
+@functools.lru_cache(maxsize=1)
+def _bpe_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
     from open_clip.tokenizer import bytes_to_unicode, default_bpe
 
     lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")
@@ -518,7 +525,7 @@ def load_hf_weights(model: DualTower | nn.Module, folder: str | Path, vision_onl
         if family == "clip" and has_bias:
             b = cfg.get("logit_bias")
             if b is None:
-                log.warning("%s has no logit bias; keeping the initial b=%.3f", folder, float(clip.logit_bias))
+                log.warning("%s has no logit bias; keeping the initial b=%.3f", folder, clip.logit_bias.item())
             ours["logit_bias"] = clip.logit_bias.detach().clone() if b is None else torch.tensor(float(b))
         target = clip.state_dict()
     bad = [k for k in target if k in ours and tuple(ours[k].shape) != tuple(target[k].shape)]
