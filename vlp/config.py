@@ -187,7 +187,7 @@ class ZeroShotDataConfig:
     classnames: str | None = None
     """'imagenet' or a .txt/.json file; default: folder names / ClassLabel names (required for WebDataset)."""
     templates: str = "openai"
-    """Prompt templates: 'openai' (80), 'simple' (18) or a .txt/.json file, one '{}' per template."""
+    """Prompt templates: 'openai' (80), 'simple' (7) or a .txt/.json file, one '{}' per template."""
     name: str | None = None
     """Task name in results and logs; default: the folder, shard folder or dataset name."""
 

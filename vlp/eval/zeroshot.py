@@ -34,7 +34,7 @@ def builtin_classnames(name: str) -> list[str]:
 
 
 def builtin_templates(name: str) -> list[Template]:
-    """Built-in template sets from open_clip: ``openai`` (the 80 OpenAI ImageNet prompts) or ``simple`` (its 18)."""
+    """Built-in template sets from open_clip: ``openai`` (the 80 OpenAI ImageNet prompts) or ``simple`` (its 7)."""
     from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
 
     sets = {"openai": OPENAI_IMAGENET_TEMPLATES, "simple": SIMPLE_IMAGENET_TEMPLATES}
