@@ -539,24 +539,34 @@ def test_transformers4_loads_the_export(name, tmp_path):
     export_hf_vision(model, tmp_path / "v")
     export_hf_full(model, tmp_path / "f")
     x = images(model.preset.image_size)
-    torch.save({"x": x, "ours": ours_vision(model, x)}, tmp_path / "ref.pt")
+    tokens = build_tokenizer(model.preset)(PROMPTS)
+    with torch.no_grad():
+        ref = {"x": x, "image": model.clip.encode_image(x), "text": model.clip.encode_text(tokens)}
+    torch.save(ref, tmp_path / "ref.pt")
+    padding = "max_length" if family(name) == "siglip" else "longest"
     code = f"""
-import sys, torch, transformers
+import json, torch, transformers
 assert transformers.__version__.startswith("4."), transformers.__version__
-from transformers import AutoModel, AutoTokenizer, AutoImageProcessor
+from transformers import AutoImageProcessor, AutoModel, AutoProcessor, AutoTokenizer
 ref = torch.load({str(tmp_path / 'ref.pt')!r})
-m, info = AutoModel.from_pretrained({str(tmp_path / 'v')!r}, output_loading_info=True)
-assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
-with torch.no_grad():
-    out = m.eval()(pixel_values=ref["x"])
-emb = out.image_embeds if hasattr(out, "image_embeds") else out.pooler_output
-d = (emb - ref["ours"]["embeds"]).abs().max().item()
-f, info = AutoModel.from_pretrained({str(tmp_path / 'f')!r}, output_loading_info=True)
-assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+def load(d):
+    cls = getattr(transformers, json.load(open(d + "/config.json"))["architectures"][0])
+    m, info = cls.from_pretrained(d, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    return m.eval()
+v, f = load({str(tmp_path / 'v')!r}), load({str(tmp_path / 'f')!r})
+assert type(AutoModel.from_pretrained({str(tmp_path / 'f')!r})) is type(f)
 tok = AutoTokenizer.from_pretrained({str(tmp_path / 'f')!r})
-AutoImageProcessor.from_pretrained({str(tmp_path / 'f')!r})
-print(transformers.__version__, type(m).__name__, type(f).__name__, type(tok).__name__, d)
-assert d < 1e-5
+AutoImageProcessor.from_pretrained({str(tmp_path / 'f')!r}), AutoProcessor.from_pretrained({str(tmp_path / 'f')!r})
+ids = tok({PROMPTS!r}, padding={padding!r}, max_length={model.preset.context_length}, truncation=True,
+          return_tensors="pt")
+with torch.no_grad():
+    out = v(pixel_values=ref["x"])
+    d_v = ((out.image_embeds if hasattr(out, "image_embeds") else out.pooler_output) - ref["image"]).abs().max().item()
+    d_i = (f.get_image_features(pixel_values=ref["x"]) - ref["image"]).abs().max().item()
+    d_t = (f.get_text_features(**ids) - ref["text"]).abs().max().item()
+print(transformers.__version__, type(v).__name__, type(f).__name__, type(tok).__name__, d_v, d_i, d_t)
+assert max(d_v, d_i, d_t) < 1e-5
 """
     env = {**os.environ, "PYTHONPATH": HF4}
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
@@ -659,5 +669,6 @@ def test_export_cli_every_format_and_import_back(tmp_path, capsys):
 def test_import_refuses_a_mismatching_preset(tmp_path):
     hf = _hf_clip()
     hf.save_pretrained(tmp_path)
-    with pytest.raises(ConfigError, match="preset 'tiny' has embed_dim=128 but .* has 48"):
+    with pytest.raises(ConfigError, match="vision hidden_size: ours 128, folder 64.*vision hidden_act: ours 'gelu', "
+                                          "folder 'quick_gelu'"):
         import_hf(tmp_path, preset="tiny")

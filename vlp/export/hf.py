@@ -552,25 +552,47 @@ def import_hf(folder: str | Path, preset: ModelPreset | str | None = None, loss:
     folder = Path(folder)
     cfg = read_hf_config(folder)
     given = load_preset(preset) if isinstance(preset, str) else preset
-    if given is not None and not vision_only and cfg["model_type"] not in VISION_ONLY:
-        derived = preset_from_hf(folder)
-        for field in ("embed_dim", "custom_text", "quick_gelu"):
-            if getattr(derived, field) != getattr(given, field):
-                raise ConfigError(f"preset {given.name!r} has {field}={getattr(given, field)!r} but {folder} has "
-                                  f"{getattr(derived, field)!r}")
     use = given if given is not None else preset_from_hf(folder)
     if loss is None:
         loss = "siglip" if cfg["model_type"].startswith("siglip") else "clip"
     if loss not in ("clip", "siglip"):
         raise ConfigError(f"loss {loss!r}; valid: clip, siglip")
-    scale = 0.0
-    if not vision_only and cfg["model_type"] not in VISION_ONLY:
-        scale = float(cfg.get("logit_scale_init_value", math.log(1 / 0.07)))
-    loss_cfg = LossConfig(name=loss, init_logit_scale=scale if scale else None)
+    loss_cfg = LossConfig(name=loss)
     model = build_model(use, loss_cfg)
     model.eval()
+    vision_only = vision_only or cfg["model_type"] in VISION_ONLY
+    check_structure(model, cfg, vision_only, what=f"preset {use.name!r} vs {folder}")
     load_hf_weights(model, folder, vision_only=vision_only)
     return model, loss_cfg
+
+
+_VISION_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
+                  "patch_size", "hidden_act", "layer_norm_eps")
+_TEXT_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "max_position_embeddings", "hidden_act", "layer_norm_eps")
+_SAME_ACT = {"gelu_new": "gelu_pytorch_tanh", "gelu_fast": "gelu_pytorch_tanh"}
+
+
+def check_structure(model: DualTower, hf_cfg: Mapping[str, Any], vision_only: bool, what: str) -> None:
+    """Refuse to load a folder into a model that computes differently (activation, eps, sizes), not only one whose
+    tensor shapes differ: the config our export would write for ``model`` must agree with the folder's."""
+    ours_vision = hf_vision_config(model).to_dict()
+    mt = hf_cfg["model_type"]
+    pairs = [("vision", ours_vision, hf_cfg if mt in VISION_ONLY else hf_cfg["vision_config"], _VISION_FIELDS)]
+    if not vision_only:
+        pairs.append(("text", hf_full_config(model).text_config.to_dict(), hf_cfg["text_config"], _TEXT_FIELDS))
+    bad = []
+    for tower, ours, theirs, fields in pairs:
+        for f in fields:
+            a, b = ours.get(f), theirs.get(f)
+            if f == "hidden_act":
+                a, b = _SAME_ACT.get(a, a), _SAME_ACT.get(b, b)
+            if f == "layer_norm_eps" and a is not None and b is not None and math.isclose(a, b):
+                continue
+            if a != b:
+                bad.append(f"{tower} {f}: ours {a!r}, folder {b!r}")
+    if bad:
+        raise ConfigError(f"{what}: different structure ({'; '.join(bad)})")
 
 
 def save_imported(model: DualTower, loss: LossConfig, out_dir: str | Path, overwrite: bool = False) -> Path:
