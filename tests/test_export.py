@@ -323,7 +323,8 @@ def test_zero_shot_pipeline_matches_our_zero_shot(name, tmp_path):
     pipe = pipeline("zero-shot-image-classification", model=str(tmp_path))
     d_default = maxdiff(pipeline_probabilities(pipe, at_size), our_probabilities(model, at_size, siglip))
     pil = AutoImageProcessor.from_pretrained(tmp_path, backend="pil")
-    pipe_pil = pipeline("zero-shot-image-classification", model=str(tmp_path), image_processor=pil)
+    pipe_pil = pipeline("zero-shot-image-classification", model=pipe.model, tokenizer=pipe.tokenizer,
+                        image_processor=pil)
     d_pil = maxdiff(pipeline_probabilities(pipe_pil, any_size), our_probabilities(model, any_size, siglip))
     spread = float(our_probabilities(model, at_size, siglip).std())
     print(f"\n[pipeline {name}] max |p diff| default backend {d_default:.2e}, PIL backend (resized) {d_pil:.2e}; "
@@ -524,6 +525,12 @@ def test_exported_files_use_the_transformers4_layout(name, tmp_path):
             "merges.txt", "tokenizer.json", "special_tokens_map.json"} <= files
     vocab = json.loads((tmp_path / "f" / "vocab.json").read_text())
     assert vocab["<|endoftext|>"] == 49407 and vocab["!"] == 0
+    from transformers import AutoProcessor
+
+    proc = AutoProcessor.from_pretrained(tmp_path / "f")
+    assert type(proc).__name__ == ("SiglipProcessor" if family(name) == "siglip" else "CLIPProcessor")
+    ids = proc(text=["a red circle!"], return_tensors="pt")["input_ids"][0]
+    assert ids.tolist()[:6] == build_tokenizer(model.preset)(["a red circle!"])[0, :6].tolist()
     assert len((tmp_path / "f" / "merges.txt").read_text().splitlines()) == 1 + 48894
 
 
