@@ -6,10 +6,12 @@ CPU reports a single process although the process group holds the full world.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed import ProcessGroup
 
 
 @dataclass(frozen=True)
@@ -24,10 +26,13 @@ class WorldInfo:
         return self.rank == 0
 
 
-def world_info() -> WorldInfo:
-    """Rank and world size from torch.distributed (1 process when it is not initialised)."""
+def world_info(group: ProcessGroup | None = None) -> WorldInfo:
+    """Rank and world size (within ``group``, default the whole world) from torch.distributed.
+
+    One process when torch.distributed is not initialised.
+    """
     if dist.is_available() and dist.is_initialized():
-        return WorldInfo(rank=dist.get_rank(), world_size=dist.get_world_size())
+        return WorldInfo(rank=dist.get_rank(group), world_size=dist.get_world_size(group))
     return WorldInfo()
 
 
@@ -69,3 +74,162 @@ def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, x.contiguous())
     return torch.cat(parts, dim=0)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Ring neighbour exchange
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _global_rank(group: ProcessGroup | None, group_rank: int) -> int:
+    return group_rank if group is None else dist.get_global_rank(group, group_rank)
+
+
+class RingExchange:
+    """One asynchronous ring step: send tensors to the next rank and receive as many from the previous one.
+
+    Posted at construction with ``batch_isend_irecv`` (point-to-point, no collective); ``wait()`` blocks until
+    both the sends and the receives are complete, after which the send buffers may be reused and the receive
+    buffers hold the previous rank's data. The send and receive lists pair up by position, so the previous
+    rank's ``send[i]`` lands in this rank's ``recv[i]`` (shapes and dtypes must agree). ``tag`` separates
+    independent exchange streams that are in flight at the same time between the same ranks.
+    """
+
+    def __init__(
+        self,
+        send: Sequence[torch.Tensor],
+        recv: Sequence[torch.Tensor],
+        group: ProcessGroup | None = None,
+        tag: int = 0,
+    ) -> None:
+        if len(send) != len(recv):
+            raise ValueError(f"ring exchange needs as many receive buffers as tensors sent, got {len(send)} "
+                             f"to send and {len(recv)} to receive")
+        info = world_info(group)
+        self._works: list = []
+        if info.world_size == 1:
+            for s, r in zip(send, recv):
+                if s.data_ptr() != r.data_ptr():
+                    r.copy_(s)
+            return
+        nxt = _global_rank(group, (info.rank + 1) % info.world_size)
+        prv = _global_rank(group, (info.rank - 1) % info.world_size)
+        ops = []
+        for i, (s, r) in enumerate(zip(send, recv)):
+            if not (s.is_contiguous() and r.is_contiguous()):
+                raise ValueError("ring exchange buffers must be contiguous")
+            ops.append(dist.P2POp(dist.isend, s, nxt, group=group, tag=tag + i))
+            ops.append(dist.P2POp(dist.irecv, r, prv, group=group, tag=tag + i))
+        if ops:
+            self._works = dist.batch_isend_irecv(ops)
+
+    def wait(self) -> None:
+        """Block until this step's sends and receives have completed."""
+        for w in self._works:
+            w.wait()
+        self._works = []
+
+
+def ring_shift(tensors: Sequence[torch.Tensor], group: ProcessGroup | None = None) -> list[torch.Tensor]:
+    """Synchronously pass ``tensors`` one step round the ring: return the previous rank's tensors.
+
+    Every rank must pass tensors of the same shapes and dtypes.
+    """
+    send = [t.contiguous() for t in tensors]
+    recv = [torch.empty_like(t) for t in send]
+    RingExchange(send, recv, group).wait()
+    return recv
+
+
+def _add_(acc: torch.Tensor, part: torch.Tensor) -> None:
+    acc.add_(part)
+
+
+def ring_visit(
+    payload: Sequence[torch.Tensor],
+    accumulators: Sequence[torch.Tensor],
+    visit: Callable[[int, list[torch.Tensor], list[torch.Tensor]], None],
+    *,
+    sizes: Sequence[int] | None = None,
+    identities: Sequence[float] | None = None,
+    combines: Sequence[Callable[[torch.Tensor, torch.Tensor], None]] | None = None,
+    group: ProcessGroup | None = None,
+) -> list[torch.Tensor]:
+    """Show every rank's ``payload`` to every rank, in turn, and bring per-row accumulators home.
+
+    This is the communication pattern of the chunked cross-device losses: a block (e.g. text features) visits
+    all ranks round a ring with point-to-point sends, and results that other ranks compute *for* that block
+    (e.g. its gradient, or its column log-sum-exp) travel with it and arrive back at its owner. No rank ever
+    holds more than two blocks at a time, so memory does not grow with the world size.
+
+    ``visit(owner, payload_q, parts_q)`` is called once per rank ``owner`` (this rank's own block first) with
+    that rank's payload (read-only) and fresh accumulator parts filled with ``identities``; it must add this
+    rank's contributions to ``parts_q`` in place. Parts are merged into the travelling accumulators with
+    ``combines`` (default: in-place sum; e.g. log-add-exp for a log-sum-exp), while the next block is already
+    being computed on, so the exchange overlaps computation. ``accumulators`` are this rank's initial
+    accumulator values (their dtypes and trailing shapes define the travelling buffers); the return value is
+    the fully accumulated version of them (every rank's contributions). ``payload`` and ``accumulators`` have
+    dim 0 equal to this rank's block size; ``sizes`` gives every rank's block size when they differ.
+    """
+    info = world_info(group)
+    world, rank = info.world_size, info.rank
+    identities = list(identities) if identities is not None else [0.0] * len(accumulators)
+    combines = list(combines) if combines is not None else [_add_] * len(accumulators)
+    if not (len(identities) == len(combines) == len(accumulators)):
+        raise ValueError("ring_visit needs one identity and one combine per accumulator")
+    if world == 1:
+        accs = list(accumulators)
+        visit(0, list(payload), accs)
+        return accs
+    n_local = payload[0].shape[0] if payload else accumulators[0].shape[0]
+    sizes = list(sizes) if sizes is not None else [n_local] * world
+    if len(sizes) != world or sizes[rank] != n_local:
+        raise ValueError(f"ring_visit: sizes {sizes} do not match world size {world} and local size {n_local}")
+    cap = max(sizes)
+
+    def buffers(like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        return [torch.empty((cap, *t.shape[1:]), dtype=t.dtype, device=t.device) for t in like]
+
+    def view(bufs: list[torch.Tensor], n: int) -> list[torch.Tensor]:
+        return [b[:n] for b in bufs]
+
+    # Payload: two rotating receive buffers; the own block is sent straight from the caller's tensors.
+    pay_bufs = [buffers(payload), buffers(payload)] if payload else [[], []]
+    acc_bufs = [buffers(accumulators), buffers(accumulators)]
+    parts_buf = buffers(accumulators)
+
+    cur_pay = [p.contiguous() for p in payload]
+    cur_acc = view(acc_bufs[0], n_local)
+    for a, init in zip(cur_acc, accumulators):
+        a.copy_(init)
+    acc_in_flight: RingExchange | None = None
+    for step in range(world):
+        owner = (rank - step) % world
+        n_owner = sizes[owner]
+        pay_x = None
+        if step < world - 1 and payload:
+            n_next = sizes[(owner - 1) % world]
+            nxt_pay = view(pay_bufs[step % 2], n_next)
+            pay_x = RingExchange(cur_pay, nxt_pay, group, tag=0)
+        if step == 0:
+            visit(owner, cur_pay, cur_acc)
+        else:
+            parts = view(parts_buf, n_owner)
+            for p, ident in zip(parts, identities):
+                p.fill_(ident)
+            visit(owner, cur_pay, parts)
+            assert acc_in_flight is not None
+            acc_in_flight.wait()
+            for a, p, comb in zip(cur_acc, parts, combines):
+                comb(a, p)
+        # Send the accumulator on; after the last step it goes to its owner (our next rank), and ours arrives.
+        n_recv = sizes[(owner - 1) % world] if step < world - 1 else n_local
+        nxt_acc = view(acc_bufs[(step + 1) % 2], n_recv)
+        acc_in_flight = RingExchange(cur_acc, nxt_acc, group, tag=len(payload) + 1)
+        if pay_x is not None:
+            pay_x.wait()
+            cur_pay = nxt_pay
+        cur_acc = nxt_acc
+    assert acc_in_flight is not None
+    acc_in_flight.wait()
+    return cur_acc

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from vlp.config import ConfigError, LossConfig
 from vlp.losses.base import ContrastiveLoss
-from vlp.losses.clip import NaiveClipLoss, clip_loss_reference
-from vlp.losses.siglip import NaiveSigLipLoss, siglip_loss_reference
+from vlp.losses.clip import ChunkedClipLoss, NaiveClipLoss, clip_loss_reference
+from vlp.losses.siglip import ChunkedSigLipLoss, NaiveSigLipLoss, siglip_loss_reference
 
 # (loss name, implementation) -> class. A new loss or implementation is one file plus one line here.
 LOSSES: dict[tuple[str, str], type[ContrastiveLoss]] = {
     ("clip", "naive"): NaiveClipLoss,
     ("siglip", "naive"): NaiveSigLipLoss,
+    ("clip", "chunked"): ChunkedClipLoss,
+    ("siglip", "chunked"): ChunkedSigLipLoss,
 }
 
 
@@ -27,4 +29,14 @@ def build_loss(cfg: LossConfig) -> ContrastiveLoss:
     return cls(**kwargs)
 
 
-__all__ = ["LOSSES", "ContrastiveLoss", "build_loss", "clip_loss_reference", "siglip_loss_reference"]
+__all__ = [
+    "LOSSES",
+    "ChunkedClipLoss",
+    "ChunkedSigLipLoss",
+    "ContrastiveLoss",
+    "NaiveClipLoss",
+    "NaiveSigLipLoss",
+    "build_loss",
+    "clip_loss_reference",
+    "siglip_loss_reference",
+]
