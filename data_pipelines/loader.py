@@ -97,8 +97,10 @@ class TrainStream:
         kw: dict[str, Any] = {}
         if self.workers > 0:
             kw.update(timeout=self.timeout_s, prefetch_factor=2, persistent_workers=False)
+        generator = torch.Generator()  # worker seeds from (seed, rank); the global RNG is left alone
+        generator.manual_seed(self.spec.seed * 1_000_003 + self.spec.rank)
         self._loader = DataLoader(dataset, batch_size=None, num_workers=self.workers, pin_memory=self.pin_memory,
-                                  **kw)
+                                  generator=generator, collate_fn=_as_is, **kw)
         self._it = iter(self._loader)
         assert nw == max(1, self.workers)
 
@@ -126,9 +128,11 @@ class TrainStream:
         worker = int(info["worker"])
         self._positions[worker] = tuple(int(v) for v in info["position"])
         self._faults[worker] = dict(info["faults"])
+        if info.get("final"):  # a finite stream's reader is done: it only reported its counts
+            return self.__next__()
         self._next_worker = (worker + 1) % self.spec.num_workers
         self.batches += 1
-        self.samples += self.spec.batch_size
+        self.samples += _batch_len(batch)
         return batch
 
     def close(self) -> None:
@@ -251,6 +255,20 @@ class TrainStream:
         self.batches = self.samples // self.spec.batch_size
 
 
+def _as_is(batch: Any) -> Any:
+    """DataLoader's collate_fn: batches are collated by the readers already (no default_convert pass)."""
+    return batch
+
+
+def _batch_len(batch: dict[str, Any]) -> int:
+    for v in batch.values():
+        if isinstance(v, torch.Tensor):
+            return int(v.shape[0])
+        if isinstance(v, (list, tuple)) and v:
+            return int(v[0].shape[0]) if isinstance(v[0], torch.Tensor) else len(v)
+    return 0
+
+
 def _resolve_counts(sources: list[Source], mode: str, metadata: str | None) -> dict[str, int]:
     """Fill ``source.counts``; returns plan-time fault counts (local shards missing with no metadata)."""
     all_urls = [u for s in sources for u in s.urls]
@@ -302,6 +320,7 @@ def build_train_loader(
     max_consecutive_failures: int = 1000,
     pin_memory: bool | None = None,
     timeout_s: float = 600.0,
+    max_rounds: int | None = None,
 ) -> TrainStream:
     """The training batch stream of one rank (see the module and docs/data.md).
 
@@ -309,6 +328,8 @@ def build_train_loader(
     ``mode``: "epoch" (each sample once per epoch, split exactly over ranks x workers) or "resampled".
     ``num_samples``: samples per epoch; default from the shards' metadata (required for epoch mode's split).
     ``sample_transform`` maps a decoded sample {"__key__", "image", "text", "json", "__epoch__"} to tensors.
+    ``max_rounds``: stop after this many epochs (resampled: rounds of shard draws), each reader ending with a
+    partial batch; None (training): infinite, full batches, epochs carried over into each other.
     """
     from vlp.train.objective import collate
 
@@ -345,7 +366,7 @@ def build_train_loader(
     spec = StreamSpec(plan=plan, rank=rank, world_size=world_size, num_workers=nw, sample_transform=sample_transform,
                       batch_size=batch_size, collate_fn=collate_fn or collate, seed=seed, window=shuffle_buffer,
                       caption_key=caption_key, require_text=require_text,
-                      max_consecutive_failures=max_consecutive_failures)
+                      max_consecutive_failures=max_consecutive_failures, max_rounds=max_rounds)
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
     stream = TrainStream(spec, sources, workers=workers, num_samples=total, pin_memory=pin_memory,

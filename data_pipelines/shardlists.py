@@ -9,8 +9,10 @@ Its stream is a sequence of *rounds*, each a list of :class:`Piece` (a shard, or
   whatever the shard sizes and counts; a reader opens at most two partial shards per epoch. This needs the
   per-shard sample counts (see :mod:`data_pipelines.metadata`).
 - Resampled mode: round r of reader s is a few shards drawn with replacement from an RNG seeded by
-  (seed, s, r), each shard with probability proportional to its sample count times its source's weight, so every
-  sample is equally likely within a source and weights act as upsampling factors. Infinite; no counts needed.
+  (seed, s, r), each shard with probability proportional to its source's weight. A draw yields all of the shard's
+  samples, so every sample of a source is equally frequent whatever its shard's size, and a source's share of the
+  samples is weight x its sample count: weights act as per-sample upsampling factors, as in epoch mode.
+  Infinite; no counts needed.
 
 Rounds are pure functions of (seed, round, slot): nothing about them needs saving except where a reader is.
 """
@@ -137,7 +139,7 @@ class EpochPlan:
 
 
 class ResamplePlan:
-    """Resampled mode: shards drawn with replacement, P(shard) proportional to count x source weight."""
+    """Resampled mode: shards drawn with replacement, P(shard) proportional to its source's weight."""
 
     mode = "resampled"
 
@@ -147,7 +149,6 @@ class ResamplePlan:
         self.counts: list[int | None] = []
         weights: list[float] = []
         known = [c for s in sources for c in (s.counts or []) if c]
-        fallback = (sum(known) / len(known)) if known else 1.0
         for src in sources:
             counts = src.counts or [None] * len(src.urls)
             for u, c in zip(src.urls, counts):
@@ -155,12 +156,12 @@ class ResamplePlan:
                     continue  # an empty shard can never give a sample
                 self.urls.append(u)
                 self.counts.append(c)
-                weights.append(src.weight * (c if c is not None else fallback))
+                weights.append(src.weight)  # a draw yields all of a shard's samples: uniform draws = uniform samples
         if not self.urls:
             raise ConfigError("data.train_shards: every shard is empty according to its metadata")
         self.cum_weights = list(accumulate(weights))
         self.counts_known = all(c is not None for c in self.counts)
-        mean = fallback if known else None
+        mean = sum(known) / len(known) if known else None
         # enough shards per round for a few shuffle windows; without counts, few (a resume re-reads <= one round)
         self.draws_per_round = (max(1, min(64, math.ceil(4 * window / mean))) if self.counts_known and mean else 4)
 

@@ -27,7 +27,6 @@ from typing import Any
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.gopen import gopen
-from webdataset.handlers import reraise_exception
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_iterator
 
 from data_pipelines.decoding import decode_sample, is_unsafe, wanted_extensions
@@ -118,8 +117,14 @@ def read_shard(url: str, start: int, stop: int | None, wanted: frozenset[str], f
         while sel.memberless:
             faults.fail("missing_image", f"{sel.memberless.pop(0)} in {url} has no image or caption member")
 
+    errors: list[Exception] = []
+
+    def stop_reading(exn: Exception) -> bool:  # a member that cannot be read: keep what came before, stop
+        errors.append(exn)
+        return False
+
     try:
-        files = tar_file_iterator(stream, handler=reraise_exception, select_files=sel)
+        files = tar_file_iterator(stream, handler=stop_reading, select_files=sel)
         for raw in group_by_keys(_until_done(files, sel, url), handler=malformed):
             drain()
             index = sel.key_index.pop(raw["__key__"], None)
@@ -128,8 +133,11 @@ def read_shard(url: str, start: int, stop: int | None, wanted: frozenset[str], f
                 continue
             delivered += 1
             yield index, raw
-        sel.finish()
+        if not errors:
+            sel.finish()
         drain()
+        if errors:
+            raise errors[0]
         if sel.index < 0:
             faults.fail("unreadable_shard", f"{url}: no samples in it")
             if expected:
@@ -209,6 +217,8 @@ class StreamSpec:
     """Logical worker -> (round, window, offset) to start from."""
     faults: dict[int, dict[str, int]] = field(default_factory=dict)
     """Logical worker -> fault counts so far (a resumed run keeps counting)."""
+    max_rounds: int | None = None
+    """Stop after this many rounds (epochs in epoch mode), ending with a partial batch; None: infinite."""
 
 
 class ShardStream(IterableDataset):
@@ -234,7 +244,7 @@ class ShardStream(IterableDataset):
         rnd, first_window, offset = spec.start.get(worker, (0, 0, 0))
         gen = torch.default_generator
         batch: list[Any] = []
-        while True:
+        while spec.max_rounds is None or rnd < spec.max_rounds:
             pieces = spec.plan.pieces(rnd, slot, num_slots)
             entries = _round_entries(pieces, first_window * spec.window, wanted, faults)
             for w, items in _windows(entries, spec.window):
@@ -265,3 +275,10 @@ class ShardStream(IterableDataset):
                         yield out
             first_window, offset = 0, 0
             rnd += 1
+        # finite stream: the remainder as a last partial batch, then a trailer carrying the final counts
+        position = (rnd, 0, 0)
+        if batch:
+            out = spec.collate_fn(batch)
+            out["__data__"] = {"worker": worker, "position": position, "faults": faults.snapshot()}
+            yield out
+        yield {"__data__": {"worker": worker, "position": position, "faults": faults.snapshot(), "final": True}}
