@@ -397,9 +397,9 @@ def test_hf_to_ours_to_hf_is_bit_exact(kind, tmp_path):
     """A transformers-saved model (its own save_pretrained) -> our preset + weights -> HF state: every tensor equal."""
     hf = _hf_clip() if kind == "clip" else _hf_siglip()
     hf.save_pretrained(tmp_path / "hf")
-    if kind == "clip":
-        (tmp_path / "hf" / "preprocessor_config.json").write_text(json.dumps(image_processor_dict(
-            load_preset("tiny"), "clip")))
+    if kind == "clip":  # as OpenAI's folders have it: shortest-side resize + centre crop at the model's size
+        pp = _with("tiny", vision={"image_size": 32})
+        (tmp_path / "hf" / "preprocessor_config.json").write_text(json.dumps(image_processor_dict(pp, "clip")))
     model, loss = import_hf(tmp_path / "hf")
     assert loss.name == kind and (model.clip.logit_bias is None) == (kind == "clip")
     if kind == "siglip":
@@ -671,6 +671,18 @@ def test_export_cli_every_format_and_import_back(tmp_path, capsys):
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "is not empty; pass --overwrite true" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_overwrite_only_replaces_export_files(tmp_path):
+    model = make_model("tiny")
+    export_hf_vision(model, tmp_path / "out")
+    export_hf_vision(model, tmp_path / "out", overwrite=True)  # replaces its own files
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["config.json", "model.safetensors",
+                                                                    "preprocessor_config.json"]
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match=r"holds files an export does not write \(notes.txt\)"):
+        export_hf_vision(model, tmp_path / "out", overwrite=True)
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
 
 
 def test_import_refuses_a_mismatching_preset(tmp_path):

@@ -18,7 +18,6 @@ import gzip
 import json
 import logging
 import math
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -240,15 +239,27 @@ def write_tokenizer(out_dir: Path, context_length: int, family: str) -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 
+# Every file name an export or import writes: --overwrite removes these and nothing else.
+OUTPUT_FILES = {"config.json", "preprocessor_config.json", WEIGHTS_NAME, "tokenizer.json", "tokenizer_config.json",
+                "vocab.json", "merges.txt", "special_tokens_map.json", "open_clip_config.json",
+                "open_clip_model.safetensors", "preset.yaml", "checkpoint.pt", "config.yaml", "chat_template.jinja"}
+
+
 def prepare_output_dir(out_dir: str | Path, overwrite: bool) -> Path:
-    """Create ``out_dir``; refuse a non-empty one unless ``overwrite``."""
+    """Create ``out_dir``; refuse a non-empty one unless ``overwrite``, and even then refuse one that holds files
+    an export does not write (so a mistyped --output never deletes unrelated data)."""
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--output {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise ConfigError(f"--output {out} is not empty; pass --overwrite true to replace its contents")
-        shutil.rmtree(out)
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in OUTPUT_FILES or not p.is_file())
+        if foreign:
+            raise ConfigError(f"--output {out} holds files an export does not write ({', '.join(foreign[:5])}); "
+                              "refusing to overwrite it, choose an empty folder")
+        for p in out.iterdir():
+            p.unlink()
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -394,6 +405,13 @@ def _preprocess_from_hf(folder: Path, image_size: int) -> dict[str, Any]:
     else:
         raise NotRepresentableError(f"{path}: resize {size} with do_center_crop={pp.get('do_center_crop')} matches "
                                     "no open_clip resize_mode (shortest or squash)")
+    sizes = {size.get("shortest_edge", size.get("height")), size.get("width", image_size)}
+    if mode == "shortest":
+        crop = pp.get("crop_size", {"height": image_size, "width": image_size})
+        sizes |= {crop.get("height"), crop.get("width")} if isinstance(crop, dict) else {crop}
+    if sizes != {image_size}:
+        raise NotRepresentableError(f"{path}: resize/crop sizes {sorted(map(str, sizes))} differ from the model's "
+                                    f"image_size {image_size} (our transform resizes to the model's input size)")
     return {"mean": list(pp.get("image_mean", OPENAI_MEAN)), "std": list(pp.get("image_std", OPENAI_STD)),
             "interpolation": interp, "resize_mode": mode}
 
