@@ -42,6 +42,21 @@ class ModelConfig:
     pretrained: str | None = None
     """Local path to weights to initialise from (a checkpoint of this project)."""
     grad_checkpointing: bool = False
+    """Recompute both towers' transformer blocks in backward instead of storing their activations."""
+    lock_image: bool = False
+    """Freeze the image tower (LiT-style runs); see lock_image_unlocked_groups."""
+    lock_image_unlocked_groups: int = 0
+    """With lock_image: keep the last N layer groups of the image tower trainable (open_clip's grouping: the
+    final block + norm count as one group, the projection as another)."""
+    lock_text: bool = False
+    """Freeze the text tower; see lock_text_unlocked_layers."""
+    lock_text_unlocked_layers: int = 0
+    """With lock_text: keep the last N layers of the text tower trainable (open_clip's grouping)."""
+
+    def __post_init__(self) -> None:
+        if self.lock_image_unlocked_groups < 0 or self.lock_text_unlocked_layers < 0:
+            raise ConfigError("model.lock_image_unlocked_groups and model.lock_text_unlocked_layers must be >= 0, got "
+                              f"{self.lock_image_unlocked_groups} and {self.lock_text_unlocked_layers}")
 
 
 @dataclass
@@ -160,12 +175,52 @@ class TrainConfig:
     log_every: int = 10
     save_first_batch: bool = False
     """Save each rank's first batch next to the outputs (to check multi-process runs against one process)."""
+    accum_steps: int = 1
+    """Micro-batches of batch_size per optimiser step on each process (global batch = batch_size x accum_steps x
+    processes)."""
+    accumulation: Literal["gradcache", "plain"] = "gradcache"
+    """How micro-batches are accumulated: gradcache is exact for contrastive losses (every sample of the
+    accumulated batch is a negative for every other); plain sums k independent micro-batch losses."""
+    deepspeed: str | None = None
+    """DeepSpeed config: a JSON path or a name in configs/deepspeed/ (zero0, zero1, zero2, zero3, zero3_offload).
+    Not needed under `accelerate launch --config_file configs/accelerate/zero2.yaml`, which sets it."""
+    max_nonfinite_steps: int = 10
+    """Stop the run (with a checkpoint of the last good state) after this many consecutive steps skipped for a
+    non-finite loss or gradient."""
+    global_stream: bool = False
+    """Verification mode: every process reads the same seeded stream of global batches and trains on its
+    rank's slice, so each step's global batch is identical for any number of processes and micro-batches."""
 
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ConfigError(f"train.steps must be >= 1, got {self.steps}")
         if self.batch_size < 1:
             raise ConfigError(f"train.batch_size must be >= 1, got {self.batch_size}")
+        if self.accum_steps < 1:
+            raise ConfigError(f"train.accum_steps must be >= 1, got {self.accum_steps}")
+        if self.max_nonfinite_steps < 1:
+            raise ConfigError(f"train.max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")
+
+
+@dataclass
+class CheckpointConfig:
+    """Periodic checkpoints (ZeRO-sharded under DeepSpeed), resuming, and the consolidated model export."""
+
+    every: int = 0
+    """Save a checkpoint every N steps (0: only at the end of the run)."""
+    keep: int = 3
+    """Keep the newest N checkpoints (the one `latest` points to is never deleted)."""
+    resume: str | None = None
+    """'latest' (the run directory's newest complete checkpoint; a fresh start when there is none) or the path
+    of a checkpoint directory or run directory."""
+    export: bool = True
+    """Write model.safetensors (consolidated fp32 DualTower weights) beside config.yaml at the end."""
+
+    def __post_init__(self) -> None:
+        if self.every < 0:
+            raise ConfigError(f"checkpoint.every must be >= 0 (0: only at the end), got {self.every}")
+        if self.keep < 1:
+            raise ConfigError(f"checkpoint.keep must be >= 1, got {self.keep}")
 
 
 @dataclass
@@ -407,6 +462,7 @@ class PretrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     ssl: SSLConfig = field(default_factory=SSLConfig)
     aux_ssl: str | None = None
@@ -428,6 +484,14 @@ PRETRAIN_ALIASES: dict[str, str] = {
     "lr": "optim.lr",
     "warmup-steps": "optim.warmup_steps",
     "output-dir": "output_dir",
+    "accum-steps": "train.accum_steps",
+    "deepspeed": "train.deepspeed",
+    "resume": "checkpoint.resume",
+    "checkpoint-every": "checkpoint.every",
+    "keep-checkpoints": "checkpoint.keep",
+    "grad-checkpointing": "model.grad_checkpointing",
+    "lock-image": "model.lock_image",
+    "lock-text": "model.lock_text",
     "train-shards": "data.train_shards",
     "eval-shards": "data.eval_shards",
     "train-num-samples": "data.train_num_samples",
