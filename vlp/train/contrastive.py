@@ -47,12 +47,55 @@ class ContrastiveObjective(Objective):
             out.update(self.aux.sample_transform(sample))
         return out
 
-    def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
-        img, txt, scale, bias = self.model(batch["image"], batch["text"])
-        loss = self.loss_fn(img.float(), txt.float(), scale.float(), None if bias is None else bias.float())
+    shared_keys = frozenset({"logit_scale", "logit_bias"})
+
+    @property
+    def supports_gradcache(self) -> bool:
+        return self.aux is None  # an auxiliary SSL term has its own (non-separable) views and state
+
+    def frozen_outputs(self) -> frozenset[str]:
+        out = set()
+        if not any(p.requires_grad for p in self.model.visual.parameters()):
+            out.add("image")
+        visual = {id(p) for p in self.model.visual.parameters()}
+        scalars = {id(self.model.logit_scale)} | ({id(self.model.logit_bias)} if self.model.logit_bias is not None
+                                                   else set())
+        text = [p for p in self.model.parameters() if id(p) not in visual and id(p) not in scalars]
+        if not any(p.requires_grad for p in text):
+            out.add("text")
+        return frozenset(out)
+
+    def embed(self, batch: dict[str, Any], reuse: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        m = self.model
+        if reuse:  # a frozen tower's embeddings from an earlier pass over this batch
+            img = reuse["image"] if "image" in reuse else m.encode_image(batch["image"])
+            txt = reuse["text"] if "text" in reuse else m.encode_text(batch["text"])
+            scale, bias = m.logit_scale, m.logit_bias
+        else:
+            img, txt, scale, bias = m(batch["image"], batch["text"])
+        out = {"image": img, "text": txt, "logit_scale": scale}
+        if bias is not None:
+            out["logit_bias"] = bias
+        return out
+
+    def loss_from_embeddings(self, emb: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The contrastive loss of (possibly accumulated) embeddings, in fp32 even under autocast."""
+        scale, bias = emb["logit_scale"], emb.get("logit_bias")
+        with torch.autocast(device_type=emb["image"].device.type, enabled=False):
+            loss = self.loss_fn(emb["image"].float(), emb["text"].float(), scale.float(),
+                                None if bias is None else bias.float())
         logs: dict[str, Any] = {"loss/contrastive": loss.detach(), "logit_scale": scale.detach()}
         if bias is not None:
             logs["logit_bias"] = bias.detach()
+        return loss, logs
+
+    def forward(self, batch: dict[str, Any], mode: str = "loss", reuse: dict[str, torch.Tensor] | None = None):
+        """``mode="loss"``: (loss, logs) of the batch; ``mode="embed"``: :meth:`embed` (for exact accumulation)."""
+        if mode == "embed":
+            return self.embed(batch, reuse)
+        if mode != "loss":
+            raise ValueError(f"mode must be 'loss' or 'embed', got {mode!r}")
+        loss, logs = self.loss_from_embeddings(self.embed(batch))
         if self.aux is not None:
             aux_loss, aux_logs = self.aux(batch, self.model)
             logs.update(aux_logs)

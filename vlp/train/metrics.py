@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import resource
 from pathlib import Path
 from typing import Any
+
+import torch
 
 
 class MetricsWriter:
@@ -43,3 +46,14 @@ class MetricsWriter:
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """Every record of a metrics.jsonl file."""
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def memory_metrics(device: torch.device) -> dict[str, float]:
+    """Peak memory: on GPU, tensor memory allocated since the previous call (then reset) and the allocator's
+    reservation; on CPU, the process's peak resident set so far (GiB)."""
+    if device.type == "cuda":
+        out = {"mem/peak_allocated_gb": torch.cuda.max_memory_allocated(device) / 2**30,
+               "mem/reserved_gb": torch.cuda.memory_reserved(device) / 2**30}
+        torch.cuda.reset_peak_memory_stats(device)
+        return out
+    return {"mem/peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}

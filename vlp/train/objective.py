@@ -15,10 +15,39 @@ from torch import nn
 
 
 class Objective(nn.Module):
-    """Base class: ``forward(batch) -> (loss, logs)``; logs are floats or 0-d tensors for the metrics file."""
+    """Base class: ``forward(batch) -> (loss, logs)``; logs are floats or 0-d tensors for the metrics file.
+
+    Objectives whose loss is a function of per-sample embeddings (the contrastive one) also implement
+    :meth:`embed` and :meth:`loss_from_embeddings`, set ``supports_gradcache`` and accept
+    ``forward(batch, mode="embed")``: that is what exact large-batch accumulation (vlp.train.gradcache) needs.
+    """
 
     #: whether samples must carry a caption (False lets image-only shards through)
     requires_text: bool = True
+
+    @property
+    def supports_gradcache(self) -> bool:
+        """Whether the loss splits into :meth:`embed` (per micro-batch) and :meth:`loss_from_embeddings`."""
+        return False
+
+    def embed(self, batch: dict[str, Any], reuse: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """Embeddings of one (micro-)batch: per-sample rows, plus the :attr:`shared_keys` (e.g. the logit scale).
+
+        ``reuse`` holds embeddings computed earlier for this batch whose producers are frozen
+        (:meth:`frozen_outputs`); they are returned as given instead of being recomputed.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no separable embeddings")
+
+    def loss_from_embeddings(self, emb: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The loss of a whole (accumulated) batch from its concatenated :meth:`embed` outputs."""
+        raise NotImplementedError(f"{type(self).__name__} has no separable embeddings")
+
+    #: entries of :meth:`embed` that are not per-sample (identical for every micro-batch)
+    shared_keys: frozenset[str] = frozenset()
+
+    def frozen_outputs(self) -> frozenset[str]:
+        """Entries of :meth:`embed` that need no gradient because everything producing them is frozen."""
+        return frozenset()
 
     def sample_transform(self, sample: dict[str, Any]) -> dict[str, Any]:
         """Decoded sample {"image": PIL RGB, "text": str | None, "json": dict | None} -> tensors for one sample."""
