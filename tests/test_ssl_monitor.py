@@ -1,0 +1,104 @@
+"""Representation checks (k-NN top-1, collapse statistic) and short end-to-end SSL runs through the training loop."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from vlp.config import PRETRAIN_ALIASES, PretrainConfig, parse_cli
+from vlp.ssl.monitor import RepresentationMonitor, knn_top1, mean_dim_std
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _knn_reference(feats: torch.Tensor, labels: list[int], k: int, t: float) -> float:
+    """Leave-one-out weighted k-NN written out: sort the others by cosine similarity, vote exp(sim / t)."""
+    f = torch.nn.functional.normalize(feats.double(), dim=-1).tolist()
+    correct = 0
+    for i, fi in enumerate(f):
+        sims = sorted(((sum(a * b for a, b in zip(fi, fj)), j) for j, fj in enumerate(f) if j != i), reverse=True)
+        votes: dict[int, float] = {}
+        for s, j in sims[:k]:
+            votes[labels[j]] = votes.get(labels[j], 0.0) + math.exp(s / t)
+        correct += max(votes, key=votes.get) == labels[i]
+    return correct / len(f)
+
+
+def test_knn_top1_matches_reference_and_extremes():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 3, (40,), generator=g)
+    centers = torch.randn(3, 8, generator=g)
+    feats = centers[labels] + 1.5 * torch.randn(40, 8, generator=g)
+    acc = knn_top1(feats, labels, k=5, temperature=0.07)
+    assert acc == pytest.approx(_knn_reference(feats, labels.tolist(), 5, 0.07))
+    assert 0.4 < acc < 1.0
+    assert knn_top1(centers[labels] + 1e-3 * torch.randn(40, 8, generator=g), labels) == 1.0
+
+
+def test_collapse_statistic():
+    g = torch.Generator().manual_seed(1)
+    assert mean_dim_std(torch.ones(100, 32)) == pytest.approx(0.0, abs=1e-7)
+    spread = mean_dim_std(torch.randn(4000, 64, generator=g)) * math.sqrt(64)
+    assert spread == pytest.approx(1.0, abs=0.03)  # isotropic: 1/sqrt(d) per dimension
+
+
+def test_monitor_on_the_synthetic_held_out_set(synthetic_data):
+    from vlp.model import build_model, build_transforms, load_preset
+
+    cfg = parse_cli(PretrainConfig, ["--ssl.monitor.every", "5", "--ssl.monitor.max_images", "60"], PRETRAIN_ALIASES)
+    preset = load_preset("tiny")
+    mon = RepresentationMonitor.from_config(cfg, synthetic_data.eval_shards, build_transforms(preset, False), True)
+    assert mon is not None and len(mon.images) == 60 and mon.every == 5
+    assert set(mon.classes) <= set(synthetic_data.class_families["shape"]) and len(mon.classes) >= 8
+    model = build_model(preset)
+    assert mon.maybe_run(4, model.visual, "cpu") == {}
+    res = mon.maybe_run(5, model.visual, "cpu")
+    assert res["monitor/knn_chance"] == pytest.approx(1 / len(mon.classes))
+    assert 0.0 <= res["monitor/knn_top1"] <= 1.0 and res["monitor/embed_std"] > 0
+    assert res["monitor/embed_std_x_sqrt_d"] == pytest.approx(res["monitor/embed_std"] * math.sqrt(128))
+    assert model.visual.training  # mode restored
+    off = parse_cli(PretrainConfig, [], PRETRAIN_ALIASES)
+    assert RepresentationMonitor.from_config(off, synthetic_data.eval_shards, None, is_ssl_run=False) is None
+
+
+def _run(tmp_path, synthetic_data, *args: str) -> tuple[dict, list[dict]]:
+    from vlp.train.metrics import read_metrics
+    from vlp.train.pretrain import run_pretraining
+
+    out = tmp_path / "run"
+    argv = ["--steps", "3", "--batch-size", "8", "--workers", "0", "--output-dir", str(out), "--warmup-steps", "1",
+            "--train-shards", synthetic_data.train_shards, "--eval-shards", synthetic_data.eval_shards,
+            "--train-num-samples", "400", "--ssl.monitor.every", "3",
+            "--ssl.simclr.hidden_dim", "64", "--ssl.dino.out_dim", "64", "--ssl.dino.hidden_dim", "64",
+            "--ssl.dino.local_crops", "2", "--ssl.views.local_crop_size", "32", *args]
+    summary = run_pretraining(parse_cli(PretrainConfig, argv, PRETRAIN_ALIASES))
+    assert json.loads((out / "summary.json").read_text())["final_loss"] == summary["final_loss"]
+    return summary, read_metrics(out / "metrics.jsonl")
+
+
+def test_standalone_dino_run_logs_terms_and_monitor(tmp_path, synthetic_data):
+    summary, records = _run(tmp_path, synthetic_data, "--objective", "dino")
+    steps = [r for r in records if "loss/dino" in r]
+    assert len(steps) == 3 and all(r["loss"] == r["loss/dino"] for r in steps)
+    assert [r["ssl/dino/last_layer_frozen"] for r in steps] == [1.0, 1.0, 1.0]  # 1 epoch = 400 / 8 = 50 steps
+    assert 0.0 <= summary["monitor/knn_top1"] <= 1.0 and summary["monitor/knn_chance"] == pytest.approx(0.1)
+    assert not any(k.startswith("zeroshot/") for k in summary)  # no text tower was trained
+
+
+def test_siglip_with_aux_simclr_run_logs_both_terms(tmp_path, synthetic_data):
+    summary, records = _run(tmp_path, synthetic_data, "--loss", "siglip", "--aux-ssl", "simclr",
+                            "--aux-ssl-weight", "0.5", "--eval.zeroshot", "false")
+    steps = [r for r in records if "loss/simclr" in r]
+    assert len(steps) == 3
+    for r in steps:
+        assert r["loss"] == pytest.approx(r["loss/contrastive"] + 0.5 * r["loss/simclr"], rel=1e-5)
+    assert "monitor/knn_top1" in summary
