@@ -685,6 +685,21 @@ def test_overwrite_only_replaces_export_files(tmp_path):
     assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
 
 
+def test_import_reads_legacy_and_current_preprocessor_configs(tmp_path):
+    from vlp.export.hf import _preprocess_from_hf
+
+    legacy = {"feature_extractor_type": "CLIPFeatureExtractor", "size": 224, "crop_size": 224, "do_center_crop": True,
+              "resample": 3, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.25, 0.25]}
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(legacy))
+    assert _preprocess_from_hf(tmp_path, 224) == {"mean": [0.5] * 3, "std": [0.25] * 3, "interpolation": "bicubic",
+                                                  "resize_mode": "shortest"}
+    squash = image_processor_dict(load_preset("vit-b-16-siglip"), "siglip")
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(squash))
+    assert _preprocess_from_hf(tmp_path, 224)["resize_mode"] == "squash"
+    with pytest.raises(NotRepresentableError, match="differ from the model's image_size 256"):
+        _preprocess_from_hf(tmp_path, 256)
+
+
 def test_import_refuses_a_mismatching_preset(tmp_path):
     hf = _hf_clip()
     hf.save_pretrained(tmp_path)

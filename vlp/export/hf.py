@@ -398,6 +398,9 @@ def _preprocess_from_hf(folder: Path, image_size: int) -> dict[str, Any]:
     pp = json.loads(path.read_text())
     interp = {v: k for k, v in RESAMPLE.items()}.get(int(pp.get("resample", 3)), "bicubic")
     size = pp.get("size", {})
+    if isinstance(size, int):  # older configs (CLIPFeatureExtractor): an int is the shorter side, or a square
+        siglip_type = str(pp.get("image_processor_type", "")).startswith("Siglip")
+        size = {"height": size, "width": size} if siglip_type else {"shortest_edge": size}
     if isinstance(size, dict) and "shortest_edge" in size and pp.get("do_center_crop", True):
         mode = "shortest"
     elif isinstance(size, dict) and "height" in size and not pp.get("do_center_crop", False):
