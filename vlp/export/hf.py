@@ -242,7 +242,8 @@ def write_tokenizer(out_dir: Path, context_length: int, family: str) -> None:
 # Every file name an export or import writes: --overwrite removes these and nothing else.
 OUTPUT_FILES = {"config.json", "preprocessor_config.json", WEIGHTS_NAME, "tokenizer.json", "tokenizer_config.json",
                 "vocab.json", "merges.txt", "special_tokens_map.json", "open_clip_config.json",
-                "open_clip_model.safetensors", "preset.yaml", "checkpoint.pt", "config.yaml", "chat_template.jinja"}
+                "open_clip_model.safetensors", "preset.yaml", "checkpoint.pt", "config.yaml", "added_tokens.json",
+                "processor_config.json", "chat_template.jinja"}
 
 
 def prepare_output_dir(out_dir: str | Path, overwrite: bool) -> Path:
