@@ -77,3 +77,14 @@ def test_transforms_follow_preset():
     x = tf(Image.new("RGB", (300, 200), (255, 0, 0)))
     assert x.shape == (3, 224, 224)
     torch.testing.assert_close(x[0].mean(), torch.tensor(1.0))  # (1 - 0.5) / 0.5
+
+
+def test_tiny_resnet_outputs_do_not_depend_on_batch_mates():
+    """GroupNorm, not BatchNorm: a sample's embedding is the same alone or in a batch (exact multi-process)."""
+    model = build_model("tiny-resnet", LossConfig()).train()
+    images = torch.randn(5, 3, 64, 64)
+    together = model.encode_image(images)
+    alone = torch.cat([model.encode_image(images[i : i + 1]) for i in range(5)])
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-6)
+    assert model.image_backbone_features(images).shape == (5, 256)
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())

@@ -21,6 +21,7 @@ from open_clip.tokenizer import SimpleTokenizer
 from open_clip.transformer import VisionTransformer
 from torch import nn
 
+from vlp import towers as _towers  # noqa: F401 - registers the project's timm towers
 from vlp.config import ConfigError, LossConfig, load_yaml
 
 
