@@ -99,6 +99,8 @@ def default_output_dir(cfg: ZeroShotEvalConfig) -> Path:
         return Path(cfg.output_dir)
     if cfg.checkpoint:
         ckpt = Path(cfg.checkpoint)
+        if ckpt.is_dir() and ckpt.parent.name == "checkpoints":  # RUN/checkpoints/step-N: beside, not inside it
+            return ckpt.parent.parent / f"eval-zeroshot-{ckpt.name}"
         return (ckpt if ckpt.is_dir() else ckpt.parent) / "eval-zeroshot"
     return Path("eval-zeroshot")
 

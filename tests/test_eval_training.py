@@ -1,0 +1,146 @@
+"""Evaluation during training: rank-split encoding equals one process, RNG and mode untouched, and
+``--eval-every`` in a 2-process run reports what the standalone CLI reports on the final checkpoint."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.distributed_harness import run_distributed
+from tests.eval_fixtures import tiny_model
+from vlp.eval.engine import EvalOptions, EvalSet, ZeroShotModel, evaluate, flatten_metrics
+from vlp.eval.sources import ImageSource, WebDatasetSource
+
+ROOT = Path(__file__).resolve().parents[1]
+ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """One intra-op thread: on a shared 2-core machine, thread spinning costs far more than it gains."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class _FirstN(ImageSource):
+    """The first ``n`` records of another source (an odd count splits unevenly over ranks)."""
+
+    def __init__(self, inner: ImageSource, n: int) -> None:
+        self.inner, self.n, self.name, self.families = inner, n, inner.name, inner.families
+
+    def records(self):
+        for i, rec in enumerate(self.inner.records()):
+            if i == self.n:
+                return
+            yield rec
+
+
+def heldout_set(eval_shards: str, n: int | None = None) -> EvalSet:
+    from data_pipelines.synthetic import CLASS_FAMILIES, PROMPT_TEMPLATES
+
+    source = WebDatasetSource(eval_shards, {f: f"json:{f}" for f in CLASS_FAMILIES}, CLASS_FAMILIES,
+                              caption_key="txt", name="heldout")
+    return EvalSet(source if n is None else _FirstN(source, n), PROMPT_TEMPLATES, retrieval="heldout")
+
+
+def _evaluate_on_ranks(rank: int, world_size: int, eval_shards: str) -> dict | None:
+    zs = ZeroShotModel.from_dual_tower(tiny_model("siglip"))
+    out = evaluate(zs, [heldout_set(eval_shards, 99)], EvalOptions(batch_size=7))
+    return None if out.results is None else {"flat": flatten_metrics(out.results),
+                                             "n": out.results["sources"][0]["num_images"]}
+
+
+def test_two_ranks_with_uneven_split_equal_one_process(synthetic_data):
+    results = run_distributed(_evaluate_on_ranks, 2, (synthetic_data.eval_shards,))
+    assert results[1] is None and results[0]["n"] == 99  # 50 + 49 images: one rank runs an extra dummy batch
+    zs = ZeroShotModel.from_dual_tower(tiny_model("siglip"))
+    single = flatten_metrics(evaluate(zs, [heldout_set(synthetic_data.eval_shards, 99)],
+                                      EvalOptions(batch_size=7, distributed=False)).results)
+    two = results[0]["flat"]
+    assert set(two) == set(single) and len(single) == 4 * 5 + 6
+    for key, value in single.items():
+        assert two[key] == pytest.approx(value, rel=1e-5, abs=1e-9), key
+
+
+def test_evaluation_leaves_rng_streams_and_train_mode_untouched(synthetic_data):
+    model = tiny_model("siglip")
+    model.train()
+    random.seed(5)
+    np.random.seed(5)
+    torch.manual_seed(5)
+    expected = (random.random(), np.random.rand(), torch.rand(3))
+    random.seed(5)
+    np.random.seed(5)
+    torch.manual_seed(5)
+    out = evaluate(ZeroShotModel.from_dual_tower(model), [heldout_set(synthetic_data.eval_shards)],
+                   EvalOptions(batch_size=50, workers=1))
+    assert out.results["classification"]["shape"]["num_images"] == 100
+    assert model.training
+    got = (random.random(), np.random.rand(), torch.rand(3))
+    assert got[0] == expected[0] and got[1] == expected[1] and torch.equal(got[2], expected[2])
+
+
+def _run_args(tmp_path: Path, out: Path, steps: int, every: int) -> list[str]:
+    return ["--loss", "siglip", "--steps", str(steps), "--batch-size", "8", "--workers", "0", "--output-dir",
+            str(out), "--data.synthetic_dir", str(tmp_path / "syn"), "--data.synthetic_train_samples", "200",
+            "--data.synthetic_eval_samples", "50", "--warmup-steps", "1", "--eval-every", str(every),
+            "--eval.batch_size", "32"]
+
+
+@pytest.mark.slow
+def test_eval_every_does_not_change_the_training_losses(tmp_path):
+    from vlp.config import PRETRAIN_ALIASES, PretrainConfig, parse_cli
+    from vlp.train.metrics import read_metrics
+    from vlp.train.pretrain import run_pretraining
+
+    records = {}
+    for every in (0, 1):
+        out = tmp_path / f"every{every}"
+        run_pretraining(parse_cli(PretrainConfig, _run_args(tmp_path, out, 3, every), PRETRAIN_ALIASES))
+        records[every] = read_metrics(out / "metrics.jsonl")
+    losses = {e: [r["loss"] for r in recs if "loss" in r] for e, recs in records.items()}
+    assert len(losses[0]) == 3 and losses[0] == losses[1]
+    evals = [r for r in records[1] if "retrieval/image_to_text_R1" in r]
+    assert [r["step"] for r in evals] == [1, 2, 3] and not any("retrieval/image_to_text_R1" in r for r in records[0])
+    assert all(0 <= r["zeroshot/shape/top1"] <= 1 for r in evals)
+
+
+@pytest.mark.slow
+def test_two_process_eval_every_equals_cli_on_final_checkpoint(tmp_path):
+    from vlp.config import ZEROSHOT_ALIASES, ZeroShotEvalConfig, parse_cli
+    from vlp.eval.standalone import run_zeroshot_eval
+    from vlp.train.metrics import read_metrics
+
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [ACCELERATE, "launch", "--num_processes", "2", str(ROOT / "scripts" / "pretrain.py"),
+           *_run_args(tmp_path, out, 4, 2)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    evals = [r for r in read_metrics(out / "metrics.jsonl") if "retrieval/image_to_text_R1" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    during = evals[-1]
+    cfg = parse_cli(ZeroShotEvalConfig, ["--checkpoint", str(out), "--workers", "0", "--plots", "false"],
+                    ZEROSHOT_ALIASES)
+    cli = run_zeroshot_eval(cfg)["metrics"]
+    assert len(cli) == 4 * 5 + 6 and cli["zeroshot/shape/chance"] == pytest.approx(0.1)
+    for key, value in cli.items():
+        if key.endswith("sigmoid_true_class_mean"):
+            assert during[key] == pytest.approx(value, rel=1e-4), key
+        else:
+            assert during[key] == value, key  # accuracies and recalls: identical counts
+    for fam in ("shape", "color", "size", "position"):  # the end-of-run summary agrees too
+        assert summary[f"zeroshot/{fam}/top1"] == cli[f"zeroshot/{fam}/top1"]
+    assert (out / "eval-zeroshot" / "results.json").is_file()
