@@ -142,7 +142,8 @@ _PATCHED = False
 
 
 def apply_deepspeed_patches() -> None:
-    """Let DeepSpeed handle zero-dimensional parameters (open_clip's logit_scale and logit_bias).
+    """Let DeepSpeed handle zero-dimensional parameters (open_clip's logit_scale and logit_bias), and run on CPU
+    without compiling anything.
 
     DeepSpeed broadcasts every parameter as ``p.data.view(torch.uint8)`` when it wraps a model (and, under ZeRO-3,
     when it partitions one), which raises for 0-d tensors. The patched versions broadcast a 1-element view of the
@@ -180,6 +181,13 @@ def apply_deepspeed_patches() -> None:
 
     DeepSpeedEngine._broadcast_model = _broadcast_model
     partition_parameters.Init._zero_init_param = _zero_init_param
+    if not torch.cuda.is_available():
+        # On CPU DeepSpeed JIT-compiles a shared-memory all-reduce kernel when its communication backend starts
+        # (needs a C++ toolchain and AVX2/AVX-512, and faults without them); gloo's collectives do the same job.
+        import importlib
+
+        # (not `import deepspeed.comm.torch as m`: that name resolves to the torch package deepspeed.comm imports)
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
     _PATCHED = True
 
 
@@ -247,6 +255,10 @@ class TrainEngine:
 
     def load(self, directory: Path) -> None:
         raise NotImplementedError
+
+    def local_parameters(self) -> list[torch.Tensor]:
+        """This process's share of the trainable parameters' values (whole tensors, or ZeRO-3 partitions)."""
+        return [p.detach() for p in self.objective.parameters() if p.requires_grad]
 
     def scaler_state(self) -> dict[str, Any] | None:
         return None
@@ -378,6 +390,12 @@ class DeepSpeedTrainEngine(TrainEngine):
         self.engine.zero_grad()
         if hasattr(self.engine.optimizer, "zero_grad"):
             self.engine.optimizer.zero_grad()
+
+    def local_parameters(self) -> list[torch.Tensor]:
+        params = [p for p in self.objective.parameters() if p.requires_grad]
+        if self.stage == 3:
+            return [p.ds_tensor.detach() for p in params]
+        return [p.detach() for p in params]
 
     @property
     def evaluation_needs_collective(self) -> bool:  # type: ignore[override]

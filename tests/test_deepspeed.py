@@ -1,0 +1,134 @@
+"""DeepSpeed ZeRO on CPU (DS_ACCELERATOR=cpu, 2 gloo processes, tiny preset, fixed seed).
+
+* 20 steps under ZeRO-2 and under ZeRO-3 give the same per-step losses as plain DDP at world size 2 and as one
+  process with the same global batch (``train.global_stream``: every process reads the same seeded stream of
+  global batches and trains on its rank's slice, so a step's global batch does not depend on the world size).
+* The consolidated fp32 export of the ZeRO-3 run loads into a plain model with identical outputs.
+* A non-finite gradient under ZeRO-2 and ZeRO-3 skips the update (DeepSpeed's own overflow path) and is counted.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from tests.distributed_harness import run_distributed
+from vlp.config import PRETRAIN_ALIASES, PretrainConfig, parse_cli
+
+STEPS = 20
+
+
+def reset_accelerate() -> None:
+    """Forget accelerate's process-wide state so that the next Accelerator may use another backend."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def run_args(shards: str, out: str, backend: str, steps: int = STEPS, extra: list[str] | None = None) -> list[str]:
+    args = ["--loss", "siglip", "--steps", str(steps), "--batch-size", "8", "--workers", "0", "--train-shards", shards,
+            "--output-dir", out, "--warmup-steps", "3", "--lr", "1e-3", "--eval.zeroshot", "false",
+            "--train.global_stream", "true", "--checkpoint.keep", "1", "--seed", "0"]
+    if backend.startswith("zero"):
+        args += ["--deepspeed", backend]
+    return args + (extra or [])
+
+
+def probe_batch() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(123)
+    return {"image": torch.randn(4, 3, 64, 64, generator=g), "text": torch.randint(1, 49000, (4, 32), generator=g)}
+
+
+def _train_backends(rank: int, world: int, backends: list[str], shards: str, root: str) -> dict[str, dict]:
+    """Train each backend in turn in this process group; per-step losses (+ probe outputs for ZeRO-3)."""
+    from vlp.train.pretrain import Trainer
+
+    out: dict[str, dict] = {}
+    for backend in backends:
+        reset_accelerate()
+        trainer = Trainer(parse_cli(PretrainConfig, run_args(shards, f"{root}/{backend}", backend), PRETRAIN_ALIASES))
+        trainer.train()
+        res: dict = {"losses": trainer.losses, "kind": trainer.engine.kind,
+                     "stage": getattr(trainer.engine, "stage", None)}
+        if backend == "zero3":
+            with torch.no_grad():  # collective: ZeRO-3 gathers each module's weights for the forward
+                emb = trainer.engine.forward(probe_batch(), mode="embed")
+            res["probe"] = {k: emb[k].float().cpu() for k in ("image", "text")}
+        trainer.finish()
+        out[backend] = res
+    reset_accelerate()
+    return out
+
+
+def _skip_nonfinite_grad(rank: int, world: int, backends: list[str], shards: str, root: str) -> dict[str, dict]:
+    """Per backend, steps 1-3 with a NaN gradient at step 2: the parameters must not move at step 2."""
+    from vlp.train.pretrain import Trainer
+
+    out: dict[str, dict] = {}
+    for backend in backends:
+        reset_accelerate()
+        os.environ["VLP_FAULTS"] = "nan-grad@2"
+        try:
+            trainer = Trainer(parse_cli(PretrainConfig, run_args(shards, f"{root}/{backend}", backend, steps=3),
+                                        PRETRAIN_ALIASES))
+        finally:
+            os.environ.pop("VLP_FAULTS")
+        outcomes, moved = [], []
+        for step in (1, 2, 3):
+            before = [p.clone() for p in trainer.engine.local_parameters()]
+            loss, outcome, _ = trainer.train_step(trainer.next_micro_batches(), step)
+            trainer.guard.record(step, outcome.applied, outcome.reason)
+            after = trainer.engine.local_parameters()
+            moved.append(any(not torch.equal(a, b) for a, b in zip(before, after)))
+            outcomes.append((outcome.applied, outcome.reason, loss))
+        out[backend] = {"outcomes": outcomes, "moved": moved, "skipped": trainer.guard.skipped_nonfinite}
+    reset_accelerate()
+    return out
+
+
+@pytest.mark.slow
+def test_zero2_zero3_ddp_and_one_process_same_losses_and_zero3_export(synthetic_data, tmp_path):
+    from vlp.train.checkpoint import load_trained_model
+    from vlp.train.pretrain import Trainer
+
+    shards, root = synthetic_data.train_shards, str(tmp_path)
+    dist_res = run_distributed(_train_backends, 2, (["ddp", "zero2", "zero3"], shards, root), timeout=1800)[0]
+    reset_accelerate()
+    single = Trainer(parse_cli(PretrainConfig, run_args(shards, f"{root}/single", "single"), PRETRAIN_ALIASES))
+    single.train()
+    single.finish()
+    reset_accelerate()
+
+    assert (dist_res["ddp"]["kind"], dist_res["zero2"]["stage"], dist_res["zero3"]["stage"]) == ("ddp", 2, 3)
+    ref = torch.tensor(single.losses, dtype=torch.float64)
+    assert ref.shape == (STEPS,) and ref[-1] < ref[0] - 1.0  # it trains
+    for name in ("ddp", "zero2", "zero3"):
+        got = torch.tensor(dist_res[name]["losses"], dtype=torch.float64)
+        rel = ((got - ref).abs() / ref.abs()).max().item()
+        print(f"{name} vs one process: max relative per-step loss difference {rel:.2e}")
+        assert rel < 1e-4, (name, got.tolist(), ref.tolist())
+
+    # consolidated fp32 export of the ZeRO-3 run, loaded without DeepSpeed
+    model, cfg = load_trained_model(tmp_path / "zero3")
+    assert cfg.train.deepspeed == "zero3"
+    probe = probe_batch()
+    with torch.no_grad():
+        img, txt, _, _ = model.eval()(probe["image"], probe["text"])
+    expect = dist_res["zero3"]["probe"]
+    err = max((img - expect["image"]).abs().max().item(), (txt - expect["text"]).abs().max().item())
+    print(f"ZeRO-3 export vs engine outputs: max abs difference {err:.2e}")
+    assert err < 1e-6
+
+
+def test_nonfinite_gradient_skips_the_update_under_zero2_and_zero3(synthetic_data, tmp_path):
+    res = run_distributed(_skip_nonfinite_grad, 2, (["zero2", "zero3"], synthetic_data.train_shards, str(tmp_path)),
+                          timeout=1800)
+    for per_rank in res:
+        for backend, r in per_rank.items():
+            (a1, _, l1), (a2, why2, l2), (a3, _, l3) = r["outcomes"]
+            assert (a1, a2, a3) == (True, False, True) and why2 == "nonfinite_grad", backend
+            assert r["moved"] == [True, False, True] and r["skipped"] == 1, backend
+            assert all(torch.isfinite(torch.tensor([l1, l2, l3]))), backend
