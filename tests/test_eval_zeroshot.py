@@ -232,7 +232,9 @@ def test_open_clip_models_and_vlp_checkpoints_give_the_same_results(model, copie
     from vlp.train.checkpoint import atomic_save
 
     run_dir = tmp_path / "run"
-    atomic_save({"model": model.state_dict(), "config": to_dict(PretrainConfig())}, run_dir / "checkpoint.pt")
+    run_cfg = PretrainConfig()
+    run_cfg.model.name = model.preset.name  # the fixture's preset, not the default one
+    atomic_save({"model": model.state_dict(), "config": to_dict(run_cfg)}, run_dir / "checkpoint.pt")
     export_dir = tmp_path / "export"  # a consolidated export: model.safetensors beside config.yaml
     export_dir.mkdir()
     from safetensors.torch import save_file
@@ -240,7 +242,7 @@ def test_open_clip_models_and_vlp_checkpoints_give_the_same_results(model, copie
     from vlp.config import save_yaml
 
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(export_dir / "model.safetensors"))
-    save_yaml(PretrainConfig(), export_dir / "config.yaml")
+    save_yaml(run_cfg, export_dir / "config.yaml")
     local, weights, name = _save_open_clip_dir(model, tmp_path)
     common = ["--image-folder", str(copies.folder), "--templates", "simple", "--task-name", "shapes",
               "--workers", "0", "--batch-size", "50", "--plots", "false"]

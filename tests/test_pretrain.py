@@ -63,7 +63,7 @@ def test_two_process_first_step_equals_single_process_on_global_batch(tmp_path):
     tokens = torch.cat([b["text"] for b in batches])
     assert images.shape[0] == 16  # the global batch: 2 ranks x 8
     set_seed(0)
-    model = build_model(load_preset("tiny"), LossConfig(name="siglip"))
+    model = build_model(load_preset(PretrainConfig().model.name), LossConfig(name="siglip"))
     img, txt, t, b = model(images, tokens)
     single = build_loss(LossConfig(name="siglip", impl="naive"))(img, txt, t, b).item()
     assert first["loss"] == pytest.approx(single, rel=1e-5)

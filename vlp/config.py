@@ -37,8 +37,8 @@ class ConfigError(ValueError):
 class ModelConfig:
     """Which tower preset to build and how."""
 
-    name: str = "tiny"
-    """Preset name (a file in configs/models/) or a path to a preset YAML file."""
+    name: str = "tiny-resnet"
+    """Preset name (a file in configs/models/) or a path to a preset YAML file. The default is the CPU demo's."""
     pretrained: str | None = None
     """Local path to weights to initialise from (a checkpoint of this project)."""
     grad_checkpointing: bool = False
@@ -119,7 +119,7 @@ class DataConfig:
     """Train for this many passes over the data instead of train.steps (ceil(epochs x samples / global batch))."""
     synthetic_dir: str | None = None
     """Cache directory for the embedded synthetic shards (default: ~/.cache/vlp/synthetic)."""
-    synthetic_train_samples: int = 40000
+    synthetic_train_samples: int = 20000
     synthetic_eval_samples: int = 1000
     caption_key: str = "txt"
     """Where the caption lives: 'txt', or 'json:FIELD' for a field of the json member."""
@@ -167,7 +167,7 @@ class TrainConfig:
     """Run length, batch and bookkeeping."""
 
     steps: int = 1000
-    batch_size: int = 128
+    batch_size: int = 64
     """Per-process batch size."""
     seed: int = 0
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
