@@ -14,7 +14,7 @@ import vlp.ssl  # noqa: F401 - registrations
 from data_pipelines.ssl_views import byol_specs, default_local_size, multicrop_views, simclr_views
 from vlp.config import PRETRAIN_ALIASES, ConfigError, PretrainConfig, parse_cli
 from vlp.model import build_model, load_preset
-from vlp.ssl.backbone import backbone_features, multi_view_features
+from vlp.ssl.backbone import backbone_dim, backbone_features, multi_view_features, patch_size
 from vlp.ssl.ema import EMATeacher
 from vlp.ssl.moco import KeyQueue
 from vlp.ssl.schedules import cosine_increase, epoch_num_samples, linear_warmup, steps_per_epoch
@@ -157,6 +157,14 @@ def test_backbone_features_equal_the_dual_tower_and_take_small_crops():
     feats = multi_view_features(model.visual, [x, x, small, small])
     assert [f.shape for f in feats] == [torch.Size([3, 128])] * 4
     torch.testing.assert_close(feats[2], backbone_features(model.visual, small))
+
+
+def test_convolutional_tower_takes_any_crop_size():
+    model = build_model("tiny-resnet").eval()
+    x, small = torch.randn(2, 3, 64, 64), torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(backbone_features(model.visual, x), model.image_backbone_features(x))
+    assert backbone_features(model.visual, small).shape == (2, 256) and patch_size(model.visual) == 1
+    assert backbone_dim(model.visual) == 256 and patch_size(build_model("tiny").visual) == 8
 
 
 # ---- views ----------------------------------------------------------------------------------------------------

@@ -73,11 +73,11 @@ def backbone_features(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
         pooled, _ = visual._pool(visual.transformer(x))
         return pooled
     if isinstance(visual, open_clip.timm_model.TimmModel):
-        size = images.shape[-1]
-        native = visual.trunk.patch_embed.img_size
-        if tuple(images.shape[-2:]) != tuple(native):
-            raise ConfigError(f"timm image towers take {tuple(native)} crops only, got {size}x{size}; set "
-                              f"--ssl.views.local_crop_size {native[-1]}")
+        patch_embed = getattr(visual.trunk, "patch_embed", None)  # timm ViTs take their own size; CNNs any size
+        native = getattr(patch_embed, "img_size", None)
+        if native is not None and tuple(images.shape[-2:]) != tuple(native):
+            raise ConfigError(f"timm ViT image towers take {tuple(native)} crops only, got "
+                              f"{tuple(images.shape[-2:])}; set --ssl.views.local_crop_size {native[-1]}")
         return visual.trunk(images)
     raise TypeError(f"unsupported vision tower {type(visual).__name__}")
 
@@ -97,10 +97,10 @@ def multi_view_features(visual: nn.Module, views: Sequence[torch.Tensor]) -> lis
 
 
 def patch_size(visual: nn.Module) -> int:
-    """Patch side of the tower (crop sides should be multiples of it)."""
+    """Patch side of a ViT tower (crop sides should be multiples of it); 1 for convolutional towers."""
     if isinstance(visual, VisionTransformer):
         return int(visual.patch_size[0])
-    if isinstance(visual, open_clip.timm_model.TimmModel):
+    if isinstance(visual, open_clip.timm_model.TimmModel) and hasattr(visual.trunk, "patch_embed"):
         return int(visual.trunk.patch_embed.patch_size[0])
     return 1
 
