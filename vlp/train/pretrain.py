@@ -322,7 +322,6 @@ class Trainer:
             self.guard.record(step, outcome.applied, outcome.reason)
             if outcome.applied:
                 self.objective.after_step(step, steps)
-            self.faults.maybe_kill("sigkill", step)
             dt = time.perf_counter() - t0
             self.losses.append(loss)
             record = {"loss": loss, "lr": lr, "samples_per_s": g / dt,
@@ -345,6 +344,7 @@ class Trainer:
                 raise TrainingDiverged(self.guard.message(step, str(path)))
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0:
                 self.save_checkpoint(step)
+            self.faults.maybe_kill("sigkill", step)
         bar.close()
         self.loader.close()
         self._train_time = time.perf_counter() - self._t_start
