@@ -136,6 +136,9 @@ class AdapterTrainConfig:
     """Held-out caption loss every this many steps (and always before the first and after the last)."""
     save_every: int = 0
     """Projector checkpoint every this many steps (0: only at the end)."""
+    deepspeed: str | None = None
+    """A DeepSpeed JSON (path, or a name in configs/deepspeed/: zero0..zero3, zero3_offload) to train under, as an
+    alternative to an accelerate launch config with distributed_type DEEPSPEED."""
 
     def __post_init__(self) -> None:
         if self.steps < 0:
@@ -190,4 +193,5 @@ ADAPTER_ALIASES: dict[str, str] = {
     "train-shards": "data.train_shards",
     "eval-shards": "data.eval_shards",
     "workers": "data.workers",
+    "deepspeed": "train.deepspeed",
 }

@@ -55,9 +55,24 @@ class CaptionCollator:
         self.prompt_length = prompt_len
 
     def _tokenize(self, text: str) -> tuple[list[int], list[tuple[int, int]], list[int]]:
-        enc = self.tokenizer(text, add_special_tokens=True, return_offsets_mapping=True,
-                             return_special_tokens_mask=True)
-        return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]], list(enc["special_tokens_mask"])
+        """(ids, character offsets, special-token mask) of ``text`` with the tokenizer's special tokens.
+
+        Tokenizers without offsets (slow, Python-only ones) fall back to tokenising the prompt and the caption
+        separately, with offsets that place every caption token after the prompt.
+        """
+        try:
+            enc = self.tokenizer(text, add_special_tokens=True, return_offsets_mapping=True,
+                                 return_special_tokens_mask=True)
+            return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]], list(enc["special_tokens_mask"])
+        except NotImplementedError:
+            pass
+        if not text.startswith(self.prompt):
+            raise AssertionError("text must start with the prompt")
+        head = self.tokenizer(self.prompt, add_special_tokens=True, return_special_tokens_mask=True)
+        tail = self.tokenizer(text[len(self.prompt):], add_special_tokens=False)["input_ids"]
+        n = len(self.prompt)
+        return (list(head["input_ids"]) + list(tail), [(0, 0)] * len(head["input_ids"]) + [(n, n + 1)] * len(tail),
+                list(head["special_tokens_mask"]) + [0] * len(tail))
 
     def _expand(self, ids: list[int]) -> list[int]:
         out: list[int] = []

@@ -30,11 +30,11 @@ from vlp.config import ConfigError
 
 log = logging.getLogger(__name__)
 
-TINY_LLAMA_VERSION = "v1"
+TINY_LLAMA_VERSION = "v2"
 TINY_LLAMA_SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
                     "num_key_value_heads": 2, "max_position_embeddings": 512}
 TINY_VOCAB_SIZE = 512
-TINY_TEXT_STEPS = 300
+TINY_TEXT_STEPS = 200
 
 
 @dataclass
@@ -46,6 +46,7 @@ class LoadedLLM:
     image_token: str
     image_token_id: int
     path: str
+    grad_checkpointing: bool = False
 
 
 def _tiny_corpus(n: int, seed: int) -> list[str]:
@@ -61,7 +62,7 @@ def _tiny_corpus(n: int, seed: int) -> list[str]:
     return out
 
 
-def _train_text_lm(model: nn.Module, tokenizer, texts: list[str], steps: int, batch_size: int = 64,
+def _train_text_lm(model: nn.Module, tokenizer, texts: list[str], steps: int, batch_size: int = 32,
                    lr: float = 3e-3) -> float:
     """Next-token training of ``model`` on ``texts`` (each followed by eos); returns the last batch's loss."""
     model.train()
@@ -122,7 +123,8 @@ def build_tiny_llm(folder: str | Path, seed: int = 0, image_token: str = "<image
         texts = [text_prefix + c for c in _tiny_corpus(20000, seed + 1)]
         text_loss = _train_text_lm(model, tokenizer, texts, text_steps) if text_steps > 0 else None
     model.save_pretrained(tmp)
-    info = {"version": TINY_LLAMA_VERSION, "seed": seed, "text_steps": text_steps, "text_loss": text_loss}
+    info = {"version": TINY_LLAMA_VERSION, "fingerprint": corpus_fingerprint(), "seed": seed, "text_steps": text_steps,
+            "text_loss": text_loss}
     (tmp / "vlp_tiny_llm.json").write_text(json.dumps(info))
     if folder.exists():
         shutil.rmtree(folder)
@@ -130,18 +132,30 @@ def build_tiny_llm(folder: str | Path, seed: int = 0, image_token: str = "<image
     return folder
 
 
+def corpus_fingerprint() -> str:
+    """A short hash of what the tiny Llama is built from (the synthetic caption language and the build recipe), so
+    that a changed synthetic data definition rebuilds it."""
+    import hashlib
+
+    from data_pipelines import synthetic
+
+    parts = [TINY_LLAMA_VERSION, TINY_LLAMA_SHAPE, TINY_VOCAB_SIZE, TINY_TEXT_STEPS, synthetic.CAPTION_TEMPLATES,
+             synthetic.SHAPES, list(synthetic.COLORS), list(synthetic.SIZES), synthetic.POSITIONS]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:10]
+
+
 def default_tiny_llm_dir(seed: int = 0) -> Path:
-    """~/.cache/vlp/tiny_llama/<version>-seed<seed> (or under $VLP_CACHE)."""
+    """~/.cache/vlp/tiny_llama/<version>-<fingerprint>-seed<seed> (or under $VLP_CACHE)."""
     base = os.environ.get("VLP_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "vlp")
-    return Path(base) / "tiny_llama" / f"{TINY_LLAMA_VERSION}-seed{seed}"
+    return Path(base) / "tiny_llama" / f"{TINY_LLAMA_VERSION}-{corpus_fingerprint()}-seed{seed}"
 
 
 def ensure_tiny_llm(folder: str | Path | None = None, seed: int = 0) -> Path:
-    """The embedded tiny Llama's folder, built on first use."""
+    """The embedded tiny Llama's folder, built on first use (and rebuilt when its recipe or corpus changed)."""
     folder = Path(folder) if folder else default_tiny_llm_dir(seed)
     marker = folder / "vlp_tiny_llm.json"
-    if not marker.is_file() or json.loads(marker.read_text()).get("version") != TINY_LLAMA_VERSION:
-        log.info("building the tiny random Llama and its tokenizer in %s", folder)
+    if not marker.is_file() or json.loads(marker.read_text()).get("fingerprint") != corpus_fingerprint():
+        log.info("building the tiny Llama and its tokenizer in %s", folder)
         build_tiny_llm(folder, seed)
     return folder
 
@@ -195,5 +209,4 @@ def load_llm(path: str | Path, image_token: str = "<image>", dtype: torch.dtype 
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.requires_grad_(False)
     model.eval()
-    model.config.use_cache = False
-    return LoadedLLM(model, tokenizer, image_token, image_token_id, str(path))
+    return LoadedLLM(model, tokenizer, image_token, image_token_id, str(path), grad_checkpointing)

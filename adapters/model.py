@@ -20,13 +20,14 @@ class LlavaAdapter(nn.Module):
     """The adapter model; ``forward`` returns next-token logits [B, L, V]."""
 
     def __init__(self, vision: FrozenVisionTower, projector: nn.Module, llm: nn.Module, image_token_id: int,
-                 projector_type: str = "mlp2x_gelu") -> None:
+                 projector_type: str = "mlp2x_gelu", llm_checkpointing: bool = False) -> None:
         super().__init__()
         self.vision = vision
         self.projector = projector
         self.llm = llm
         self.image_token_id = image_token_id
         self.projector_type = projector_type
+        self.llm_checkpointing = llm_checkpointing
 
     def train(self, mode: bool = True) -> LlavaAdapter:
         """Only the projector follows ``mode``; the tower stays in eval mode, and so does the LLM unless it uses
@@ -34,7 +35,7 @@ class LlavaAdapter(nn.Module):
         self.training = mode
         self.projector.train(mode)
         self.vision.train(False)
-        self.llm.train(mode and bool(getattr(self.llm, "is_gradient_checkpointing", False)))
+        self.llm.train(mode and self.llm_checkpointing)
         return self
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,7 +100,8 @@ def build_adapter(cfg: AdapterConfig, frozen_dtype: torch.dtype = torch.float32)
         except RuntimeError as e:
             raise ConfigError(f"projector.init {cfg.projector.init} does not fit a {cfg.projector.type} projector "
                               f"from width {tower.hidden_size} to {text_hidden}: {e}") from e
-    model = LlavaAdapter(tower, projector, llm.model, llm.image_token_id, cfg.projector.type)
+    model = LlavaAdapter(tower, projector, llm.model, llm.image_token_id, cfg.projector.type,
+                         llm_checkpointing=cfg.llm.grad_checkpointing)
     collator = CaptionCollator(llm.tokenizer, cfg.llm.image_token, llm.image_token_id, tower.num_positions,
                                cfg.llm.prompt, cfg.llm.max_length)
     return AdapterParts(model, tower, llm, collator)
@@ -140,30 +142,54 @@ def held_out_loss(model: LlavaAdapter, batches: list[dict[str, torch.Tensor]], d
     return total / max(count, 1.0)
 
 
-def configure_deepspeed(accelerator: Accelerator, cfg: AdapterConfig, world_size: int) -> None:
-    """Fill the DeepSpeed config's batch and clipping fields from the adapter config.
+def build_accelerator(cfg: AdapterConfig, mixed_precision: str) -> Accelerator:
+    """accelerate, under DeepSpeed when ``train.deepspeed`` is set or the launcher asks for it (see
+    vlp.train.engine.build_accelerator: DeepSpeed on CPU needs ``cpu=False`` and DS_ACCELERATOR=cpu)."""
+    from vlp.train.engine import apply_deepspeed_patches, deepspeed_from_launcher, resolve_deepspeed_config
 
-    We prepare no DataLoader (the stream is a WebLoader), so accelerate cannot infer the micro batch; and under
-    DeepSpeed on CPU it counts one process, so the global batch is left for DeepSpeed to derive from the real
-    world size.
+    kwargs: dict[str, Any] = {"mixed_precision": mixed_precision}
+    if cfg.train.deepspeed or deepspeed_from_launcher():
+        if not torch.cuda.is_available():
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        apply_deepspeed_patches()
+        if cfg.train.deepspeed:
+            from accelerate.utils import DeepSpeedPlugin
+
+            path = resolve_deepspeed_config(cfg.train.deepspeed)
+            kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=json.loads(path.read_text()))
+    else:
+        kwargs["cpu"] = not torch.cuda.is_available()
+    return Accelerator(**kwargs)
+
+
+def configure_deepspeed(accelerator: Accelerator, cfg: AdapterConfig, world_size: int, hidden_size: int) -> None:
+    """Fill the ``auto`` fields of the DeepSpeed config from the adapter config and torch.distributed's world size.
+
+    No DataLoader is prepared (the stream is a WebLoader), so accelerate cannot infer the micro batch; and under
+    DeepSpeed on CPU it counts one process. Values written explicitly in the JSON are kept and checked.
     """
     plugin = accelerator.state.deepspeed_plugin
     if plugin is None:
         return
-    ds = plugin.deepspeed_config
-    micro = ds.get("train_micro_batch_size_per_gpu", "auto")
-    if micro not in ("auto", cfg.train.batch_size):
-        raise ConfigError(f"the DeepSpeed config sets train_micro_batch_size_per_gpu={micro} but train.batch_size is "
-                          f"{cfg.train.batch_size}; set it to \"auto\"")
-    ds["train_micro_batch_size_per_gpu"] = cfg.train.batch_size
-    ds.pop("train_batch_size", None)
-    if ds.get("gradient_accumulation_steps", "auto") == "auto":
-        ds["gradient_accumulation_steps"] = 1
-    if ds.get("gradient_clipping", "auto") == "auto":
-        ds["gradient_clipping"] = float(cfg.optim.grad_clip or 0.0)
-    plugin.gradient_clipping = ds["gradient_clipping"]
-    log.info("DeepSpeed ZeRO-%s: micro batch %d on %d process(es)", ds.get("zero_optimization", {}).get("stage", 0),
-             cfg.train.batch_size, world_size)
+    micro = cfg.train.batch_size
+    plugin.deepspeed_config_process(
+        must_match=False, train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=1,
+        train_batch_size=micro * world_size, gradient_clipping=float(cfg.optim.grad_clip or 0.0),
+        **{"zero_optimization.reduce_bucket_size": hidden_size * hidden_size,
+           "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+           "zero_optimization.stage3_param_persistence_threshold": 10 * hidden_size})
+    conf = plugin.deepspeed_config
+    if conf["train_micro_batch_size_per_gpu"] != micro or conf["gradient_accumulation_steps"] != 1 \
+            or conf["train_batch_size"] != micro * world_size:
+        raise ConfigError(f"DeepSpeed config: train_micro_batch_size_per_gpu={conf['train_micro_batch_size_per_gpu']}"
+                          f", gradient_accumulation_steps={conf['gradient_accumulation_steps']}, train_batch_size="
+                          f"{conf['train_batch_size']} do not fit --batch-size {micro} on {world_size} process(es) "
+                          'without accumulation; set them to "auto"')
+    if "optimizer" in conf or "scheduler" in conf:
+        raise ConfigError("DeepSpeed config: remove its 'optimizer'/'scheduler' sections; the adapter builds AdamW "
+                          "and the warmup-cosine schedule itself (--lr, --optim.warmup_ratio)")
+    log.info("DeepSpeed ZeRO-%s: micro batch %d on %d process(es)", conf.get("zero_optimization", {}).get("stage", 0),
+             micro, world_size)
 
 
 def _broadcast_str(value: str) -> str:
@@ -189,10 +215,14 @@ def resolve_data(cfg: AdapterConfig, accelerator: Accelerator) -> tuple[str, str
     return synth.train_shards, cfg.data.eval_shards or synth.eval_shards
 
 
-def run_adapter_training(cfg: AdapterConfig) -> dict[str, Any]:
-    """Train the projector as configured; returns the run summary (also written to summary.json)."""
+def run_adapter_training(cfg: AdapterConfig, parts: AdapterParts | None = None) -> dict[str, Any]:
+    """Train the projector as configured; returns the run summary (also written to summary.json).
+
+    ``parts``: an adapter already built by :func:`build_adapter` for this config (tests use it to inspect the
+    frozen parts afterwards); default: built here.
+    """
     mp, frozen_dtype = compute_dtype(cfg.train.precision)
-    accelerator = Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
+    accelerator = build_accelerator(cfg, mp)
     world = world_info()
     set_seed(cfg.train.seed)
     out_dir = Path(_broadcast_str(cfg.output_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-adapter"))
@@ -204,8 +234,9 @@ def run_adapter_training(cfg: AdapterConfig) -> dict[str, Any]:
                           f"linear), got {cfg.projector.type}")
 
     train_shards, eval_shards = resolve_data(cfg, accelerator)
-    with accelerator.main_process_first():  # rank 0 builds the tiny LLM once
-        parts = build_adapter(cfg, frozen_dtype)
+    if parts is None:
+        with accelerator.main_process_first():  # rank 0 builds the tiny LLM once
+            parts = build_adapter(cfg, frozen_dtype)
     model, tower = parts.model, parts.tower
     device = accelerator.device
     transform = tower.image_transform
@@ -223,7 +254,8 @@ def run_adapter_training(cfg: AdapterConfig) -> dict[str, Any]:
     warmup = math.ceil(cfg.optim.warmup_ratio * steps)
     scheduler = build_scheduler(optimizer, OptimConfig(lr=cfg.optim.lr, warmup_steps=warmup,
                                                        min_lr_ratio=cfg.optim.min_lr_ratio), max(steps, 1))
-    configure_deepspeed(accelerator, cfg, world.world_size)
+    widest = max(tower.hidden_size, int(parts.llm.model.config.hidden_size))
+    configure_deepspeed(accelerator, cfg, world.world_size, widest)
     deepspeed = accelerator.state.deepspeed_plugin is not None
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped: LlavaAdapter = accelerator.unwrap_model(model)
@@ -278,12 +310,13 @@ def run_adapter_training(cfg: AdapterConfig) -> dict[str, Any]:
             grad_norm = None
             if cfg.optim.grad_clip and not deepspeed:
                 grad_norm = float(accelerator.clip_grad_norm_(unwrapped.projector.parameters(), cfg.optim.grad_clip))
+            lr = scheduler.get_last_lr()[0]  # the rate of this update
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             dt = time.perf_counter() - t0
             losses.append(loss_value)
-            record = {"loss": loss_value, "lr": scheduler.get_last_lr()[0], "samples_per_s": global_batch / dt,
+            record = {"loss": loss_value, "lr": lr, "samples_per_s": global_batch / dt,
                       "step_time_s": dt, "caption_tokens": int(batch["labels"].ne(-100).sum())}
             if grad_norm is not None:
                 record["grad_norm"] = grad_norm

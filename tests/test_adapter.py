@@ -203,3 +203,42 @@ def test_image_token_added_to_an_llm_without_one(tmp_path):
     assert a.tokenizer.encode("<image>", add_special_tokens=False) == [a.image_token_id]
     with pytest.raises(ConfigError, match="not a Hugging Face model folder"):
         load_llm(tmp_path / "nothing")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_adapter_configs_and_cli_errors():
+    from pathlib import Path
+
+    from adapters.config import ADAPTER_ALIASES, AdapterConfig
+    from vlp.config import parse_cli
+
+    root = Path(__file__).resolve().parents[1] / "configs" / "adapter"
+    tiny = parse_cli(AdapterConfig, ["--config", str(root / "tiny.yaml")], ADAPTER_ALIASES)
+    assert tiny.vision.tower is None and tiny.llm.path is None and tiny.train.steps == 100
+    stage1 = parse_cli(AdapterConfig, ["--config", str(root / "llava-stage1.yaml"), "--tower", "/m/clip",
+                                       "--llm", "/m/llm", "--deepspeed", "zero2"], ADAPTER_ALIASES)
+    assert (stage1.optim.lr, stage1.optim.weight_decay, stage1.optim.warmup_ratio) == (1e-3, 0.0, 0.03)
+    assert stage1.projector.type == "mlp2x_gelu" and stage1.vision.feature_layer == -2
+    assert stage1.export.format == "llava" and stage1.vision.tower == "/m/clip" and stage1.train.deepspeed == "zero2"
+    defaults = AdapterConfig()
+    assert (defaults.optim.lr, defaults.optim.weight_decay, defaults.optim.warmup_ratio) == (1e-3, 0.0, 0.03)
+    assert defaults.train.precision == "auto"
+    with pytest.raises(ConfigError, match="valid: patch, cls_patch, full"):
+        parse_cli(AdapterConfig, ["--select", "cls"], ADAPTER_ALIASES)
+    with pytest.raises(ConfigError, match="exactly once"):
+        parse_cli(AdapterConfig, ["--llm.prompt", "describe:"], ADAPTER_ALIASES)
+    with pytest.raises(ConfigError, match="valid: projector, llava"):
+        parse_cli(AdapterConfig, ["--format", "gguf"], ADAPTER_ALIASES)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one thread is as fast and does not fight other processes for the cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -1,0 +1,122 @@
+"""Adapter training: frozen parts stay bit-identical, the projector learns, and 2-process ZeRO-2 == 1 process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from adapters.config import AdapterConfig
+from adapters.export import load_projector_state
+from adapters.llm import ensure_tiny_llm
+from adapters.train import build_adapter, run_adapter_training
+from vlp.config import from_dict
+from vlp.train.optim import warmup_cosine
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_llm():
+    """The embedded default LLM, built once per machine in the vlp cache (as a user's first run would)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return ensure_tiny_llm()
+    finally:
+        torch.set_num_threads(n)
+
+
+def _cfg(synthetic_data, tiny_llm, out: Path, **train) -> AdapterConfig:
+    return from_dict(AdapterConfig, {
+        "llm": {"path": str(tiny_llm)},
+        "data": {"train_shards": synthetic_data.train_shards, "eval_shards": synthetic_data.eval_shards,
+                 "eval_samples": 64, "workers": 0, "shuffle_buffer": 200},
+        "train": {"steps": 50, "batch_size": 16, "eval_every": 0, "log_every": 0, **train},
+        "output_dir": str(out),
+    })
+
+
+def test_projector_learns_while_tower_and_llm_stay_bit_identical(tmp_path, synthetic_data, tiny_llm):
+    cfg = _cfg(synthetic_data, tiny_llm, tmp_path / "run")
+    parts = build_adapter(cfg)
+    before = {name: {k: v.clone() for k, v in module.state_dict().items()}
+              for name, module in (("tower", parts.tower), ("llm", parts.llm.model), ("proj", parts.model.projector))}
+    summary = run_adapter_training(cfg, parts)
+
+    for name, module in (("tower", parts.tower), ("llm", parts.llm.model)):
+        after = module.state_dict()
+        assert after.keys() == before[name].keys()
+        assert all(torch.equal(after[k], v) for k, v in before[name].items()), f"{name} changed"
+    changed = [not torch.equal(parts.model.projector.state_dict()[k], v) for k, v in before["proj"].items()]
+    assert all(changed)
+    saved, meta = load_projector_state(tmp_path / "run")
+    assert all(torch.equal(saved[k], v) for k, v in parts.model.projector.state_dict().items())
+    assert meta["projector_type"] == "mlp2x_gelu" and meta["step"] == 50 and meta["num_image_tokens"] == 64
+    assert meta["vision_feature_layer"] == -2 and meta["vision_feature_select_strategy"] == "default"
+
+    curve = summary["eval_caption_loss"]
+    assert [s for s, _ in curve] == [0, 50]
+    first, last = curve[0][1], curve[-1][1]
+    print(f"held-out caption loss {first:.4f} -> {last:.4f} ({100 * (1 - last / first):.1f}% lower); "
+          f"LLM without image {summary['eval_text_only_caption_loss']:.4f}")
+    assert last <= 0.7 * first
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in records if "lr" in r]  # stage-1 schedule: 3% warmup (2 of 50 steps), then cosine
+    assert lrs == pytest.approx([1e-3 * warmup_cosine(s, 2, 50) for s in range(50)], rel=1e-9)
+    assert lrs[0] == pytest.approx(5e-4) and lrs[1] == pytest.approx(1e-3) and lrs[-1] < 2e-6
+
+
+@pytest.mark.slow
+def test_two_process_zero2_equals_one_process(tmp_path, synthetic_data, tiny_llm):
+    """Same global batch (global_batch sharding): ZeRO-2 on 2 CPU processes vs plain AdamW on one process."""
+    common = ["--llm", str(tiny_llm), "--steps", "4", "--workers", "0", "--data.sharding", "global_batch",
+              "--train-shards", synthetic_data.train_shards, "--eval-shards", synthetic_data.eval_shards,
+              "--data.eval_samples", "16", "--data.shuffle_buffer", "100", "--train.log_every", "0"]
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    one = subprocess.run([sys.executable, "scripts/train_adapter.py", *common, "--batch-size", "8",
+                          "--output-dir", str(tmp_path / "one")], cwd=REPO, env=env, capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr[-3000:]
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    two = subprocess.run([accelerate, "launch", "--config_file", "configs/accelerate/zero2.yaml", "--num_processes",
+                          "2", "--mixed_precision", "no", "scripts/train_adapter.py", *common, "--batch-size", "4",
+                          "--format", "llava", "--output-dir", str(tmp_path / "two")],
+                         cwd=REPO, env=env, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "under DeepSpeed" in two.stderr and "DeepSpeed ZeRO-2: micro batch 4 on 2 process(es)" in two.stderr
+
+    a, _ = load_projector_state(tmp_path / "one")
+    b, _ = load_projector_state(tmp_path / "two")
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    print(f"projector max |1 process - 2 processes ZeRO-2| after 4 steps: {diff:.3g}")
+    assert diff < 1e-5
+    s1 = json.loads((tmp_path / "one" / "summary.json").read_text())
+    s2 = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert s1["world_size"] == 1 and s2["world_size"] == 2 and s1["global_batch"] == s2["global_batch"] == 8
+    assert s1["final_loss"] == pytest.approx(s2["final_loss"], abs=1e-5)
+    assert s1["eval_caption_loss"][-1][1] == pytest.approx(s2["eval_caption_loss"][-1][1], abs=1e-5)
+    # the 2-process run also exported a LLaVA folder holding the trained projector
+    from safetensors.torch import load_file
+
+    llava = tmp_path / "two" / "llava"
+    cfg = json.loads((llava / "config.json").read_text())
+    assert cfg["model_type"] == "llava" and cfg["vision_feature_layer"] == -2
+    weights = {}
+    for f in llava.glob("*.safetensors"):
+        weights.update(load_file(str(f)))
+    assert torch.equal(weights["model.multi_modal_projector.linear_1.weight"], b["0.weight"])
+    assert torch.equal(weights["model.multi_modal_projector.linear_2.weight"], b["2.weight"])
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one thread is as fast and does not fight other processes for the cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
