@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import random
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -97,6 +98,8 @@ class TrainStream:
         kw: dict[str, Any] = {}
         if self.workers > 0:
             kw.update(timeout=self.timeout_s, prefetch_factor=2, persistent_workers=False)
+            if sys.platform.startswith("linux"):  # cheap worker start, also inside spawned processes
+                kw["multiprocessing_context"] = "fork"
         generator = torch.Generator()  # worker seeds from (seed, rank); the global RNG is left alone
         generator.manual_seed(self.spec.seed * 1_000_003 + self.spec.rank)
         self._loader = DataLoader(dataset, batch_size=None, num_workers=self.workers, pin_memory=self.pin_memory,
