@@ -65,7 +65,8 @@ class MakeShardsConfig:
     max_side: int | None = None
     """Downscale images whose longer side exceeds this (re-encodes as JPEG)."""
     jpeg_quality: int | None = None
-    """Re-encode every image as JPEG at this quality (1-100); with only --max-side, resized images use 95."""
+    """Re-encode every image as JPEG at this quality (1-100; >= 90 keeps full-resolution colour); with only
+    --max-side, resized images use 95."""
     workers: int = 0
     """Processes for decoding/encoding; 0: one per CPU core."""
     overwrite: bool = False
@@ -128,18 +129,22 @@ def _table_rows(path: Path, kind: str, sep: str | None) -> Iterator[tuple[str, d
                 yield f"{path.name}:{i + 1}", row if isinstance(row, dict) else None
 
 
+def _check_columns(cfg: MakeShardsConfig, path: Path, kind: str) -> None:
+    """Fail before writing anything when the first record lacks the configured columns."""
+    row = next((r for _, r in _table_rows(path, kind, cfg.csv_separator) if r is not None), None)
+    if row is None:
+        raise ConfigError(f"{path}: no readable {kind} record in it")
+    for col in (cfg.image_column, cfg.caption_column):
+        if col not in row:
+            raise ConfigError(f"{path}: no column {col!r}; columns are {sorted(row)} (set --image-column / "
+                              "--caption-column)")
+
+
 def _table_records(cfg: MakeShardsConfig, path: Path, kind: str) -> Iterator[Record]:
-    checked = False
     for source, row in _table_rows(path, kind, cfg.csv_separator):
         if row is None:
             yield source, None, None, "bad_record"
             continue
-        if not checked:
-            for col in (cfg.image_column, cfg.caption_column):
-                if col not in row:
-                    raise ConfigError(f"{path}: no column {col!r}; columns are {sorted(row)} (set --image-column / "
-                                      "--caption-column)")
-            checked = True
         image = row.get(cfg.image_column)
         if not image:
             yield source, None, None, "missing_image"
@@ -216,6 +221,7 @@ def iter_records(cfg: MakeShardsConfig) -> tuple[Iterator[Record], int | None]:
     if kind in ("csv", "jsonl"):
         if not path.is_file():
             raise ConfigError(f"--input {cfg.input!r} is not a file")
+        _check_columns(cfg, path, kind)
         with open(path, encoding="utf-8", errors="replace") as f:
             n = sum(1 for line in f if line.strip()) - (1 if kind == "csv" else 0)
         return _table_records(cfg, path, kind), max(n, 0)
@@ -277,7 +283,8 @@ def process_record(record: Record, opts: _ImageOptions) -> tuple[str, Any]:
             scale = opts.max_side / max(width, height)
             img = img.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.Resampling.LANCZOS)
         buf = io.BytesIO()
-        img.save(buf, format="JPEG", quality=opts.jpeg_quality or 95)
+        quality = opts.jpeg_quality or 95
+        img.save(buf, format="JPEG", quality=quality, subsampling=0 if quality >= 90 else -1)  # full chroma when high
         ext, out = "jpg", buf.getvalue()
         width, height = img.size
     meta: dict[str, Any] = {"source": source, "width": width, "height": height}
