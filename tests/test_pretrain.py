@@ -75,6 +75,7 @@ def test_two_process_first_step_equals_single_process_on_global_batch(tmp_path):
         (["--bach-size", "3"], "did you mean --batch-size"),
         (["--model", "vit-z", "--steps", "1"], "unknown model preset 'vit-z'; valid:"),
         (["--train-shards", "/nonexistent/x-{000..003}.tar", "--steps", "1"], "no shards found for"),
+        (["--deepspeed", "zero9", "--steps", "1"], "DeepSpeed config 'zero9' not found"),
     ],
 )
 def test_user_mistakes_print_one_line_without_traceback(tmp_path, args, fragment):

@@ -79,14 +79,18 @@ def build_accelerator(cfg: PretrainConfig) -> Accelerator:
     use_ds = bool(cfg.train.deepspeed) or deepspeed_from_launcher()
     kwargs: dict[str, Any] = {"mixed_precision": mixed_precision(cfg)}
     if use_ds:
+        path = resolve_deepspeed_config(cfg.train.deepspeed) if cfg.train.deepspeed else None
         if not torch.cuda.is_available():
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         apply_deepspeed_patches()
-        if cfg.train.deepspeed:
+        if path is not None:
             from accelerate.utils import DeepSpeedPlugin
 
-            path = resolve_deepspeed_config(cfg.train.deepspeed)
-            kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=json.loads(path.read_text()))
+            try:
+                ds_config = json.loads(path.read_text())
+            except ValueError as e:
+                raise ConfigError(f"DeepSpeed config {path}: not valid JSON ({e})") from None
+            kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=ds_config)
         # DeepSpeed owns accumulation: its config holds the micro-batch count (never used to scale our losses)
         kwargs["gradient_accumulation_steps"] = cfg.train.accum_steps
     else:

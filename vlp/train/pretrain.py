@@ -204,6 +204,8 @@ class Trainer:
         self.accelerator = build_accelerator(cfg)
         self.world = world = world_info()
         resume = cfg.checkpoint.resume
+        if resume == "latest" and not cfg.output_dir:
+            raise ConfigError("--resume latest needs --output-dir (the run directory to continue)")
         if resume and resume != "latest" and not cfg.output_dir:
             cfg.output_dir = str(run_dir_of(resolve_resume(resume, None)))  # type: ignore[arg-type]
         set_seed(cfg.train.seed)
