@@ -11,6 +11,7 @@ thread. Results come back in rank order; an exception in any rank fails the call
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import traceback
 from collections.abc import Callable
@@ -34,7 +35,9 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, qu
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         out = fn(rank, world_size, *args)
-        queue.put((rank, True, out))
+        # Plain pickle copies tensor data; the queue's own pickler would share storage through file descriptors
+        # that die with this process, racing the parent's unpickling.
+        queue.put((rank, True, pickle.dumps(out)))
     except BaseException:  # noqa: BLE001 - report any failure to the parent
         queue.put((rank, False, traceback.format_exc()))
     finally:
@@ -54,7 +57,10 @@ def run_distributed(fn: Callable[..., Any], world_size: int, args: tuple = (), t
     errors = []
     for _ in range(world_size):
         rank, ok, out = queue.get()
-        (results.__setitem__(rank, out) if ok else errors.append(f"rank {rank}:\n{out}"))
+        if ok:
+            results[rank] = pickle.loads(out)
+        else:
+            errors.append(f"rank {rank}:\n{out}")
     for p in procs:
         p.join(timeout)
     if errors:
