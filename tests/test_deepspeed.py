@@ -97,7 +97,9 @@ def test_zero2_zero3_ddp_and_one_process_same_losses_and_zero3_export(synthetic_
     shards, root = synthetic_data.train_shards, str(tmp_path)
     dist_res = run_distributed(_train_backends, 2, (["ddp", "zero2", "zero3"], shards, root), timeout=1800)[0]
     reset_accelerate()
-    single = Trainer(parse_cli(PretrainConfig, run_args(shards, f"{root}/single", "single"), PRETRAIN_ALIASES))
+    # one process on the same global batch: 2 ranks x 8 = 16 (argparse keeps the last --batch-size)
+    single_args = run_args(shards, f"{root}/single", "single", extra=["--batch-size", "16"])
+    single = Trainer(parse_cli(PretrainConfig, single_args, PRETRAIN_ALIASES))
     single.train()
     single.finish()
     reset_accelerate()
