@@ -121,7 +121,7 @@ def launch(config: str, args: list[str], faults: str | None = None, timeout: int
 def run_args(shards: str, out: Path, steps: int, every: int) -> list[str]:
     return ["--loss", "siglip", "--steps", str(steps), "--batch-size", "8", "--workers", "0", "--train-shards", shards,
             "--output-dir", str(out), "--warmup-steps", "3", "--eval.zeroshot", "false", "--checkpoint-every",
-            str(every), "--checkpoint.keep", "2", "--seed", "0"]
+            str(every), "--checkpoint.keep", "2", "--seed", "0", "--model", "tiny"]
 
 
 def losses_after_last_resume(run: Path) -> dict[int, float]:

@@ -31,7 +31,7 @@ def reset_accelerate() -> None:
 def run_args(shards: str, out: str, backend: str, steps: int = STEPS, extra: list[str] | None = None) -> list[str]:
     args = ["--loss", "siglip", "--steps", str(steps), "--batch-size", "8", "--workers", "0", "--train-shards", shards,
             "--output-dir", out, "--warmup-steps", "3", "--lr", "1e-3", "--eval.zeroshot", "false",
-            "--train.global_stream", "true", "--checkpoint.keep", "1", "--seed", "0"]
+            "--train.global_stream", "true", "--checkpoint.keep", "1", "--seed", "0", "--model", "tiny"]
     if backend.startswith("zero"):
         args += ["--deepspeed", backend]
     return args + (extra or [])
