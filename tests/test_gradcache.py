@@ -30,6 +30,15 @@ from vlp.train.optim import build_optimizer
 GLOBAL = 64
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """In-process training with one thread (several threads spin against each other on a loaded 2-core box)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def reset_accelerate() -> None:
     from accelerate.state import AcceleratorState, GradientState
 

@@ -13,6 +13,15 @@ from vlp.train.guards import FaultInjector, NonFiniteGuard, TrainingDiverged
 from vlp.train.metrics import read_metrics
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """In-process training with one thread (several threads spin against each other on a loaded 2-core box)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def reset_accelerate() -> None:
     from accelerate.state import AcceleratorState, GradientState
 
