@@ -69,7 +69,8 @@ def test_teacher_temperature_warmup_start_middle_end():
 def test_epoch_length_and_missing_epoch_size_error():
     assert steps_per_epoch(40000, 64) == 625
     assert steps_per_epoch(100, 64) == 2
-    assert epoch_num_samples(_cfg()) == 40000  # the synthetic set
+    cfg = _cfg()
+    assert epoch_num_samples(cfg) == cfg.data.synthetic_train_samples  # the synthetic set
     assert epoch_num_samples(_cfg("--train-shards", "x.tar", "--train-num-samples", "1234")) == 1234
     with pytest.raises(ConfigError, match="--train-num-samples"):
         epoch_num_samples(_cfg("--train-shards", "x.tar"))
