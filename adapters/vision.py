@@ -269,7 +269,12 @@ def load_hf_vision_model(path: str | Path):
     if cfg.model_type not in HF_VISION_TYPES:
         raise ConfigError(f"{path}: model_type {cfg.model_type!r} is not a supported vision tower; valid: "
                           f"{', '.join(HF_VISION_TYPES)}")
-    model = AutoModel.from_pretrained(path)
+    if "CLIPVisionModelWithProjection" in (getattr(cfg, "architectures", None) or []):
+        from transformers import CLIPVisionModelWithProjection
+
+        model = CLIPVisionModelWithProjection.from_pretrained(path).vision_model  # the projection is not used
+    else:
+        model = AutoModel.from_pretrained(path)
     if cfg.model_type in ("clip", "siglip"):
         model = model.vision_model
     if (path / "preprocessor_config.json").is_file():

@@ -18,7 +18,7 @@ from vlp.config import ConfigError
 
 @pytest.fixture(scope="module")
 def tiny_llm_dir(tmp_path_factory):
-    return build_tiny_llm(tmp_path_factory.mktemp("adapter_llm") / "tiny")
+    return build_tiny_llm(tmp_path_factory.mktemp("adapter_llm") / "tiny", text_steps=0)
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +191,7 @@ def test_loss_is_mean_cross_entropy_over_caption_tokens_only(llm):
 
 
 def test_image_token_added_to_an_llm_without_one(tmp_path):
-    folder = build_tiny_llm(tmp_path / "llm", image_token="<img>")
+    folder = build_tiny_llm(tmp_path / "llm", image_token="<img>", text_steps=0)
     a = load_llm(folder, image_token="<image>")
     b = load_llm(folder, image_token="<image>")
     emb = a.model.get_input_embeddings().weight

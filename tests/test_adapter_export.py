@@ -5,7 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
+from timm.models import register_model
+from timm.models.vision_transformer import vit_base_patch16_siglip_224
 
 from adapters.data import CaptionCollator
 from adapters.export import export_llava, load_projector_state, save_projector
@@ -78,6 +81,10 @@ def _check_llava_matches(tmp_path, tower, llm, projector_type: str, image_size: 
           f"{diffs['logits']:.3g} (processor inputs), {diffs['direct']:.3g} (our inputs); pixels {diffs['pixels']:.3g}")
     assert diffs["logits"] < 1e-4 and diffs["direct"] < 1e-4 and diffs["pixels"] < 1e-5, diffs
     assert our_logits.abs().max() > 0.1  # not a trivially zero comparison
+    with torch.no_grad():  # and the images matter: swapping them changes transformers' caption logits
+        swapped = hf(**{**enc, "pixel_values": enc["pixel_values"].flip(0)}).logits
+    n0 = int(enc["attention_mask"][0].sum())
+    assert (swapped[0, :n0] - hf_logits[0, :n0]).abs().max() > 1e-3
     return diffs
 
 
@@ -98,6 +105,49 @@ def test_llava_export_our_tower(tmp_path, llm_dir, select):
     """A tower of this project (tiny preset) goes through vlp.export's HF vision export into the LLaVA folder."""
     tower = load_vision_tower(None, "tiny", feature_layer=-2, select=select)
     _check_llava_matches(tmp_path, tower, load_llm(llm_dir), "mlp2x_gelu", image_size=64)
+
+
+@register_model
+def vit_vlpadaptertest_patch16_siglip_224(pretrained: bool = False, **kwargs):
+    """timm's SigLIP B/16 trunk structure (MAP head, no class token), narrow and shallow for tests."""
+    return vit_base_patch16_siglip_224(pretrained=False, **{"embed_dim": 64, "depth": 3, "num_heads": 2, **kwargs})
+
+
+def _tiny_siglip_preset(folder) -> str:
+    path = folder / "tiny-siglip.yaml"
+    path.write_text(yaml.safe_dump({
+        "embed_dim": 64, "custom_text": True,
+        "vision_cfg": {"image_size": 224, "timm_model_name": "vit_vlpadaptertest_patch16_siglip_224",
+                       "timm_model_pretrained": False, "timm_pool": "map", "timm_proj": "none"},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1,
+                     "no_causal_mask": True, "proj_bias": True, "pool_type": "last", "norm_kwargs": {"eps": 1e-6}},
+        "preprocess": {"mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic", "resize_mode": "squash"},
+    }))
+    return str(path)
+
+
+def test_llava_export_our_siglip_tower(tmp_path, llm_dir):
+    """A SigLIP-style (timm, no class token) tower of this project: select=full, hidden states of block 2."""
+    tower = load_vision_tower(None, _tiny_siglip_preset(tmp_path), feature_layer=2, select="full")
+    assert tower.num_positions == 196 and tower.num_prefix_tokens == 0
+    _check_llava_matches(tmp_path, tower, load_llm(llm_dir), "mlp2x_gelu", image_size=224)
+
+
+def test_our_towers_hidden_states_equal_hf_export(tmp_path):
+    """Every hidden state of our towers equals transformers' hidden_states of the exported tower (same indexing)."""
+    from adapters.export import hf_vision_tower
+
+    for preset, size in (("tiny", 64), (_tiny_siglip_preset(tmp_path), 224)):
+        tower = load_vision_tower(None, preset, select="full")
+        hf, _ = hf_vision_tower(tower)
+        x = torch.randn(2, 3, size, size)
+        with torch.no_grad():
+            ours = tower.hidden_states(x)
+            theirs = hf(pixel_values=x, output_hidden_states=True).hidden_states
+        assert len(ours) == len(theirs) == tower.num_layers + 1
+        diff = max((a - b).abs().max().item() for a, b in zip(ours, theirs))
+        print(f"{type(tower).__name__}: max |hidden state diff| over {len(ours)} states {diff:.3g}")
+        assert diff < 1e-5
 
 
 def test_unrepresentable_projector_and_checkpoint_roundtrip(tmp_path, llm_dir):

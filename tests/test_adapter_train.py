@@ -67,6 +67,17 @@ def test_projector_learns_while_tower_and_llm_stay_bit_identical(tmp_path, synth
     print(f"held-out caption loss {first:.4f} -> {last:.4f} ({100 * (1 - last / first):.1f}% lower); "
           f"LLM without image {summary['eval_text_only_caption_loss']:.4f}")
     assert last <= 0.7 * first
+    # export only: 0 steps from the trained projector gives the same held-out loss and a LLaVA folder holding it
+    from transformers import LlavaForConditionalGeneration
+
+    again = _cfg(synthetic_data, tiny_llm, tmp_path / "export", steps=0)
+    again.projector.init = str(tmp_path / "run")
+    again.export.format = "llava"
+    s0 = run_adapter_training(again)
+    assert s0["eval_caption_loss"][0][1] == pytest.approx(last, abs=1e-6) and s0["first_loss"] is None
+    llava = LlavaForConditionalGeneration.from_pretrained(tmp_path / "export" / "llava")
+    assert torch.equal(llava.model.multi_modal_projector.linear_2.weight, saved["2.weight"])
+
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     lrs = [r["lr"] for r in records if "lr" in r]  # stage-1 schedule: 3% warmup (2 of 50 steps), then cosine
     assert lrs == pytest.approx([1e-3 * warmup_cosine(s, 2, 50) for s in range(50)], rel=1e-9)
