@@ -21,6 +21,7 @@ import torch
 import webdataset as wds
 from torch.utils.data import DataLoader
 
+from data_pipelines.collate import collate
 from data_pipelines.decoding import IMAGE_EXTENSIONS, caption_member, decode_image_text
 from data_pipelines.faults import ALL_KINDS, DataError, add_counts, format_counts
 from data_pipelines.metadata import is_local, local_path, shard_counts
@@ -330,12 +331,11 @@ def build_train_loader(
     ``shards``: brace patterns, local paths or URLs, '::' between sources, ``weights`` one per source.
     ``mode``: "epoch" (each sample once per epoch, split exactly over ranks x workers) or "resampled".
     ``num_samples``: samples per epoch; default from the shards' metadata (required for epoch mode's split).
-    ``sample_transform`` maps a decoded sample {"__key__", "image", "text", "json", "__epoch__"} to tensors.
+    ``sample_transform`` maps a decoded sample {"__key__", "image", "text", "json", "__epoch__"} to tensors;
+    ``collate_fn`` (default :func:`data_pipelines.collate.collate`, the objective's rules) stacks them.
     ``max_rounds``: stop after this many epochs (resampled: rounds of shard draws), each reader ending with a
     partial batch; None (training): infinite, full batches, epochs carried over into each other.
     """
-    from vlp.train.objective import collate
-
     if mode not in ("epoch", "resampled"):
         raise ConfigError(f"data.mode {mode!r} is not valid; valid: epoch, resampled")
     if batch_size < 1:
