@@ -2,7 +2,8 @@
 
 * 20 steps under ZeRO-2 and under ZeRO-3 give the same per-step losses as plain DDP at world size 2 and as one
   process with the same global batch (``train.global_stream``: every process reads the same seeded stream of
-  global batches and trains on its rank's slice, so a step's global batch does not depend on the world size).
+  global batches and trains on its rank's slice, so a step's global batch does not depend on the world size);
+  so does ZeRO-3 with the global batch accumulated exactly (GradCache) from 2 micro-batches per rank.
 * The consolidated fp32 export of the ZeRO-3 run loads into a plain model with identical outputs.
 * A non-finite gradient under ZeRO-2 and ZeRO-3 skips the update (DeepSpeed's own overflow path) and is counted.
 """
@@ -42,7 +43,9 @@ def run_args(shards: str, out: str, backend: str, steps: int = STEPS, extra: lis
             "--output-dir", out, "--warmup-steps", "3", "--lr", "1e-3", "--eval.zeroshot", "false",
             "--train.global_stream", "true", "--checkpoint.keep", "1", "--seed", "0", "--model", "tiny"]
     if backend.startswith("zero"):
-        args += ["--deepspeed", backend]
+        args += ["--deepspeed", backend.split("-")[0]]
+    if backend.endswith("-accum"):  # the same global batch of 16 as 2 ranks x 2 micro-batches of 4 (GradCache)
+        args += ["--batch-size", "4", "--accum-steps", "2"]
     return args + (extra or [])
 
 
@@ -104,7 +107,8 @@ def test_zero2_zero3_ddp_and_one_process_same_losses_and_zero3_export(synthetic_
     from vlp.train.pretrain import Trainer
 
     shards, root = synthetic_data.train_shards, str(tmp_path)
-    dist_res = run_distributed(_train_backends, 2, (["ddp", "zero2", "zero3"], shards, root), timeout=1800)[0]
+    names = ["ddp", "zero2", "zero3", "zero3-accum"]
+    dist_res = run_distributed(_train_backends, 2, (names, shards, root), timeout=1800)[0]
     reset_accelerate()
     # one process on the same global batch: 2 ranks x 8 = 16 (argparse keeps the last --batch-size)
     single_args = run_args(shards, f"{root}/single", "single", extra=["--batch-size", "16"])
@@ -113,10 +117,11 @@ def test_zero2_zero3_ddp_and_one_process_same_losses_and_zero3_export(synthetic_
     single.finish()
     reset_accelerate()
 
-    assert (dist_res["ddp"]["kind"], dist_res["zero2"]["stage"], dist_res["zero3"]["stage"]) == ("ddp", 2, 3)
+    assert (dist_res["ddp"]["kind"], dist_res["zero2"]["stage"], dist_res["zero3"]["stage"],
+            dist_res["zero3-accum"]["stage"]) == ("ddp", 2, 3, 3)
     ref = torch.tensor(single.losses, dtype=torch.float64)
     assert ref.shape == (STEPS,) and ref[-1] < ref[0] - 1.0  # it trains
-    for name in ("ddp", "zero2", "zero3"):
+    for name in names:
         got = torch.tensor(dist_res[name]["losses"], dtype=torch.float64)
         rel = ((got - ref).abs() / ref.abs()).max().item()
         print(f"{name} vs one process: max relative per-step loss difference {rel:.2e}")
