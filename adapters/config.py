@@ -175,6 +175,13 @@ class AdapterConfig:
     output_dir: str | None = None
     """Run directory; default runs/<time>-adapter."""
 
+    def __post_init__(self) -> None:
+        from adapters.projector import check_llava_projector, projector_depth
+
+        projector_depth(self.projector.type)  # an unknown type is an error when the config is read
+        if self.export.format == "llava":
+            check_llava_projector(self.projector.type)
+
 
 ADAPTER_ALIASES: dict[str, str] = {
     "tower": "vision.tower",

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from adapters.projector import projector_depth
+from adapters.projector import check_llava_projector, projector_depth
 from adapters.vision import SELECT_TO_HF, FrozenVisionTower, HFTower, load_hf_vision_model
 from vlp.config import ConfigError
 
@@ -84,9 +84,8 @@ def hf_projector_state(projector: nn.Module, projector_type: str, text_hidden: i
         return {"linear_1.weight": w, "linear_1.bias": sd["0.bias"],
                 "linear_2.weight": torch.eye(text_hidden, dtype=w.dtype),
                 "linear_2.bias": torch.zeros(text_hidden, dtype=w.dtype)}, "linear"
-    raise ConfigError(f"projector type {projector_type!r} cannot be exported to LlavaForConditionalGeneration, whose "
-                      "projector is Linear-act-Linear; train with --projector mlp2x_gelu (or linear), or keep "
-                      "--format projector")
+    check_llava_projector(projector_type)
+    raise AssertionError(f"unhandled projector depth {depth}")
 
 
 def hf_vision_tower(tower: FrozenVisionTower):

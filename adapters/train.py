@@ -26,7 +26,7 @@ from adapters.data import CaptionCollator, build_caption_loader, held_out_batche
 from adapters.export import export_llava, load_projector_state, save_projector
 from adapters.llm import LoadedLLM, ensure_tiny_llm, load_llm
 from adapters.model import LlavaAdapter, caption_loss, caption_token_losses
-from adapters.projector import build_projector
+from adapters.projector import build_projector, check_llava_projector
 from adapters.vision import SELECT_TO_HF, FrozenVisionTower, load_vision_tower
 from vlp.config import ConfigError, OptimConfig, save_yaml
 from vlp.distributed import world_info
@@ -215,12 +215,27 @@ def resolve_data(cfg: AdapterConfig, accelerator: Accelerator) -> tuple[str, str
     return synth.train_shards, cfg.data.eval_shards or synth.eval_shards
 
 
+def engine_info(model, optimizer) -> dict[str, Any]:
+    """What actually trained the projector (recorded in summary.json): the wrapped model's and optimizer's types,
+    and under DeepSpeed the ZeRO stage and how many fp32 master weights this rank holds (its partition)."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper -> the engine's optimizer
+    info: dict[str, Any] = {"model": type(model).__name__, "optimizer": type(inner).__name__}
+    if hasattr(model, "zero_optimization_stage"):
+        info["zero_stage"] = int(model.zero_optimization_stage())
+        groups = getattr(inner, "single_partition_of_fp32_groups", None)
+        if groups is not None:  # ZeRO-1/2: this rank's slice of the flattened fp32 parameters
+            info["fp32_partition_numel"] = int(sum(g.numel() for g in groups))
+    return info
+
+
 def run_adapter_training(cfg: AdapterConfig, parts: AdapterParts | None = None) -> dict[str, Any]:
     """Train the projector as configured; returns the run summary (also written to summary.json).
 
     ``parts``: an adapter already built by :func:`build_adapter` for this config (tests use it to inspect the
     frozen parts afterwards); default: built here.
     """
+    if cfg.export.format == "llava":  # before anything is built: a projector HF cannot hold is refused up front
+        check_llava_projector(cfg.projector.type)
     mp, frozen_dtype = compute_dtype(cfg.train.precision)
     accelerator = build_accelerator(cfg, mp)
     world = world_info()
@@ -229,9 +244,6 @@ def run_adapter_training(cfg: AdapterConfig, parts: AdapterParts | None = None) 
     if world.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_yaml(cfg, out_dir / "config.yaml")
-    if cfg.export.format == "llava" and cfg.projector.type not in ("linear", "mlp1x_gelu", "mlp2x_gelu"):
-        raise ConfigError(f"--format llava needs a projector LlavaForConditionalGeneration can hold (mlp2x_gelu or "
-                          f"linear), got {cfg.projector.type}")
 
     train_shards, eval_shards = resolve_data(cfg, accelerator)
     if parts is None:
@@ -335,6 +347,7 @@ def run_adapter_training(cfg: AdapterConfig, parts: AdapterParts | None = None) 
 
     summary: dict[str, Any] = {
         "steps": steps, "world_size": world.world_size, "global_batch": global_batch,
+        "engine": engine_info(model, optimizer),
         "projector": cfg.projector.type, "first_loss": losses[0] if losses else None,
         "final_loss": losses[-1] if losses else None, "train_time_s": train_time,
         "eval_caption_loss": [list(x) for x in eval_curve], "eval_text_only_caption_loss": text_only_loss,

@@ -181,6 +181,8 @@ def test_loss_is_mean_cross_entropy_over_caption_tokens_only(llm):
         solo = model(alone["pixel_values"], alone["input_ids"], alone["attention_mask"])
         torch.testing.assert_close(solo[0], logits[i, : len(ids)], rtol=1e-5, atol=1e-5)
     expected = torch.stack(nll).mean()
+    print(f"caption loss {value:.6f}, hand-built mean CE over {count} caption tokens {expected.item():.6f}: "
+          f"|diff| {abs(value - expected.item()):.3g}")
     assert abs(value - expected.item()) < 1e-5
     assert abs(loss.item() - expected.item()) < 1e-5
     assert count == int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
@@ -233,6 +235,38 @@ def test_adapter_configs_and_cli_errors():
         parse_cli(AdapterConfig, ["--llm.prompt", "describe:"], ADAPTER_ALIASES)
     with pytest.raises(ConfigError, match="valid: projector, llava"):
         parse_cli(AdapterConfig, ["--format", "gguf"], ADAPTER_ALIASES)
+    # a projector LlavaForConditionalGeneration cannot hold is refused when the command line is read
+    with pytest.raises(ConfigError, match="'mlp3x_gelu' cannot be exported to LlavaForConditionalGeneration"):
+        parse_cli(AdapterConfig, ["--projector", "mlp3x_gelu", "--format", "llava"], ADAPTER_ALIASES)
+    assert parse_cli(AdapterConfig, ["--projector", "mlp3x_gelu"], ADAPTER_ALIASES).projector.type == "mlp3x_gelu"
+    assert parse_cli(AdapterConfig, ["--projector", "linear", "--format", "llava"], ADAPTER_ALIASES)
+    with pytest.raises(ConfigError, match="unknown projector type 'mlp2x_relu'"):
+        parse_cli(AdapterConfig, ["--projector", "mlp2x_relu"], ADAPTER_ALIASES)
+
+
+def test_llava_projector_refused_before_training(tmp_path):
+    """A config changed after parsing is checked again before anything is built or trained."""
+    from adapters.config import AdapterConfig
+    from adapters.train import run_adapter_training
+
+    cfg = AdapterConfig(output_dir=str(tmp_path / "run"))
+    cfg.projector.type, cfg.export.format = "mlp4x_gelu", "llava"
+    with pytest.raises(ConfigError, match="'mlp4x_gelu' cannot be exported.*--format projector"):
+        run_adapter_training(cfg)
+    assert not (tmp_path / "run").exists()  # refused before the run directory was made
+
+
+def test_precision_bf16_on_gpu_fp32_on_cpu(monkeypatch):
+    from adapters.train import compute_dtype
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert compute_dtype("auto") == ("no", torch.float32)
+    assert compute_dtype("fp32") == ("no", torch.float32)
+    with pytest.raises(ConfigError, match="train.precision=bf16 needs a GPU"):
+        compute_dtype("bf16")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert compute_dtype("auto") == ("bf16", torch.bfloat16)
+    assert compute_dtype("fp16") == ("fp16", torch.float16)
 
 
 @pytest.fixture(autouse=True)

@@ -57,6 +57,7 @@ def test_projector_learns_while_tower_and_llm_stay_bit_identical(tmp_path, synth
     changed = [not torch.equal(parts.model.projector.state_dict()[k], v) for k, v in before["proj"].items()]
     assert all(changed)
     saved, meta = load_projector_state(tmp_path / "run")
+    assert sorted(saved) == ["0.bias", "0.weight", "2.bias", "2.weight"]  # the projector only
     assert all(torch.equal(saved[k], v) for k, v in parts.model.projector.state_dict().items())
     assert meta["projector_type"] == "mlp2x_gelu" and meta["step"] == 50 and meta["num_image_tokens"] == 64
     assert meta["vision_feature_layer"] == -2 and meta["vision_feature_select_strategy"] == "default"
@@ -113,6 +114,14 @@ def test_two_process_zero2_equals_one_process(tmp_path, synthetic_data, tiny_llm
     s1 = json.loads((tmp_path / "one" / "summary.json").read_text())
     s2 = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert s1["world_size"] == 1 and s2["world_size"] == 2 and s1["global_batch"] == s2["global_batch"] == 8
+    # what trained: plain AdamW in one process; a DeepSpeed engine with ZeRO-2's partitioned optimizer in two,
+    # rank 0 holding about half of the fp32 master weights
+    numel = sum(v.numel() for v in a.values())
+    print(f"engines: {s1['engine']} / {s2['engine']} (projector {numel} parameters)")
+    assert s1["engine"] == {"model": "LlavaAdapter", "optimizer": "AdamW"}
+    assert s2["engine"]["model"] == "DeepSpeedEngine" and s2["engine"]["zero_stage"] == 2
+    assert s2["engine"]["optimizer"] == "DeepSpeedZeroOptimizer"
+    assert numel // 2 <= s2["engine"]["fp32_partition_numel"] < numel
     assert s1["final_loss"] == pytest.approx(s2["final_loss"], abs=1e-5)
     assert s1["eval_caption_loss"][-1][1] == pytest.approx(s2["eval_caption_loss"][-1][1], abs=1e-5)
     # the 2-process run also exported a LLaVA folder holding the trained projector
@@ -122,6 +131,20 @@ def test_two_process_zero2_equals_one_process(tmp_path, synthetic_data, tiny_llm
     assert llava.config.vision_feature_layer == -2 and llava.config.vision_feature_select_strategy == "default"
     proj = llava.model.multi_modal_projector
     assert torch.equal(proj.linear_1.weight, b["0.weight"]) and torch.equal(proj.linear_2.weight, b["2.weight"])
+    # and the frozen parts left the ZeRO-2 run bit-identical: the LLM as loaded, the tower as built for seed 0
+    from transformers import AutoModelForCausalLM
+
+    from adapters.export import hf_vision_tower
+    from adapters.vision import load_vision_tower
+
+    llm = AutoModelForCausalLM.from_pretrained(tiny_llm)
+    ref_lm = llm.model.state_dict()
+    got_lm = llava.model.language_model.state_dict()
+    assert got_lm.keys() == ref_lm.keys() and all(torch.equal(got_lm[k], v) for k, v in ref_lm.items())
+    assert torch.equal(llava.lm_head.weight, llm.lm_head.weight)
+    ref_tower = hf_vision_tower(load_vision_tower(None, "tiny", seed=0))[0].state_dict()
+    got_tower = llava.model.vision_tower.state_dict()
+    assert got_tower.keys() == ref_tower.keys() and all(torch.equal(got_tower[k], v) for k, v in ref_tower.items())
 
 
 @pytest.fixture(autouse=True)
