@@ -160,6 +160,10 @@ class OptimConfig:
     warmup_steps: int = 50
     min_lr_ratio: float = 0.0
     grad_clip: float | None = 1.0
+    fused: bool | None = None
+    """AdamW's fused kernel (one pass over every parameter; about 3.5x faster than the multi-tensor path on a CPU,
+    where the optimiser step of the tiny presets is otherwise ~18% of a step). None: on wherever every trainable
+    parameter is a floating-point tensor on a CPU or CUDA device."""
 
 
 @dataclass

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from vlp.config import OptimConfig
+from vlp.config import ConfigError, OptimConfig
 
 
 def no_weight_decay(name: str, param: nn.Parameter) -> bool:
@@ -25,10 +25,20 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def fused_supported(params: list[torch.Tensor]) -> bool:
+    """Whether torch's fused AdamW kernel can update these parameters (floating point, on a CPU or CUDA device)."""
+    return all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW over :func:`param_groups`."""
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                             eps=cfg.eps)
+    """AdamW over :func:`param_groups`, fused where ``cfg.fused`` asks for it (None: wherever supported)."""
+    groups = param_groups(model, cfg.weight_decay)
+    params = [p for g in groups for p in g["params"]]
+    fused = fused_supported(params) if cfg.fused is None else cfg.fused
+    if fused and not fused_supported(params):
+        raise ConfigError("optim.fused=true needs floating-point parameters on a CPU or CUDA device; "
+                          "use optim.fused=false (or leave it unset)")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None)
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:
