@@ -93,11 +93,14 @@ def _cases_for_world(rank: int, world: int, group) -> dict:
         for n, chunks in ((1, (1, 2)), (7, (7, 3)), (64, (16, 24))):
             for name, all_params in (("clip", CLIP_PARAMS), ("siglip", SIGLIP_PARAMS)):
                 for k, chunk in enumerate(chunks):
-                    params = all_params[(n + k) % 3] if k else all_params[0]  # named values first, then others
-                    # On the whole world, the fp32 cases use the default group (group=None), as training does.
-                    use = None if (world == dist.get_world_size() and dtype == torch.float32) else group
-                    errs = _case(rank, world, name, dtype, [n] * world, chunk, params, seed=n + k, group=use)
-                    out["cases"].append((f"{name} {dtype} n={n} chunk={chunk} t={params[1]:.3f}", str(dtype), errs))
+                    # The values the issue names (clip scale 100, siglip t = log 10, b = -10) at every chunk size,
+                    # then another temperature (and bias) at the chunk size that does not divide the batch.
+                    for params in [all_params[0]] + ([all_params[(n + k) % 3]] if k else []):
+                        # On the whole world, fp32 cases use the default group (group=None), as training does.
+                        use = None if (world == dist.get_world_size() and dtype == torch.float32) else group
+                        errs = _case(rank, world, name, dtype, [n] * world, chunk, params, seed=n + k, group=use)
+                        out["cases"].append((f"{name} {dtype} n={n} chunk={chunk} t={params[1]:.3f}", str(dtype),
+                                             errs))
         # Unequal per-rank batches (e.g. the last, partial batch of an epoch).
         sizes = [5, 1, 9, 3][:world]
         for name, all_params in (("clip", CLIP_PARAMS), ("siglip", SIGLIP_PARAMS)):
@@ -142,7 +145,7 @@ def test_chunked_losses_match_reference_on_2_3_4_ranks():
     for world in (2, 3, 4):
         for rank in range(world):
             res = results[rank][world]
-            assert len(res["cases"]) == 2 * (3 * 2 * 2 + 2)
+            assert len(res["cases"]) == 2 * (3 * 2 * 3 + 2)  # dtypes x (n x losses x cases, unequal)
             for label, dtype, errs in res["cases"]:
                 loss_tol, grad_tol = TOL[getattr(torch, dtype.split(".")[1])]
                 if errs[0] > loss_tol or max(errs[1:]) > grad_tol:

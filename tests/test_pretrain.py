@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from accelerate.utils import set_seed
 
 from vlp.config import PRETRAIN_ALIASES, LossConfig, PretrainConfig, parse_cli
@@ -67,6 +68,31 @@ def test_two_process_first_step_equals_single_process_on_global_batch(tmp_path):
     img, txt, t, b = model(images, tokens)
     single = build_loss(LossConfig(name="siglip", impl="naive"))(img, txt, t, b).item()
     assert first["loss"] == pytest.approx(single, rel=1e-5)
+
+
+@pytest.mark.parametrize("loss", ["siglip", pytest.param("clip", marks=pytest.mark.slow)])
+def test_two_process_training_defaults_to_chunked_losses_equal_to_naive(tmp_path, loss):
+    """scripts/pretrain.py on 2 gloo processes: the default (chunked) loss gives the naive one's per-step losses.
+
+    Launched with torch.distributed.run, which is what ``accelerate launch --num_processes 2`` re-executes the
+    script under on a CPU-only machine (see test above), without the two extra interpreter start-ups.
+    """
+    assert LossConfig().impl == "chunked"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    curves = {}
+    for impl in ("chunked", "naive"):
+        out = tmp_path / impl
+        args = small_run_args(tmp_path, out, steps=3, loss=loss) + ["--eval.zeroshot", "false"]
+        if impl == "naive":
+            args += ["--loss.impl", "naive"]  # the chunked run takes the default, unnamed
+        proc = run_script(args, launcher=launcher)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"with {loss}/{impl} loss on 2 process(es)" in proc.stderr, proc.stderr[-3000:]
+        assert yaml.safe_load((out / "config.yaml").read_text())["loss"]["impl"] == impl
+        curves[impl] = [r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert len(curves["chunked"]) == len(curves["naive"]) == 3, curves
+    assert curves["chunked"] == pytest.approx(curves["naive"], rel=1e-5, abs=0), curves
+    assert curves["naive"][0] != curves["naive"][-1]  # the parameters were updated between the steps
 
 
 @pytest.mark.parametrize(
