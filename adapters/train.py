@@ -203,7 +203,7 @@ def _broadcast_str(value: str) -> str:
 def resolve_data(cfg: AdapterConfig, accelerator: Accelerator) -> tuple[str, str | None]:
     """(train shards, held-out shards): the user's, or the embedded synthetic set (written by rank 0 first)."""
     if cfg.data.train_shards:
-        from vlp.train.pretrain import check_shards_exist
+        from vlp.preflight import check_shards_exist
 
         check_shards_exist(cfg.data.train_shards)
         return cfg.data.train_shards, cfg.data.eval_shards

@@ -11,10 +11,12 @@ import sys
 from vlp.cli import run_cli, setup_logging
 from vlp.config import PRETRAIN_ALIASES, PretrainConfig, parse_cli
 from vlp.launch import relaunch_on_cpu_if_requested
+from vlp.preflight import check_pretrain_inputs
 
 
 def main(argv: list[str]) -> int:
     cfg = parse_cli(PretrainConfig, argv, PRETRAIN_ALIASES, prog="pretrain.py")
+    check_pretrain_inputs(cfg)  # a wrong preset, shard path or DeepSpeed config fails here, before torch is imported
     relaunch_on_cpu_if_requested(__file__, argv)
     setup_logging()
     from vlp.train.guards import TrainingDiverged

@@ -26,12 +26,12 @@ from accelerate import Accelerator
 
 from vlp.config import ConfigError, PretrainConfig
 from vlp.distributed import WorldInfo
-from vlp.model import ModelPreset, configs_dir
+from vlp.model import ModelPreset
+from vlp.preflight import DEEPSPEED_CONFIG_NAMES, resolve_deepspeed_config  # noqa: F401 - re-exported
 from vlp.train.objective import Objective, to_device
 
 log = logging.getLogger(__name__)
 
-DEEPSPEED_CONFIG_NAMES = ("zero0", "zero1", "zero2", "zero3", "zero3_offload")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -51,18 +51,6 @@ def mixed_precision(cfg: PretrainConfig) -> str:
     if p in ("bf16", "fp16") and not torch.cuda.is_available():
         raise ConfigError(f"train.precision={p} needs a GPU; use fp32 (or auto) on CPU")
     return {"fp32": "no"}.get(p, p)
-
-
-def resolve_deepspeed_config(spec: str) -> Path:
-    """A DeepSpeed JSON given as a path or as a name in configs/deepspeed/ (zero2, zero3, ...)."""
-    path = Path(spec)
-    if path.is_file():
-        return path
-    named = configs_dir() / "deepspeed" / f"{spec}.json"
-    if named.is_file():
-        return named
-    raise ConfigError(f"DeepSpeed config {spec!r} not found; give a JSON path or one of "
-                      f"{', '.join(DEEPSPEED_CONFIG_NAMES)}")
 
 
 def deepspeed_from_launcher() -> bool:

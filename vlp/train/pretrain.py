@@ -29,6 +29,7 @@ from vlp.distributed import world_info
 from vlp.eval.during_training import TrainingEvaluator
 from vlp.eval.zeroshot import encode_images, evaluate_label_families
 from vlp.model import DualTower, build_model, build_tokenizer, build_transforms, load_preset
+from vlp.preflight import check_shards_exist
 from vlp.ssl import monitor as _ssl_monitor  # registers the SSL objectives and auxiliary terms too
 from vlp.train import contrastive as _contrastive  # noqa: F401 - registers the objective
 from vlp.train.checkpoint import (
@@ -97,21 +98,6 @@ def resolve_data(cfg: PretrainConfig, accelerator: Accelerator) -> DataSources:
     assert synth is not None
     return DataSources(synth.train_shards, cfg.data.eval_shards or synth.eval_shards,
                        synth.class_families, synth.templates)
-
-
-def check_shards_exist(spec: str) -> None:
-    """Fail early, with the path, when local shards named by ``spec`` do not exist."""
-    import braceexpand
-
-    for source in spec.split("::"):
-        paths = list(braceexpand.braceexpand(source))
-        local = [p for p in paths if "://" not in p and not p.startswith("pipe:")]
-        missing = [p for p in local if not Path(p).is_file()]
-        if local and len(missing) == len(local):
-            raise ConfigError(f"no shards found for {source!r} (first missing: {missing[0]}); "
-                              "pass --train-shards with existing .tar files, e.g. /data/shard-{000000..000009}.tar")
-        if missing:
-            log.warning("%d of %d shards of %s are missing (first: %s)", len(missing), len(local), source, missing[0])
 
 
 @torch.no_grad()
