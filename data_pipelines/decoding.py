@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from PIL import Image
+from webdataset.tariterators import base_plus_ext
 
 from data_pipelines.faults import FaultCounter
 
@@ -51,6 +52,19 @@ def wanted_extensions(caption_key: str) -> frozenset[str]:
 def is_unsafe(suffix: str) -> bool:
     """Whether a member suffix ('jpg', 'seg.pth') ends in a pickle-based extension."""
     return suffix.rsplit(".", 1)[-1].lower() in UNSAFE_EXTENSIONS
+
+
+def safe_members(faults: FaultCounter) -> Callable[[str], bool]:
+    """``select_files`` for webdataset's tar readers: pickle-based members are skipped unread (and counted)."""
+
+    def select(fname: str) -> bool:
+        _, suffix = base_plus_ext(fname)
+        if suffix and is_unsafe(suffix):
+            faults.note("ignored_unsafe_members")
+            return False
+        return True
+
+    return select
 
 
 def _choice_index(n: int, *salt: Any) -> int:

@@ -16,8 +16,8 @@ log = logging.getLogger(__name__)
 
 #: Kinds of failure, in a fixed order (the order of the vector summed across ranks).
 FAILURE_KINDS: tuple[str, ...] = (
-    "missing_shard",      # the shard could not be opened (no such file, URL not reachable)
-    "unreadable_shard",   # opened, but no sample could be read (not a tar, empty file, HTTP error page)
+    "missing_shard",      # the shard could not be opened or fetched (no such file, host unreachable, HTTP 404)
+    "unreadable_shard",   # opened, but no sample could be read (not a tar, empty file)
     "truncated_shard",    # some samples were read, then the tar ended or broke
     "corrupt_image",      # the image member does not decode
     "missing_image",      # a sample with no jpg/jpeg/png/webp member

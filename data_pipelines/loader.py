@@ -22,7 +22,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader
 
 from data_pipelines.collate import collate
-from data_pipelines.decoding import IMAGE_EXTENSIONS, caption_member, decode_image_text
+from data_pipelines.decoding import IMAGE_EXTENSIONS, caption_member, decode_image_text, safe_members
 from data_pipelines.faults import ALL_KINDS, DataError, add_counts, format_counts
 from data_pipelines.metadata import is_local, local_path, shard_counts
 from data_pipelines.shardlists import EpochPlan, Plan, ResamplePlan, Source, parse_sources
@@ -382,12 +382,13 @@ def build_train_loader(
 def build_eval_samples(shards: str, caption_key: str = "txt", require_text: bool = True) -> Iterator[dict]:
     """Every sample of a held-out shard set once, in order, decoded (image, text, json labels).
 
-    Bad samples are skipped; their counts are logged once the shards are exhausted.
+    Bad samples are skipped; their counts are logged once the shards are exhausted. Pickle-based members are
+    skipped unread, as in training.
     """
     stage = decode_image_text(caption_key, require_text=require_text)
     pipeline = wds.DataPipeline(
         wds.SimpleShardList(shards),
-        wds.tarfile_to_samples(handler=wds.warn_and_continue),
+        wds.tarfile_to_samples(handler=wds.warn_and_continue, select_files=safe_members(stage.faults)),
         stage,
     )
 

@@ -95,6 +95,25 @@ def _until_done(files: Iterator[dict], sel: _MemberSelector, url: str) -> Iterat
         yield f
 
 
+def _fetch_failure(stream: Any) -> str | None:
+    """Why a piped shard (``http(s)://`` through curl, ``pipe:``) could not be fetched, or None.
+
+    Only asked when nothing was read from the shard, so the command has finished (or is about to): a failing exit
+    status (curl's 22 for an HTTP error such as 404, 6/7 for a host that cannot be reached) means the shard is
+    missing, not a file that was fetched and is not a tar.
+    """
+    proc = getattr(stream, "proc", None)
+    if proc is None:
+        return None
+    try:
+        status = proc.wait(timeout=10)
+    except Exception:  # noqa: BLE001 - still running: not a failed fetch (yet)
+        return None
+    if status in getattr(stream, "ignore_status", [0]):
+        return None
+    return f"{proc.args[0] if isinstance(proc.args, list) else 'command'} exited with status {status}"
+
+
 def read_shard(url: str, start: int, stop: int | None, wanted: frozenset[str], faults: FaultCounter
                ) -> Iterator[tuple[int, dict[str, Any]]]:
     """(index in shard, raw sample) for samples ``start <= index < stop`` of one shard; failures are counted."""
@@ -139,7 +158,8 @@ def read_shard(url: str, start: int, stop: int | None, wanted: frozenset[str], f
         if errors:
             raise errors[0]
         if sel.index < 0:
-            faults.fail("unreadable_shard", f"{url}: no samples in it")
+            why = _fetch_failure(stream)
+            faults.fail("missing_shard" if why else "unreadable_shard", f"{url}: {why or 'no samples in it'}")
             if expected:
                 faults.note("missing_samples", expected)
         elif stop is not None and sel.index + 1 < stop:
@@ -148,7 +168,9 @@ def read_shard(url: str, start: int, stop: int | None, wanted: frozenset[str], f
     except DataError:
         raise
     except Exception as e:  # noqa: BLE001 - a broken tar: skip the rest of this shard
-        faults.fail("truncated_shard" if sel.index >= 0 else "unreadable_shard", f"{url}: {e!r}"[:300])
+        why = None if sel.index >= 0 else _fetch_failure(stream)
+        kind = "truncated_shard" if sel.index >= 0 else "missing_shard" if why else "unreadable_shard"
+        faults.fail(kind, f"{url}: {why or repr(e)}"[:300])
         if expected is not None:
             faults.note("missing_samples", max(expected - delivered - sel.memberless_total, 0))
     finally:

@@ -161,6 +161,49 @@ def test_jsonl_round_trip_through_the_script(tmp_path):
 
 
 
+@pytest.mark.parametrize("suffix", [".csv", ".tsv"])
+def test_csv_round_trip_with_named_columns_and_a_progress_bar_of_inputs(tmp_path, monkeypatch, suffix):
+    import csv
+
+    import data_pipelines.writer as writer
+
+    bars = []
+    real_tqdm = writer.tqdm
+
+    def recording_tqdm(*args, **kwargs):  # shown (not disabled for want of a terminal) so that it counts
+        bars.append(real_tqdm(*args, **{**kwargs, "disable": False}))
+        return bars[-1]
+
+    monkeypatch.setattr(writer, "tqdm", recording_tqdm)
+    (tmp_path / "img").mkdir()
+    images = {}
+    for i in range(4):
+        images[f"img/{i}.jpg"] = encoded(picture(30 + i), "JPEG", quality=90)
+        (tmp_path / "img" / f"{i}.jpg").write_bytes(images[f"img/{i}.jpg"])
+    captions = ['a caption, with a comma', 'and "quotes"', "tab-free ünïcode", "  padded  "]
+    rows = [{"file": f"img/{i}.jpg", "alt": captions[i]} for i in range(4)]
+    rows.insert(1, {"file": "", "alt": "no image path"})
+    rows.insert(3, {"file": "img/2.jpg", "alt": ""})
+    table = tmp_path / f"pairs{suffix}"
+    with open(table, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, ["file", "alt"], delimiter="\t" if suffix == ".tsv" else ",")
+        w.writeheader()
+        w.writerows(rows)
+    report = make_shards(MakeShardsConfig(input=str(table), output_dir=str(tmp_path / "out"), image_column="file",
+                                          caption_column="alt", samples_per_shard=3, workers=1))
+    assert report["input_type"] == "csv" and report["num_samples"] == 4 and report["num_shards"] == 2
+    assert report["skipped"] == {"empty_caption": 1, "missing_image": 1}
+    raw = {json.loads(m["json"])["source"]: m for m in raw_members(report["shards"]).values()}
+    # rows are numbered as lines of the file (header = line 1)
+    expected = {f"pairs{suffix}:{line}": i for i, line in enumerate((2, 4, 6, 7))}
+    assert sorted(raw) == sorted(expected)
+    for source, i in expected.items():
+        assert raw[source]["txt"].decode() == captions[i].strip()  # captions exactly (stripped)
+        assert raw[source]["jpg"] == images[f"img/{i}.jpg"]  # images byte for byte
+    bar = next(b for b in bars if b.desc.startswith("shards "))
+    assert (bar.unit, bar.total, bar.n) == ("img", 6, 6)  # one tick per input row, skipped ones included
+
+
 def test_script_reports_user_mistakes_in_one_line(tmp_path, capsys):
     import runpy
 
