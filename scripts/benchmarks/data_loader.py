@@ -3,11 +3,17 @@
 
 Both read the same shards (written here once: photo-like JPEGs of random size, captions, metadata) with the same
 image transform (the model preset's open_clip train transform), the same tokenizer, batch size and number of
-DataLoader workers, in one process, alternating vlp / open_clip ``--repeats`` times. Each run builds a fresh
-loader, discards ``--warmup`` batches (worker start, shuffle fill) and times the next ``--batches`` batches of one
-epoch. Prints one JSON document: samples/s per run, the median of each, their ratio (vlp / open_clip), the settings
-and the machine's load average (CPU-bound: other processes on the machine slow both alike, which is why they
-alternate).
+DataLoader workers, in one process, in ``--repeats`` interleaved rounds; each round runs both, and the one that goes
+first alternates from round to round (vlp first in rounds 0, 2, ...). Each run builds a fresh loader, discards
+``--warmup`` batches (worker start, shuffle fill), times the next ``--batches`` batches of one epoch and stops its
+workers before the next run starts. Prints one JSON document: samples/s per run, the median of each, their ratio
+(vlp / open_clip) overall and per round, the settings, and the machine's 1-minute load average at the start of
+every round (CPU-bound: other processes on the machine slow both alike, which is why the runs interleave).
+
+open_clip_train (``open_clip_train.data.get_wds_dataset``) ships inside the ``open_clip_torch`` wheel, which is a
+runtime dependency already, so nothing extra is installed for this script; its optional ``[training]`` extras are
+not needed for the data loader. A small compatibility shim (:func:`open_clip_compat`) lets it run on the installed
+webdataset.
 
     python scripts/benchmarks/data_loader.py                                  # 2 workers, vit-b-16 transforms
     python scripts/benchmarks/data_loader.py --workers 8 --batch-size 128 --num-samples 8000
@@ -88,14 +94,18 @@ class Transform:
 
 def time_batches(loader, warmup: int, batches: int, batch_size: int) -> float:
     it = iter(loader)
-    for _ in range(warmup):
-        next(it)
-    t0 = time.perf_counter()
-    n = 0
-    for _ in range(batches):
-        b = next(it)
-        n += len(b[0]) if isinstance(b, (list, tuple)) else len(b["image"])
-    dt = time.perf_counter() - t0
+    try:
+        for _ in range(warmup):
+            next(it)
+        t0 = time.perf_counter()
+        n = 0
+        for _ in range(batches):
+            b = next(it)
+            n += len(b[0]) if isinstance(b, (list, tuple)) else len(b["image"])
+        dt = time.perf_counter() - t0
+    finally:
+        if hasattr(it, "_shutdown_workers"):  # a DataLoader iterator: no workers left running into the next run
+            it._shutdown_workers()
     assert n == batches * batch_size
     return n / dt
 
@@ -142,6 +152,17 @@ def run_open_clip(spec, tf, tok, args) -> float:
         del loader, info
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo; elsewhere platform.processor())."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="vit-b-16-clip", help="preset whose train transform and tokenizer are used")
@@ -153,7 +174,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-side", type=int, default=512)
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--batches", type=int, default=40, help="timed batches per run (within one epoch)")
-    p.add_argument("--repeats", type=int, default=3, help="runs per loader, alternating")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="interleaved rounds (each runs both loaders; the one that goes first alternates)")
     p.add_argument("--shuffle-buffer", type=int, default=1000, help="vlp's shuffle window")
     p.add_argument("--mode", choices=["epoch", "resampled"], default="epoch")
     p.add_argument("--data-dir", default=None, help="where the benchmark shards are cached")
@@ -178,11 +200,15 @@ def main(argv: list[str] | None = None) -> dict:
     write_s = time.perf_counter() - t0
     load_before = os.getloadavg()
     runs: dict[str, list[float]] = {"vlp": [], "open_clip": []}
-    for _ in range(args.repeats):
-        runs["vlp"].append(run_vlp(spec, tf, tok, args))
-        runs["open_clip"].append(run_open_clip(spec, tf, tok, args))
-        print(f"vlp {runs['vlp'][-1]:.1f} samples/s, open_clip {runs['open_clip'][-1]:.1f} samples/s",
-              file=sys.stderr)
+    round_load: list[float] = []
+    runners = {"vlp": run_vlp, "open_clip": run_open_clip}
+    for r in range(args.repeats):
+        round_load.append(round(os.getloadavg()[0], 2))
+        order = ["vlp", "open_clip"] if r % 2 == 0 else ["open_clip", "vlp"]
+        for name in order:
+            runs[name].append(runners[name](spec, tf, tok, args))
+        print(f"round {r} ({order[0]} first, load {round_load[-1]}): vlp {runs['vlp'][-1]:.1f} samples/s, "
+              f"open_clip {runs['open_clip'][-1]:.1f} samples/s", file=sys.stderr)
     med = {k: statistics.median(v) for k, v in runs.items()}
     result = {
         "benchmark": "data_loader", "mode": args.mode, "model_transform": args.model,
@@ -195,8 +221,10 @@ def main(argv: list[str] | None = None) -> dict:
         "ratio_vlp_over_open_clip": round(med["vlp"] / med["open_clip"], 3),
         "ratio_per_repeat": [round(a / b, 3) for a, b in zip(runs["vlp"], runs["open_clip"])],
         "load_average_before": [round(x, 2) for x in load_before],
+        "load_1min_per_round": round_load,
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+        "machine": {"cpu": cpu_model(), "cpus": os.cpu_count(), "platform": platform.platform(),
+                    "python": platform.python_version(),
                     "torch": torch.__version__, "webdataset": webdataset.__version__,
                     "open_clip": open_clip.__version__},
         "shard_write_s": round(write_s, 1), "shards": spec,
