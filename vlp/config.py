@@ -68,9 +68,10 @@ class LossConfig:
     """chunked (default) tiles the logits and never holds the B x B matrix, forward or backward, on any rank; naive
     materialises it (the reference, and for debugging). Both give the same loss and gradients."""
     chunk_size: int = 1024
-    """Tile edge for the chunked implementation. 1024 was measured (docs/benchmarks.md, "Losses: memory and time")
-    to be as fast as the fastest tile for both losses at B=16384, D=512 on CPU: smaller tiles add per-tile
-    overhead (128: 1.5x the time for clip), larger ones only add memory (4096: 2.4x the extra peak)."""
+    """Tile edge for the chunked implementation. 1024 was measured (docs/benchmarks.md, "Losses: memory and time";
+    B=16384, D=512, CPU) to be the fastest tile for siglip and within run-to-run noise (8%) of the fastest for
+    clip: smaller tiles add per-tile overhead (128: 1.5x the time), larger ones add memory (4096: up to 2.4x the
+    extra peak) without a clear gain."""
     init_logit_scale: float | None = None
     """Initial log temperature t; default log(1/0.07) for clip, log(10) for siglip."""
     init_logit_bias: float | None = None

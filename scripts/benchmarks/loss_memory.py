@@ -161,9 +161,16 @@ def _free_port() -> int:
 
 
 def quadratic_gb(spec: dict) -> float:
-    """Rough peak of an implementation that materialises the logits: ~5 B x B matrices per rank (measured)."""
+    """Rough peak of an implementation that materialises logits, summed over the ranks (all on this machine).
+
+    About 5 logits-sized matrices per rank (measured): the naive loss forms the global (W B) x (W B) logits on
+    every rank, open_clip's ClipLoss(local_loss=True) the local B x (W B) rows, the others B x B blocks.
+    """
     elt = 2 if spec["dtype"] in ("bfloat16", "float16") and spec["device"] == "cuda" else 4
-    return 5 * spec["batch"] * spec["batch"] * spec["world_size"] * elt / 2**30
+    b, w = spec["batch"], spec["world_size"]
+    rows, cols = {"naive": (w * b, w * b), "open_clip": (b, w * b if spec["loss"] == "clip" else b)}.get(
+        spec["impl"], (b, b))
+    return 5 * rows * cols * elt * w / 2**30
 
 
 def measure(spec: dict, timeout: float) -> dict:

@@ -225,7 +225,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="vit-b-16-siglip")
     p.add_argument("--loss", default="siglip", choices=["siglip", "clip"])
-    p.add_argument("--loss-impl", default="naive", choices=["naive", "chunked"])
+    p.add_argument("--loss-impl", default="chunked", choices=["naive", "chunked"], help="vlp loss (default: vlp's)")
     p.add_argument("--batch-size", default="auto")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--warmup", type=int, default=5)
