@@ -79,12 +79,25 @@ def test_transforms_follow_preset():
     torch.testing.assert_close(x[0].mean(), torch.tensor(1.0))  # (1 - 0.5) / 0.5
 
 
-def test_tiny_resnet_outputs_do_not_depend_on_batch_mates():
+@pytest.mark.parametrize("name, grid", [("tiny-resnet", 2), ("tiny-resnet-hr", 4)])
+def test_tiny_resnet_outputs_do_not_depend_on_batch_mates(name, grid):
     """GroupNorm, not BatchNorm: a sample's embedding is the same alone or in a batch (exact multi-process)."""
-    model = build_model("tiny-resnet", LossConfig()).train()
+    model = build_model(name, LossConfig()).train()
     images = torch.randn(5, 3, 64, 64)
     together = model.encode_image(images)
     alone = torch.cat([model.encode_image(images[i : i + 1]) for i in range(5)])
     torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-6)
     assert model.image_backbone_features(images).shape == (5, 256)
     assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    assert model.visual.trunk.forward_features(images).shape[-2:] == (grid, grid)  # output stride 32 / 16
+
+
+def test_demo_tower_shapes():
+    """tiny-resnet-hr: deep stem 3 -> 8 -> 8 -> 16, no max-pool, one channel per stem GroupNorm group."""
+    trunk = build_model("tiny-resnet-hr", LossConfig()).visual.trunk
+    assert [c.out_channels for c in trunk.conv1 if isinstance(c, torch.nn.Conv2d)] == [8, 8, 16]
+    assert isinstance(trunk.maxpool, torch.nn.Identity)
+    assert [trunk.get_submodule(f"layer{i}")[0].conv2.out_channels for i in (1, 2, 3, 4)] == [16, 32, 64, 256]
+    norms = [m for m in trunk.conv1 if isinstance(m, torch.nn.GroupNorm)]
+    assert [(m.num_groups, m.num_channels) for m in norms] == [(8, 8), (8, 8)]
+    assert sum(p.numel() for p in trunk.parameters()) == 834136
