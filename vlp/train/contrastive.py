@@ -47,7 +47,7 @@ class ContrastiveObjective(Objective):
             out.update(self.aux.sample_transform(sample))
         return out
 
-    shared_keys = frozenset({"logit_scale", "logit_bias"})
+    shared_keys = ("logit_scale", "logit_bias")
 
     @property
     def supports_gradcache(self) -> bool:

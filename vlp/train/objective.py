@@ -42,8 +42,10 @@ class Objective(nn.Module):
         """The loss of a whole (accumulated) batch from its concatenated :meth:`embed` outputs."""
         raise NotImplementedError(f"{type(self).__name__} has no separable embeddings")
 
-    #: entries of :meth:`embed` that are not per-sample (identical for every micro-batch)
-    shared_keys: frozenset[str] = frozenset()
+    #: entries of :meth:`embed` that are not per-sample (identical for every micro-batch), in a fixed order: the
+    #: backward pass visits them in this order, and every rank must visit them alike (ZeRO-2 reduces gradients in
+    #: the order their hooks fire, so two ranks iterating a set in different hash-seeded orders would swap them)
+    shared_keys: tuple[str, ...] = ()
 
     def frozen_outputs(self) -> frozenset[str]:
         """Entries of :meth:`embed` that need no gradient because everything producing them is frozen."""
