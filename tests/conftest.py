@@ -20,6 +20,16 @@ def synthetic_data(tmp_path_factory):
                                  shard_size=100)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """One intra-op thread for in-process work: the tensors are small, and on a shared 2-core machine threads spin
+    against each other (and against the multi-process tests' workers) far more than they gain."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

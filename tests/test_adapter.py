@@ -267,12 +267,3 @@ def test_precision_bf16_on_gpu_fp32_on_cpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert compute_dtype("auto") == ("bf16", torch.bfloat16)
     assert compute_dtype("fp16") == ("fp16", torch.float16)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is as fast and does not fight other processes for the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)

@@ -163,12 +163,3 @@ def test_unrepresentable_projector_and_checkpoint_roundtrip(tmp_path, llm_dir):
     assert sorted(state) == ["0.bias", "0.weight", "2.bias", "2.weight", "4.bias", "4.weight"]
     for k, v in model.projector.state_dict().items():
         assert torch.equal(state[k], v)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is as fast and does not fight other processes for the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)

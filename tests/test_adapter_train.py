@@ -145,12 +145,3 @@ def test_two_process_zero2_equals_one_process(tmp_path, synthetic_data, tiny_llm
     ref_tower = hf_vision_tower(load_vision_tower(None, "tiny", seed=0))[0].state_dict()
     got_tower = llava.model.vision_tower.state_dict()
     assert got_tower.keys() == ref_tower.keys() and all(torch.equal(got_tower[k], v) for k, v in ref_tower.items())
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread is as fast and does not fight other processes for the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)

@@ -12,26 +12,12 @@ import torch
 
 from data_pipelines.faults import format_counts
 from data_pipelines.loader import build_train_loader
+from tests.helpers import reset_accelerate as _reset_accelerate
 from tests.test_data_pipeline import write_test_shards
 from vlp.config import PRETRAIN_ALIASES, PretrainConfig, parse_cli
 from vlp.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def _reset_accelerate() -> None:
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 def _broken_shards(root):

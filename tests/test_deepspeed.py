@@ -16,26 +16,10 @@ import pytest
 import torch
 
 from tests.distributed_harness import run_distributed
+from tests.helpers import reset_accelerate
 from vlp.config import PRETRAIN_ALIASES, PretrainConfig, parse_cli
 
 STEPS = 20
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """In-process training with one thread (several threads spin against each other on a loaded 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def reset_accelerate() -> None:
-    """Forget accelerate's process-wide state so that the next Accelerator may use another backend."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 def run_args(shards: str, out: str, backend: str, steps: int = STEPS, extra: list[str] | None = None) -> list[str]:

@@ -10,7 +10,6 @@ import torch
 import torch.distributed as dist
 
 from tests.distributed_harness import run_distributed
-from tests.test_losses import _one_thread  # noqa: F401  (autouse fixture)
 from vlp.distributed import RingExchange, ring_shift, ring_visit
 
 

@@ -12,15 +12,6 @@ from vlp.eval.retrieval import retrieval_metrics
 from vlp.eval.sources import WebDatasetSource
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine, thread spinning costs far more than it gains."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def brute_force_recall(img: torch.Tensor, txt: torch.Tensor, owner: list[int], ks=(1, 5, 10)) -> dict[str, float]:
     """Rank by counting strictly better candidates, one query at a time, in float64."""
     img, txt = img.double(), txt.double()

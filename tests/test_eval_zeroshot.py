@@ -26,15 +26,6 @@ from vlp.eval.engine import EvalOptions, ZeroShotModel, evaluate, flatten_metric
 from vlp.eval.zeroshot import classification_metrics, load_classnames, load_templates
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """One intra-op thread: on a shared 2-core machine, thread spinning costs far more than it gains."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def copies(synthetic_data, tmp_path_factory):
     return write_labelled_copies(synthetic_data.eval_shards, tmp_path_factory.mktemp("labelled"))

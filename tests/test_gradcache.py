@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from tests.distributed_harness import run_distributed
+from tests.helpers import reset_accelerate
 from vlp.config import PretrainConfig
 from vlp.distributed import world_info
 from vlp.model import build_model, load_preset
@@ -33,22 +34,6 @@ MEMORY_PER_RANK = 128
 """Per-rank batch of the memory comparison: a step also pays costs that do not shrink with the micro-batch (the
 gradients, and on accumulation a second dense token-embedding gradient of 25 MB added into the first), about
 60-110 MB against 1.6-2.3 MB of activations per sample; at 32 per rank they would decide the comparison."""
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """In-process training with one thread (several threads spin against each other on a loaded 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def reset_accelerate() -> None:
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 def global_batch(n: int = GLOBAL, seed: int = 7) -> dict[str, torch.Tensor]:
@@ -174,32 +159,34 @@ def _peak_rss_increase(engine, fn, micro) -> int:
     return peak - before
 
 
-def _distributed_accumulation(rank: int, world: int, backend: str, loss: str) -> dict:
+def _distributed_accumulation(rank: int, world: int, backend: str) -> dict:
     torch.set_num_threads(1)
     batch = global_batch()
     per_rank = GLOBAL // world
     mine = {k: v[rank * per_rank:(rank + 1) * per_rank] for k, v in batch.items()}
     deepspeed = None if backend == "ddp" else backend
-    out: dict = {}
-    engine = make_engine(loss, deepspeed, batch_size=per_rank // 4, accum=4)
-    out["gc_loss"], out["gc"] = measure(engine, gradcache.gradcache_step, split(mine, 4))
-    out["kind"] = engine.kind
-
-    # Memory (lr = 0, so the steps above and below leave the weights as they are). The first step of an engine
-    # also pays one-time allocations (gradient buffers, DDP's bucket rebuild after its first iteration, ZeRO-2's
-    # gradient partitions and reduction buffers, first-call kernel state): 20-45 MB that would be charged to
-    # whichever path is measured first. Each path runs once unmeasured at the measured shapes, so only per-step
-    # memory is compared. Where the peak cannot be reset (ru_maxrss only grows), the full batch is not warmed up:
-    # then a full batch that needed no more memory than the accumulated step would show no increase at all, and
-    # the accumulated step is measured first, so the comparison cannot pass by accident.
+    results: dict = {}
+    for loss in ("siglip", "clip"):
+        out: dict = {}
+        engine = make_engine(loss, deepspeed, batch_size=per_rank // 4, accum=4)
+        out["gc_loss"], out["gc"] = measure(engine, gradcache.gradcache_step, split(mine, 4))
+        out["kind"] = engine.kind
+        results[loss] = out
+    # Memory, on the last engine (lr = 0, so the steps above and below leave the weights as they are). The first
+    # step of an engine also pays one-time allocations (gradient buffers, DDP's bucket rebuild after its first
+    # iteration, ZeRO-2's gradient partitions and reduction buffers, first-call kernel state): 20-45 MB that would
+    # be charged to whichever path is measured first. Each path runs once unmeasured at the measured shapes, so only
+    # per-step memory is compared. Where the peak cannot be reset (ru_maxrss only grows), the full batch is not
+    # warmed up: then a full batch that needed no more memory than the accumulated step would show no increase at
+    # all, and the accumulated step is measured first, so the comparison cannot pass by accident.
     big = global_batch(MEMORY_PER_RANK, seed=100 + rank)
     measure(engine, gradcache.gradcache_step, split(big, 4))
     if _reset_peak_rss():
         measure(engine, gradcache.plain_step, [big])
-    out["mem_accumulated"] = _peak_rss_increase(engine, gradcache.gradcache_step, split(big, 4))
-    out["mem_full"] = _peak_rss_increase(engine, gradcache.plain_step, [big])
+    results["mem_accumulated"] = _peak_rss_increase(engine, gradcache.gradcache_step, split(big, 4))
+    results["mem_full"] = _peak_rss_increase(engine, gradcache.plain_step, [big])
     reset_accelerate()
-    return out
+    return results
 
 
 @pytest.mark.slow
@@ -209,18 +196,19 @@ def test_gradcache_across_ranks_equals_one_process_big_batch_and_uses_less_memor
     for loss in ("siglip", "clip"):
         refs[loss] = measure(make_engine(loss), gradcache.plain_step, [global_batch()])
     reset_accelerate()
-    for loss in ("siglip", "clip"):
-        res = run_distributed(_distributed_accumulation, 2, (backend, loss), timeout=1800)
-        ref_loss, ref = refs[loss]
-        for r in res:
+    res = run_distributed(_distributed_accumulation, 2, (backend,), timeout=1800)
+    for rank, results in enumerate(res):
+        for loss in ("siglip", "clip"):
+            r, (ref_loss, ref) = results[loss], refs[loss]
             assert r["kind"] == ("deepspeed" if backend == "zero2" else "ddp")
             rel = max_rel(r["gc"], ref)
-            print(f"{backend} {loss}: 2 ranks x 4 x 8 vs one process x 64: loss rel "
-                  f"{abs(r['gc_loss'] - ref_loss) / abs(ref_loss):.1e}, grads rel {rel:.1e}; peak RSS increase "
-                  f"{r['mem_accumulated'] / 2**20:.0f} MiB accumulated (4 x {MEMORY_PER_RANK // 4}) vs "
-                  f"{r['mem_full'] / 2**20:.0f} MiB full ({MEMORY_PER_RANK})")
+            print(f"{backend} {loss} rank {rank}: 2 ranks x 4 x 8 vs one process x 64: loss rel "
+                  f"{abs(r['gc_loss'] - ref_loss) / abs(ref_loss):.1e}, grads rel {rel:.1e}")
             assert abs(r["gc_loss"] - ref_loss) <= 1e-5 * abs(ref_loss) and rel <= 1e-5
-            assert r["mem_accumulated"] < 0.7 * r["mem_full"]
+        print(f"{backend} clip rank {rank}: peak RSS increase {results['mem_accumulated'] / 2**20:.0f} MiB "
+              f"accumulated (4 x {MEMORY_PER_RANK // 4}) vs {results['mem_full'] / 2**20:.0f} MiB full "
+              f"({MEMORY_PER_RANK})")
+        assert results["mem_accumulated"] < 0.7 * results["mem_full"]
 
 
 def test_gradcache_replays_forward_randomness():

@@ -26,16 +26,6 @@ from vlp.losses import (
 )
 from vlp.losses.clip import _lse_tile, _softmax_grad_tile
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tiles: intra-op threads only add synchronisation (and stall on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # (max_logit_scale, t, b) per loss: the values the issue names first, then others.
 CLIP_PARAMS = [(math.log(100.0), math.log(100.0), None), (math.log(100.0), math.log(1 / 0.07), None),
                (None, math.log(30.0), None)]

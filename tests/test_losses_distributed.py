@@ -22,7 +22,6 @@ from tests.test_losses import (
     SIGLIP_PARAMS,
     TOL,
     MaxStorage,
-    _one_thread,  # noqa: F401  (autouse fixture: one intra-op thread)
     chunked,
     clip_floors,
     loss_and_grads,

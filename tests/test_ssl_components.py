@@ -27,15 +27,6 @@ SMALL_HEADS = ["--ssl.simclr.hidden_dim", "64", "--ssl.simclr.out_dim", "32", "-
                "--ssl.dino.local_crops", "2", "--ssl.views.local_crop_size", "32", "--ssl.moco.queue_size", "64"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these tensors are small and the CPU is shared."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _cfg(*args: str) -> PretrainConfig:
     return parse_cli(PretrainConfig, [*SMALL_HEADS, "--batch-size", "4", *args], PRETRAIN_ALIASES)
 

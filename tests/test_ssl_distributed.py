@@ -24,14 +24,6 @@ ARGS = ["--batch-size", str(LOCAL_BATCH), "--ssl.simclr.hidden_dim", "64", "--ss
         "--ssl.moco.out_dim", "16", "--ssl.moco.queue_size", "16", "--ssl.dino.freeze_last_layer_epochs", "0"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _objective(name: str):
     import vlp.ssl  # noqa: F401 - registrations
     from vlp.config import PRETRAIN_ALIASES, PretrainConfig, parse_cli

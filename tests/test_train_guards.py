@@ -7,26 +7,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.helpers import reset_accelerate
 from vlp.config import PRETRAIN_ALIASES, PretrainConfig, parse_cli
 from vlp.train.checkpoint import TRAINER_STATE, consolidated_state_dict, dualtower_state, read_latest
 from vlp.train.guards import FaultInjector, NonFiniteGuard, TrainingDiverged
 from vlp.train.metrics import read_metrics
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """In-process training with one thread (several threads spin against each other on a loaded 2-core box)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def reset_accelerate() -> None:
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 def args(shards: str, out, steps: int, *extra: str) -> list[str]:
