@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from accelerate.utils import set_seed
 
+from tests.distributed_harness import run_distributed
+from tests.helpers import reset_accelerate
 from vlp.config import PRETRAIN_ALIASES, LossConfig, PretrainConfig, parse_cli
 from vlp.losses import build_loss
 from vlp.model import build_model, load_preset
@@ -71,32 +72,43 @@ def test_two_process_first_step_equals_single_process_on_global_batch(tmp_path):
     assert first["loss"] == pytest.approx(single, rel=1e-5)
 
 
-@pytest.mark.slow
-def test_two_process_clip_training_defaults_to_chunked_losses_equal_to_naive(tmp_path):
-    """scripts/pretrain.py on 2 gloo processes: the default (chunked) CLIP loss gives the naive one's per-step losses
-    over 3 updates. (The default SigLIP run's chunked loss is checked by the test above, against the naive loss of
-    one process on the global batch; tests/test_losses_distributed.py compares both losses on 2-4 ranks.)
+def _chunked_and_naive(rank: int, world: int, shards: str, root: str) -> dict[str, list[float]]:
+    """Per loss and impl, the per-step losses of 3 training steps in this process group (the default impl unnamed)."""
+    from vlp.train.pretrain import Trainer
 
-    Launched with torch.distributed.run, which is what ``accelerate launch --num_processes 2`` re-executes the
-    script under on a CPU-only machine (see test above), without the two extra interpreter start-ups.
-    """
+    curves: dict[str, list[float]] = {}
+    for loss in ("siglip", "clip"):
+        for impl in ("chunked", "naive"):
+            reset_accelerate()
+            args = ["--loss", loss, "--steps", "3", "--batch-size", "8", "--workers", "0", "--train-shards", shards,
+                    "--output-dir", f"{root}/{loss}-{impl}", "--warmup-steps", "1", "--eval.zeroshot", "false",
+                    "--checkpoint.export", "false", "--seed", "0"]
+            cfg = parse_cli(PretrainConfig, args + (["--loss.impl", "naive"] if impl == "naive" else []),
+                            PRETRAIN_ALIASES)
+            assert cfg.loss.impl == impl
+            trainer = Trainer(cfg)
+            assert trainer.world.world_size == 2
+            assert type(trainer.objective.loss_fn).__name__.startswith(impl.capitalize())  # ChunkedClipLoss, ...
+            trainer.train()
+            trainer.finish()
+            curves[f"{loss}/{impl}"] = list(trainer.losses)
+    reset_accelerate()
+    return curves
+
+
+@pytest.mark.slow
+def test_two_process_training_defaults_to_chunked_losses_equal_to_naive(synthetic_data, tmp_path):
+    """The trainer on 2 gloo processes: the default (chunked) loss gives the naive one's per-step losses over 3
+    updates, for SigLIP and CLIP. (All four runs share one process group; the launch through ``accelerate launch``
+    is the test above.)"""
     assert LossConfig().impl == "chunked"
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    curves = {}
-    loss = "clip"
-    for impl in ("chunked", "naive"):
-        out = tmp_path / impl
-        args = small_run_args(tmp_path, out, steps=3, loss=loss) + ["--eval.zeroshot", "false"]
-        if impl == "naive":
-            args += ["--loss.impl", "naive"]  # the chunked run takes the default, unnamed
-        proc = run_script(args, launcher=launcher)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        assert f"with {loss}/{impl} loss on 2 process(es)" in proc.stderr, proc.stderr[-3000:]
-        assert yaml.safe_load((out / "config.yaml").read_text())["loss"]["impl"] == impl
-        curves[impl] = [r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
-    assert len(curves["chunked"]) == len(curves["naive"]) == 3, curves
-    assert curves["chunked"] == pytest.approx(curves["naive"], rel=1e-5, abs=0), curves
-    assert curves["naive"][0] != curves["naive"][-1]  # the parameters were updated between the steps
+    res = run_distributed(_chunked_and_naive, 2, (synthetic_data.train_shards, str(tmp_path)), timeout=1200)
+    for loss in ("siglip", "clip"):
+        chunked, naive = res[0][f"{loss}/chunked"], res[0][f"{loss}/naive"]
+        assert len(chunked) == len(naive) == 3, (chunked, naive)
+        assert chunked == pytest.approx(naive, rel=1e-5, abs=0), (loss, chunked, naive)
+        assert naive[0] != naive[-1]  # the parameters were updated between the steps
+        assert res[1][f"{loss}/chunked"] == chunked  # both ranks log the same global loss
 
 
 @pytest.mark.parametrize(
