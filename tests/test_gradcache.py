@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ctypes
 import resource
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,6 +26,7 @@ from vlp.model import build_model, load_preset
 from vlp.train import gradcache
 from vlp.train.contrastive import build_contrastive
 from vlp.train.engine import build_accelerator, build_engine
+from vlp.train.metrics import proc_status_bytes, reset_peak_rss
 from vlp.train.optim import build_optimizer
 
 GLOBAL = 64
@@ -133,27 +133,13 @@ def _malloc_trim() -> None:
         pass
 
 
-def _status_bytes(field: str) -> int:
-    line = next(ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith(field + ":"))
-    return int(line.split()[1]) * 1024
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the peak resident set (VmHWM) to the current size; False where the kernel does not allow it."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 def _peak_rss_increase(engine, fn, micro) -> int:
     """Bytes by which the process's resident set peaks above its size before ``fn`` while ``fn`` runs."""
     _malloc_trim()
-    before = _status_bytes("VmRSS")
-    reset = _reset_peak_rss()
+    before = proc_status_bytes("VmRSS")
+    reset = reset_peak_rss()
     res = fn(engine, micro)
-    peak = _status_bytes("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = proc_status_bytes("VmHWM") if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     engine.step()
     del res
     return peak - before
@@ -181,7 +167,7 @@ def _distributed_accumulation(rank: int, world: int, backend: str) -> dict:
     # all, and the accumulated step is measured first, so the comparison cannot pass by accident.
     big = global_batch(MEMORY_PER_RANK, seed=100 + rank)
     measure(engine, gradcache.gradcache_step, split(big, 4))
-    if _reset_peak_rss():
+    if reset_peak_rss():
         measure(engine, gradcache.plain_step, [big])
     results["mem_accumulated"] = _peak_rss_increase(engine, gradcache.gradcache_step, split(big, 4))
     results["mem_full"] = _peak_rss_increase(engine, gradcache.plain_step, [big])

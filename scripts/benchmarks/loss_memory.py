@@ -39,25 +39,6 @@ LOSSES = ("clip", "siglip")
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _rss_bytes(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS counter (VmHWM) of this process; False where unsupported."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 def _build_loss(spec: dict, world: int, rank: int):
     """A callable (img, txt, t, b) -> loss for the spec's implementation."""
     import torch
@@ -117,6 +98,7 @@ def run_child(spec: dict) -> dict:
     b = torch.tensor(-10.0, device=device, requires_grad=True)
     fn = _build_loss(spec, world, rank)
     cuda = device.type == "cuda"
+    from vlp.train.metrics import proc_status_bytes, reset_peak_rss
 
     def step() -> tuple[float, float]:
         for p in (img, txt, t, b):
@@ -135,11 +117,11 @@ def run_child(spec: dict) -> dict:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        method = "VmHWM after clear_refs" if _reset_peak_rss() else "VmHWM (not resettable)"
-        base = _rss_bytes("VmRSS") or 0
+        method = "VmHWM after clear_refs" if reset_peak_rss() else "VmHWM (not resettable)"
+        base = proc_status_bytes("VmRSS") or 0
     runs = [step() for _ in range(spec["repeats"] + 1)][1:]  # the first run warms up, its peak counts
     times, cpu_times = [r[0] for r in runs], [r[1] for r in runs]
-    peak = (torch.cuda.max_memory_allocated() if cuda else (_rss_bytes("VmHWM") or 0)) - base
+    peak = (torch.cuda.max_memory_allocated() if cuda else (proc_status_bytes("VmHWM") or 0)) - base
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()

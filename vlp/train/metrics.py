@@ -57,3 +57,25 @@ def memory_metrics(device: torch.device) -> dict[str, float]:
         torch.cuda.reset_peak_memory_stats(device)
         return out
     return {"mem/peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def proc_status_bytes(field: str) -> int | None:
+    """A memory field of ``/proc/self/status`` in bytes (``VmRSS``: resident now, ``VmHWM``: its peak), or None where
+    the file is not there (not Linux) or lacks the field."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak resident set (``VmHWM``) to its current size; False where the kernel does not allow
+    it (then only ``ru_maxrss``, which never decreases, is left)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
