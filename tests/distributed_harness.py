@@ -5,9 +5,11 @@ Usage in a test::
     results = run_distributed(my_fn, world_size=2, args=(x,))   # my_fn(rank, world_size, *args) -> picklable
 
 ``my_fn`` must be a module-level function (it is pickled into spawned processes). Each process uses one
-thread, and each rank its own ``PYTHONHASHSEED`` (the rank), so that code iterating a set of strings in an order
-that differs between ranks fails here every time instead of on one run in two (ZeRO-2, for one, reduces gradients
-in the order their hooks fire). Results come back in rank order; an exception in any rank fails the call with
+thread, and each rank its own ``PYTHONHASHSEED`` (the rank), so that a set of strings whose iteration order
+depends on the hash seed (as {"logit_scale", "logit_bias"} does between seeds 0 and 1; not every set does) is
+iterated differently on different ranks on every run, not on a random half of the runs: code that lets such an
+order decide collectives or the backward order (ZeRO-2 reduces gradients in the order their hooks fire) fails
+here deterministically. Results come back in rank order; an exception in any rank fails the call with
 that rank's traceback.
 """
 

@@ -157,20 +157,20 @@ def _distributed_accumulation(rank: int, world: int, backend: str) -> dict:
         engine = make_engine(loss, deepspeed, batch_size=per_rank // 4, accum=4)
         out["gc_loss"], out["gc"] = measure(engine, gradcache.gradcache_step, split(mine, 4))
         out["kind"] = engine.kind
+        # Memory (lr = 0, so the steps above and below leave the weights as they are). The first step of an engine
+        # also pays one-time allocations (gradient buffers, DDP's bucket rebuild after its first iteration, ZeRO-2's
+        # gradient partitions and reduction buffers, first-call kernel state): 20-45 MB that would be charged to
+        # whichever path is measured first. Each path runs once unmeasured at the measured shapes, so only per-step
+        # memory is compared. Where the peak cannot be reset (ru_maxrss only grows), the full batch is not warmed
+        # up: then a full batch that needed no more memory than the accumulated step would show no increase at all,
+        # and the accumulated step is measured first, so the comparison cannot pass by accident.
+        big = global_batch(MEMORY_PER_RANK, seed=100 + rank)
+        measure(engine, gradcache.gradcache_step, split(big, 4))
+        if reset_peak_rss():
+            measure(engine, gradcache.plain_step, [big])
+        out["mem_accumulated"] = _peak_rss_increase(engine, gradcache.gradcache_step, split(big, 4))
+        out["mem_full"] = _peak_rss_increase(engine, gradcache.plain_step, [big])
         results[loss] = out
-    # Memory, on the last engine (lr = 0, so the steps above and below leave the weights as they are). The first
-    # step of an engine also pays one-time allocations (gradient buffers, DDP's bucket rebuild after its first
-    # iteration, ZeRO-2's gradient partitions and reduction buffers, first-call kernel state): 20-45 MB that would
-    # be charged to whichever path is measured first. Each path runs once unmeasured at the measured shapes, so only
-    # per-step memory is compared. Where the peak cannot be reset (ru_maxrss only grows), the full batch is not
-    # warmed up: then a full batch that needed no more memory than the accumulated step would show no increase at
-    # all, and the accumulated step is measured first, so the comparison cannot pass by accident.
-    big = global_batch(MEMORY_PER_RANK, seed=100 + rank)
-    measure(engine, gradcache.gradcache_step, split(big, 4))
-    if reset_peak_rss():
-        measure(engine, gradcache.plain_step, [big])
-    results["mem_accumulated"] = _peak_rss_increase(engine, gradcache.gradcache_step, split(big, 4))
-    results["mem_full"] = _peak_rss_increase(engine, gradcache.plain_step, [big])
     reset_accelerate()
     return results
 
@@ -189,12 +189,11 @@ def test_gradcache_across_ranks_equals_one_process_big_batch_and_uses_less_memor
             assert r["kind"] == ("deepspeed" if backend == "zero2" else "ddp")
             rel = max_rel(r["gc"], ref)
             print(f"{backend} {loss} rank {rank}: 2 ranks x 4 x 8 vs one process x 64: loss rel "
-                  f"{abs(r['gc_loss'] - ref_loss) / abs(ref_loss):.1e}, grads rel {rel:.1e}")
+                  f"{abs(r['gc_loss'] - ref_loss) / abs(ref_loss):.1e}, grads rel {rel:.1e}; peak RSS increase "
+                  f"{r['mem_accumulated'] / 2**20:.0f} MiB accumulated (4 x {MEMORY_PER_RANK // 4}) vs "
+                  f"{r['mem_full'] / 2**20:.0f} MiB full ({MEMORY_PER_RANK})")
             assert abs(r["gc_loss"] - ref_loss) <= 1e-5 * abs(ref_loss) and rel <= 1e-5
-        print(f"{backend} clip rank {rank}: peak RSS increase {results['mem_accumulated'] / 2**20:.0f} MiB "
-              f"accumulated (4 x {MEMORY_PER_RANK // 4}) vs {results['mem_full'] / 2**20:.0f} MiB full "
-              f"({MEMORY_PER_RANK})")
-        assert results["mem_accumulated"] < 0.7 * results["mem_full"]
+            assert r["mem_accumulated"] < 0.7 * r["mem_full"]
 
 
 def test_gradcache_replays_forward_randomness():
@@ -243,7 +242,7 @@ def test_locked_image_tower_stays_fixed_and_its_embeddings_are_reused():
     batch = global_batch(32)
     ref_engine = make_engine("siglip", lock_image=True)
     obj = ref_engine.objective
-    assert obj.frozen_outputs() == {"image"}
+    assert obj.frozen_outputs() == ("image",)
     assert not any(p.requires_grad for p in obj.model.visual.parameters())
     ref_loss, ref = measure(ref_engine, gradcache.plain_step, [batch])
     assert not any(k.startswith("model.clip.visual.") for k in ref)

@@ -96,7 +96,6 @@ def _chunked_and_naive(rank: int, world: int, shards: str, root: str) -> dict[st
     return curves
 
 
-@pytest.mark.slow
 def test_two_process_training_defaults_to_chunked_losses_equal_to_naive(synthetic_data, tmp_path):
     """The trainer on 2 gloo processes: the default (chunked) loss gives the naive one's per-step losses over 3
     updates, for SigLIP and CLIP. (All four runs share one process group; the launch through ``accelerate launch``

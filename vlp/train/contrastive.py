@@ -53,7 +53,7 @@ class ContrastiveObjective(Objective):
     def supports_gradcache(self) -> bool:
         return self.aux is None  # an auxiliary SSL term has its own (non-separable) views and state
 
-    def frozen_outputs(self) -> frozenset[str]:
+    def frozen_outputs(self) -> tuple[str, ...]:
         out = set()
         if not any(p.requires_grad for p in self.model.visual.parameters()):
             out.add("image")
@@ -63,7 +63,7 @@ class ContrastiveObjective(Objective):
         text = [p for p in self.model.parameters() if id(p) not in visual and id(p) not in scalars]
         if not any(p.requires_grad for p in text):
             out.add("text")
-        return frozenset(out)
+        return tuple(key for key in ("image", "text") if key in out)  # ordered: see Objective.shared_keys
 
     def embed(self, batch: dict[str, Any], reuse: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         m = self.model

@@ -47,9 +47,10 @@ class Objective(nn.Module):
     #: the order their hooks fire, so two ranks iterating a set in different hash-seeded orders would swap them)
     shared_keys: tuple[str, ...] = ()
 
-    def frozen_outputs(self) -> frozenset[str]:
-        """Entries of :meth:`embed` that need no gradient because everything producing them is frozen."""
-        return frozenset()
+    def frozen_outputs(self) -> tuple[str, ...]:
+        """Entries of :meth:`embed` that need no gradient because everything producing them is frozen (in a fixed
+        order, like :attr:`shared_keys`)."""
+        return ()
 
     def sample_transform(self, sample: dict[str, Any]) -> dict[str, Any]:
         """Decoded sample {"image": PIL RGB, "text": str | None, "json": dict | None} -> tensors for one sample."""
