@@ -83,6 +83,8 @@ def run_child(spec: dict) -> dict:
     import torch.distributed as dist
     import torch.nn.functional as F
 
+    from vlp.train.metrics import proc_status_bytes, reset_peak_rss
+
     torch.set_num_threads(spec["threads"])
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -98,7 +100,6 @@ def run_child(spec: dict) -> dict:
     b = torch.tensor(-10.0, device=device, requires_grad=True)
     fn = _build_loss(spec, world, rank)
     cuda = device.type == "cuda"
-    from vlp.train.metrics import proc_status_bytes, reset_peak_rss
 
     def step() -> tuple[float, float]:
         for p in (img, txt, t, b):

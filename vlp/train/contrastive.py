@@ -54,16 +54,16 @@ class ContrastiveObjective(Objective):
         return self.aux is None  # an auxiliary SSL term has its own (non-separable) views and state
 
     def frozen_outputs(self) -> tuple[str, ...]:
-        out = set()
+        out = []  # in a fixed order: see Objective.shared_keys
         if not any(p.requires_grad for p in self.model.visual.parameters()):
-            out.add("image")
+            out.append("image")
         visual = {id(p) for p in self.model.visual.parameters()}
         scalars = {id(self.model.logit_scale)} | ({id(self.model.logit_bias)} if self.model.logit_bias is not None
                                                    else set())
         text = [p for p in self.model.parameters() if id(p) not in visual and id(p) not in scalars]
         if not any(p.requires_grad for p in text):
-            out.add("text")
-        return tuple(key for key in ("image", "text") if key in out)  # ordered: see Objective.shared_keys
+            out.append("text")
+        return tuple(out)
 
     def embed(self, batch: dict[str, Any], reuse: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         m = self.model
