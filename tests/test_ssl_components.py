@@ -250,3 +250,18 @@ def test_byol_teacher_follows_the_scheduled_ema():
     assert m == pytest.approx((0.996 + 1) / 2)
     for t, t0, s in zip(method.teacher["backbone"].parameters(), teacher_before, obj.visual.parameters()):
         torch.testing.assert_close(t, m * t0 + (1 - m) * s)
+
+
+@pytest.mark.parametrize("name", ["simclr", "moco", "byol", "dino", "siglip-simclr"])
+def test_shipped_ssl_demo_configs_parse_and_build(name):
+    """Each configs/ssl/*-tiny.yaml parses, names a known preset, and builds its objective on that preset."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "ssl" / f"{name}-tiny.yaml"
+    cfg = parse_cli(PretrainConfig, ["--config", str(path)], PRETRAIN_ALIASES)
+    preset = load_preset(cfg.model.name)
+    obj = OBJECTIVES[cfg.objective](cfg, build_model(preset), preset)
+    views = obj.sample_transform({"image": _images(1)[0], "text": "a red circle", "json": None})["ssl_views"]
+    side = preset.vision_cfg["image_size"]
+    assert len(views) == 2 + (cfg.ssl.dino.local_crops if cfg.objective == "dino" else 0)
+    assert views[0].shape == views[1].shape == (3, side, side)
