@@ -84,6 +84,7 @@ def test_standalone_dino_run_logs_terms_and_monitor(tmp_path, synthetic_data):
     assert [r["ssl/dino/last_layer_frozen"] for r in steps] == [1.0, 1.0, 1.0]  # 1 epoch = 400 / 8 = 50 steps
     assert 0.0 <= summary["monitor/knn_top1"] <= 1.0 and summary["monitor/knn_chance"] == pytest.approx(0.1)
     assert not any(k.startswith("zeroshot/") for k in summary)  # no text tower was trained
+    assert summary["objective"] == "dino" and summary["loss"] is None  # no image-text loss in a standalone run
 
 
 def test_siglip_with_aux_simclr_run_logs_both_terms(tmp_path, synthetic_data):
@@ -94,6 +95,7 @@ def test_siglip_with_aux_simclr_run_logs_both_terms(tmp_path, synthetic_data):
     for r in steps:
         assert r["loss"] == pytest.approx(r["loss/contrastive"] + 0.5 * r["loss/simclr"], rel=1e-5)
     assert "monitor/knn_top1" in summary
+    assert summary["objective"] == "contrastive" and summary["loss"] == "siglip"
 
 
 @pytest.mark.parametrize("objective", ["simclr", "byol"])

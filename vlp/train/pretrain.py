@@ -420,7 +420,8 @@ class Trainer:
         done = len(self.losses)
         summary: dict[str, Any] = {
             "steps": cfg.train.steps, "world_size": world.world_size, "global_batch": self.global_batch,
-            "accum_steps": cfg.train.accum_steps, "engine": self.engine.kind, "loss": cfg.loss.name,
+            "accum_steps": cfg.train.accum_steps, "engine": self.engine.kind, "objective": cfg.objective,
+            "loss": cfg.loss.name if cfg.objective == "contrastive" else None,  # the image-text loss, if any
             "model": self.preset.name, "first_loss": self.losses[0] if done else None,
             "final_loss": self.losses[-1] if done else None, "train_time_s": train_time,
             "samples_per_s": self.global_batch * done / train_time if train_time > 0 else None,
