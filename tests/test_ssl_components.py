@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -252,12 +253,17 @@ def test_byol_teacher_follows_the_scheduled_ema():
         torch.testing.assert_close(t, m * t0 + (1 - m) * s)
 
 
-@pytest.mark.parametrize("name", ["simclr", "moco", "byol", "dino", "siglip-simclr"])
-def test_shipped_ssl_demo_configs_parse_and_build(name):
-    """Each configs/ssl/*-tiny.yaml parses, names a known preset, and builds its objective on that preset."""
-    from pathlib import Path
+SSL_DEMO_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "ssl").glob("*-tiny.yaml"))
 
-    path = Path(__file__).resolve().parents[1] / "configs" / "ssl" / f"{name}-tiny.yaml"
+
+def test_the_ssl_demo_configs_are_all_there():
+    assert [p.name for p in SSL_DEMO_CONFIGS] == ["byol-tiny.yaml", "dino-tiny.yaml", "moco-tiny.yaml",
+                                                  "siglip-simclr-tiny.yaml", "simclr-tiny.yaml"]
+
+
+@pytest.mark.parametrize("path", SSL_DEMO_CONFIGS, ids=lambda p: p.stem)
+def test_shipped_ssl_demo_configs_parse_and_build(path):
+    """Each configs/ssl/*-tiny.yaml parses, names a known preset, and builds its objective on that preset."""
     cfg = parse_cli(PretrainConfig, ["--config", str(path)], PRETRAIN_ALIASES)
     preset = load_preset(cfg.model.name)
     obj = OBJECTIVES[cfg.objective](cfg, build_model(preset), preset)
@@ -265,3 +271,12 @@ def test_shipped_ssl_demo_configs_parse_and_build(name):
     side = preset.vision_cfg["image_size"]
     assert len(views) == 2 + (cfg.ssl.dino.local_crops if cfg.objective == "dino" else 0)
     assert views[0].shape == views[1].shape == (3, side, side)
+
+
+def test_runs_are_named_for_what_they_train():
+    from vlp.train.pretrain import resolve_output_dir
+
+    dino = parse_cli(PretrainConfig, ["--objective", "dino"], PRETRAIN_ALIASES)
+    assert resolve_output_dir(dino).name.endswith("-dino")
+    clip = parse_cli(PretrainConfig, ["--loss", "clip", "--aux-ssl", "simclr"], PRETRAIN_ALIASES)
+    assert resolve_output_dir(clip).name.endswith("-clip")

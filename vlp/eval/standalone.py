@@ -54,7 +54,8 @@ def load_model(cfg: ZeroShotEvalConfig, device: torch.device) -> tuple[ZeroShotM
         model, run_cfg = load_trained_model(cfg.checkpoint)
         model.to(device)
         desc = {"type": "vlp", "checkpoint": str(cfg.checkpoint), "preset": run_cfg.model.name,
-                "loss": run_cfg.loss.name}
+                "objective": run_cfg.objective,
+                "loss": run_cfg.loss.name if run_cfg.objective == "contrastive" else None}
         return ZeroShotModel.from_dual_tower(model, description=desc), run_cfg
     import open_clip
 

@@ -75,9 +75,14 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def run_label(cfg: PretrainConfig) -> str:
+    """What a run trains, in a word: the image-text loss (clip, siglip) or the standalone SSL objective."""
+    return cfg.loss.name if cfg.objective == "contrastive" else cfg.objective
+
+
 def resolve_output_dir(cfg: PretrainConfig) -> Path:
-    """The run directory: ``output_dir`` or runs/<time>-<loss>, identical on every rank."""
-    name = cfg.output_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{cfg.loss.name}"
+    """The run directory: ``output_dir`` or runs/<time>-<loss or SSL objective>, identical on every rank."""
+    name = cfg.output_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{run_label(cfg)}"
     return Path(_broadcast_str(name))
 
 
@@ -248,10 +253,12 @@ class Trainer:
         self._batches = None
         if self.resume_from is not None:
             self._resume(self.resume_from)
-        log.info("training %s (%s) with %s/%s loss on %d process(es) [%s], global batch %d = %d x %d micro-batch(es) "
-                 "x %d, %d steps; outputs in %s", preset.name, cfg.objective, cfg.loss.name, cfg.loss.impl,
-                 world.world_size, self.engine.kind, self.global_batch, cfg.train.batch_size, cfg.train.accum_steps,
-                 world.world_size, cfg.train.steps, out_dir)
+        trains = (f"with {cfg.loss.name}/{cfg.loss.impl} loss" if cfg.objective == "contrastive"
+                  else "(image tower only)")
+        log.info("training %s (%s) %s on %d process(es) [%s], global batch %d = %d x %d micro-batch(es) x %d, "
+                 "%d steps; outputs in %s", preset.name, cfg.objective, trains, world.world_size, self.engine.kind,
+                 self.global_batch, cfg.train.batch_size, cfg.train.accum_steps, world.world_size, cfg.train.steps,
+                 out_dir)
 
     # ---------------------------------------------------------------------------------------------------- data
     def _build_loader(self):
