@@ -481,7 +481,12 @@ class PretrainConfig:
     aux_ssl_weight: float = 1.0
     """Weight of the auxiliary SSL term in the total loss."""
     output_dir: str | None = None
-    """Run directory; default runs/<time>-<loss>."""
+    """Run directory; default runs/<time>-<loss>, or runs/<time>-<objective> for a standalone SSL run."""
+
+    @property
+    def image_text_loss(self) -> str | None:
+        """The image-text loss this run trains (clip, siglip), or None for a standalone SSL objective."""
+        return self.loss.name if self.objective == "contrastive" else None
 
 
 PRETRAIN_ALIASES: dict[str, str] = {

@@ -55,7 +55,7 @@ def load_model(cfg: ZeroShotEvalConfig, device: torch.device) -> tuple[ZeroShotM
         model.to(device)
         desc = {"type": "vlp", "checkpoint": str(cfg.checkpoint), "preset": run_cfg.model.name,
                 "objective": run_cfg.objective,
-                "loss": run_cfg.loss.name if run_cfg.objective == "contrastive" else None}
+                "loss": run_cfg.image_text_loss}
         return ZeroShotModel.from_dual_tower(model, description=desc), run_cfg
     import open_clip
 

@@ -75,14 +75,9 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def run_label(cfg: PretrainConfig) -> str:
-    """What a run trains, in a word: the image-text loss (clip, siglip) or the standalone SSL objective."""
-    return cfg.loss.name if cfg.objective == "contrastive" else cfg.objective
-
-
 def resolve_output_dir(cfg: PretrainConfig) -> Path:
     """The run directory: ``output_dir`` or runs/<time>-<loss or SSL objective>, identical on every rank."""
-    name = cfg.output_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{run_label(cfg)}"
+    name = cfg.output_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{cfg.image_text_loss or cfg.objective}"
     return Path(_broadcast_str(name))
 
 
@@ -253,8 +248,7 @@ class Trainer:
         self._batches = None
         if self.resume_from is not None:
             self._resume(self.resume_from)
-        trains = (f"with {cfg.loss.name}/{cfg.loss.impl} loss" if cfg.objective == "contrastive"
-                  else "(image tower only)")
+        trains = f"with {cfg.image_text_loss}/{cfg.loss.impl} loss" if cfg.image_text_loss else "(image tower only)"
         log.info("training %s (%s) %s on %d process(es) [%s], global batch %d = %d x %d micro-batch(es) x %d, "
                  "%d steps; outputs in %s", preset.name, cfg.objective, trains, world.world_size, self.engine.kind,
                  self.global_batch, cfg.train.batch_size, cfg.train.accum_steps, world.world_size, cfg.train.steps,
@@ -428,7 +422,7 @@ class Trainer:
         summary: dict[str, Any] = {
             "steps": cfg.train.steps, "world_size": world.world_size, "global_batch": self.global_batch,
             "accum_steps": cfg.train.accum_steps, "engine": self.engine.kind, "objective": cfg.objective,
-            "loss": cfg.loss.name if cfg.objective == "contrastive" else None,  # the image-text loss, if any
+            "loss": cfg.image_text_loss,
             "model": self.preset.name, "first_loss": self.losses[0] if done else None,
             "final_loss": self.losses[-1] if done else None, "train_time_s": train_time,
             "samples_per_s": self.global_batch * done / train_time if train_time > 0 else None,
