@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
@@ -29,7 +28,7 @@ from adapters.model import LlavaAdapter, caption_loss, caption_token_losses
 from adapters.projector import build_projector, check_llava_projector
 from adapters.vision import SELECT_TO_HF, FrozenVisionTower, load_vision_tower
 from vlp.config import ConfigError, OptimConfig, save_yaml
-from vlp.distributed import world_info
+from vlp.distributed import all_reduce_sum, broadcast_object, world_info
 from vlp.train.metrics import MetricsWriter
 from vlp.train.optim import build_scheduler
 
@@ -107,13 +106,6 @@ def build_adapter(cfg: AdapterConfig, frozen_dtype: torch.dtype = torch.float32)
     return AdapterParts(model, tower, llm, collator)
 
 
-def _all_reduce_sum(values: list[float], device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(t)
-    return t.tolist()
-
-
 @torch.no_grad()
 def held_out_loss(model: LlavaAdapter, batches: list[dict[str, torch.Tensor]], device, autocast,
                   text_only: bool = False) -> float:
@@ -138,7 +130,7 @@ def held_out_loss(model: LlavaAdapter, batches: list[dict[str, torch.Tensor]], d
         s, n = caption_token_losses(logits, labels)
         total, count = total + float(s), count + float(n)
     model.train(was_training)
-    total, count = _all_reduce_sum([total, count], device)
+    total, count = all_reduce_sum([total, count], device)
     return total / max(count, 1.0)
 
 
@@ -192,14 +184,6 @@ def configure_deepspeed(accelerator: Accelerator, cfg: AdapterConfig, world_size
              micro, world_size)
 
 
-def _broadcast_str(value: str) -> str:
-    if dist.is_available() and dist.is_initialized():
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-    return value
-
-
 def resolve_data(cfg: AdapterConfig, accelerator: Accelerator) -> tuple[str, str | None]:
     """(train shards, held-out shards): the user's, or the embedded synthetic set (written by rank 0 first)."""
     if cfg.data.train_shards:
@@ -240,7 +224,7 @@ def run_adapter_training(cfg: AdapterConfig, parts: AdapterParts | None = None) 
     accelerator = build_accelerator(cfg, mp)
     world = world_info()
     set_seed(cfg.train.seed)
-    out_dir = Path(_broadcast_str(cfg.output_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-adapter"))
+    out_dir = Path(broadcast_object(cfg.output_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-adapter"))
     if world.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_yaml(cfg, out_dir / "config.yaml")

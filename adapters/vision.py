@@ -320,7 +320,7 @@ def load_vision_tower(tower: str | None, preset: str = "tiny", feature_layer: in
         model, processor = load_hf_vision_model(path)
         return HFTower(model, processor, {"kind": "hf", "path": str(path)}, feature_layer, select).freeze()
     if path.exists():
-        from vlp.train.checkpoint import load_trained_model
+        from vlp.checkpointing import load_trained_model
 
         model, cfg = load_trained_model(path)
         source = {"kind": "vlp", "path": str(path), "preset": cfg.model.name}

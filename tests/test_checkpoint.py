@@ -19,16 +19,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from vlp.config import ConfigError
-from vlp.train.checkpoint import (
+from vlp.checkpointing import (
     TRAINER_STATE,
-    CheckpointManager,
     list_checkpoints,
     load_trained_model,
     read_latest,
     resolve_resume,
     write_latest,
 )
+from vlp.config import ConfigError
+from vlp.train.checkpoint import CheckpointManager
 from vlp.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]

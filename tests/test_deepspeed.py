@@ -87,7 +87,7 @@ def _skip_nonfinite_grad(rank: int, world: int, backends: list[str], shards: str
 
 @pytest.mark.slow
 def test_zero2_zero3_ddp_and_one_process_same_losses_and_zero3_export(synthetic_data, tmp_path):
-    from vlp.train.checkpoint import load_trained_model
+    from vlp.checkpointing import load_trained_model
     from vlp.train.pretrain import Trainer
 
     shards, root = synthetic_data.train_shards, str(tmp_path)

@@ -219,8 +219,8 @@ def _save_open_clip_dir(model, root: Path) -> tuple[Path, Path, str]:
 
 
 def test_open_clip_models_and_vlp_checkpoints_give_the_same_results(model, copies, tmp_path):
+    from vlp.checkpointing import atomic_save
     from vlp.eval.standalone import run_zeroshot_eval
-    from vlp.train.checkpoint import atomic_save
 
     run_dir = tmp_path / "run"
     run_cfg = PretrainConfig()

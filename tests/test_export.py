@@ -635,7 +635,7 @@ def test_mixed_layer_norm_eps_is_refused():
 def test_export_cli_every_format_and_import_back(tmp_path, capsys):
     from transformers import CLIPModel, CLIPVisionModelWithProjection
 
-    from vlp.train.checkpoint import load_trained_model
+    from vlp.checkpointing import load_trained_model
 
     model = make_model("tiny", loss="clip")
     cfg = PretrainConfig()

@@ -12,10 +12,10 @@ from accelerate.utils import set_seed
 
 from tests.distributed_harness import run_distributed
 from tests.helpers import reset_accelerate
+from vlp.checkpointing import load_trained_model
 from vlp.config import PRETRAIN_ALIASES, LossConfig, PretrainConfig, parse_cli
 from vlp.losses import build_loss
 from vlp.model import build_model, load_preset
-from vlp.train.checkpoint import load_trained_model
 from vlp.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]

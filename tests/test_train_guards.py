@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from tests.helpers import reset_accelerate
+from vlp.checkpointing import TRAINER_STATE, consolidated_state_dict, dualtower_state, read_latest
 from vlp.config import PRETRAIN_ALIASES, PretrainConfig, parse_cli
-from vlp.train.checkpoint import TRAINER_STATE, consolidated_state_dict, dualtower_state, read_latest
 from vlp.train.guards import FaultInjector, NonFiniteGuard, TrainingDiverged
 from vlp.train.metrics import read_metrics
 

@@ -1,4 +1,5 @@
-"""World information and the collective operations the losses need, with correct gradients.
+"""World information, the process-group helpers every package shares, and the collectives the losses need (with
+correct gradients).
 
 World size and rank always come from torch.distributed when it is initialised: accelerate under DeepSpeed on
 CPU reports a single process although the process group holds the full world.
@@ -8,10 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch.distributed import ProcessGroup
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,66 @@ def world_info(group: ProcessGroup | None = None) -> WorldInfo:
     if dist.is_available() and dist.is_initialized():
         return WorldInfo(rank=dist.get_rank(group), world_size=dist.get_world_size(group))
     return WorldInfo()
+
+
+def is_distributed() -> bool:
+    """Whether a torch.distributed process group of more than one process is running."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def barrier() -> None:
+    """Wait for every process (no-op on one process)."""
+    if is_distributed():
+        dist.barrier()
+
+
+def broadcast_object(value: T) -> T:
+    """Rank 0's ``value`` (any picklable object) on every rank (identity on one process)."""
+    if is_distributed():
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return value
+
+
+def comm_device(device: torch.device) -> torch.device:
+    """Where tensors for a collective must live: the compute device under NCCL, the CPU under gloo."""
+    return device if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def all_reduce_sum(values: Sequence[float], device: torch.device | None = None) -> list[float]:
+    """Element-wise sums of ``values`` over all ranks, in float64 (identity on one process)."""
+    if not is_distributed():
+        return [float(v) for v in values]
+    t = torch.tensor(list(values), dtype=torch.float64, device=comm_device(device or torch.device("cpu")))
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def all_gather_objects(obj: T) -> list[T]:
+    """Every rank's ``obj``, in rank order, on every rank."""
+    if not is_distributed():
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def all_gather_rows(x: torch.Tensor, device: torch.device | None = None) -> list[torch.Tensor]:
+    """Every rank's [n_r, ...] tensor (n_r may differ between ranks), on every rank, on the CPU."""
+    if not is_distributed():
+        return [x]
+    world = dist.get_world_size()
+    cdev = comm_device(device or x.device)
+    n = torch.tensor([x.shape[0]], device=cdev)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n)
+    sizes_i = [int(s) for s in sizes]
+    padded = torch.zeros((max(sizes_i), *x.shape[1:]), dtype=x.dtype, device=cdev)
+    padded[: x.shape[0]] = x.to(cdev)
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return [p[:s].cpu() for p, s in zip(parts, sizes_i)]
 
 
 class _AllGatherWithGrad(torch.autograd.Function):

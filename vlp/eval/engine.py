@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from vlp.distributed import all_gather_objects, all_gather_rows, comm_device
 from vlp.eval.retrieval import retrieval_metrics
 from vlp.eval.sources import ImageSource
 from vlp.eval.zeroshot import (
@@ -166,38 +167,10 @@ def _world(distributed: bool) -> tuple[int, int]:
     return 0, 1
 
 
-def _comm_device(device: torch.device) -> torch.device:
-    return device if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
-def _all_gather_objects(obj: Any, world: int) -> list[Any]:
-    if world == 1:
-        return [obj]
-    out: list[Any] = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def _all_gather_rows(x: torch.Tensor, world: int, device: torch.device) -> list[torch.Tensor]:
-    """Every rank's [n_r, D] tensor (n_r may differ), on every rank, on the CPU."""
-    if world == 1:
-        return [x]
-    cdev = _comm_device(device)
-    n = torch.tensor([x.shape[0]], device=cdev)
-    sizes = [torch.zeros_like(n) for _ in range(world)]
-    dist.all_gather(sizes, n)
-    sizes_i = [int(s) for s in sizes]
-    padded = torch.zeros((max(sizes_i), *x.shape[1:]), dtype=x.dtype, device=cdev)
-    padded[: x.shape[0]] = x.to(cdev)
-    parts = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(parts, padded)
-    return [p[:s].cpu() for p, s in zip(parts, sizes_i)]
-
-
 def _max_over_ranks(value: int, world: int, device: torch.device) -> int:
     if world == 1:
         return value
-    t = torch.tensor([value], device=_comm_device(device))
+    t = torch.tensor([value], device=comm_device(device))
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return int(t)
 
@@ -205,7 +178,7 @@ def _max_over_ranks(value: int, world: int, device: torch.device) -> int:
 @contextlib.contextmanager
 def preserved_state(module: nn.Module) -> Iterator[None]:
     """Eval mode, no autograd, and every RNG (python, numpy, torch, CUDA) restored on exit."""
-    from vlp.train.checkpoint import rng_state, set_rng_state
+    from vlp.checkpointing import rng_state, set_rng_state
 
     state = rng_state()
     was_training = module.training
@@ -274,7 +247,7 @@ def encode_texts_split(model: ZeroShotModel, texts: Sequence[str], batch_size: i
         tokens = model.tokenizer(mine[i : i + batch_size]).to(model.device)
         out.append(F.normalize(model.encode_text(tokens).float(), dim=-1).cpu())
     local = torch.cat(out)
-    return torch.cat(_all_gather_rows(local, world, model.device))[:n]
+    return torch.cat(all_gather_rows(local, model.device) if world > 1 else [local])[:n]
 
 
 @dataclass
@@ -312,7 +285,7 @@ def encode_source(model: ZeroShotModel, source: ImageSource, options: EvalOption
             meta.append((i, key, labels, caps))
             if i < options.num_examples:
                 examples[i] = _to_display(xi, model.preprocess)
-    all_meta = _all_gather_objects((meta, skipped, shape, examples), world)
+    all_meta = all_gather_objects((meta, skipped, shape, examples)) if world > 1 else [(meta, skipped, shape, examples)]
     shape = next((m[2] for m in all_meta if m[2] is not None), None)
     if shape is None:
         raise ValueError(f"no decodable images in source {source.name!r}")
@@ -322,7 +295,7 @@ def encode_source(model: ZeroShotModel, source: ImageSource, options: EvalOption
     dim = _max_over_ranks(local.shape[1] if feats else 0, world, model.device)
     if not feats:
         local = torch.zeros((0, dim))
-    parts = _all_gather_rows(local, world, model.device)
+    parts = all_gather_rows(local, model.device) if world > 1 else [local]
     rows = [(m, f) for (rank_meta, *_), p in zip(all_meta, parts) for m, f in zip(rank_meta, p)]
     rows.sort(key=lambda r: r[0][0])
     merged_examples: dict[int, np.ndarray] = {}

@@ -49,7 +49,7 @@ def init_distributed_from_env(device: torch.device) -> None:
 def load_model(cfg: ZeroShotEvalConfig, device: torch.device) -> tuple[ZeroShotModel, Any]:
     """The model to evaluate and, for a vlp checkpoint, its run's PretrainConfig (else None)."""
     if cfg.checkpoint:
-        from vlp.train.checkpoint import load_trained_model
+        from vlp.checkpointing import load_trained_model
 
         model, run_cfg = load_trained_model(cfg.checkpoint)
         model.to(device)

@@ -622,8 +622,8 @@ def save_imported(model: DualTower, loss: LossConfig, out_dir: str | Path, overw
     ``scripts/pretrain.py --config DIR/config.yaml`` fine-tunes it and ``load_trained_model(DIR)`` reloads it."""
     import yaml
 
+    from vlp.checkpointing import atomic_save
     from vlp.config import ModelConfig, PretrainConfig, to_dict
-    from vlp.train.checkpoint import atomic_save
 
     out = prepare_output_dir(out_dir, overwrite).resolve()
     preset = model.preset

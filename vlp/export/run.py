@@ -54,7 +54,7 @@ def run_export(cfg: ExportConfig) -> Path:
         log.info("imported %s into %s (fine-tune: scripts/pretrain.py --config %s/config.yaml)", cfg.checkpoint,
                  out, out)
         return out
-    from vlp.train.checkpoint import load_trained_model
+    from vlp.checkpointing import load_trained_model
 
     model, _ = load_trained_model(cfg.checkpoint)
     model.eval()

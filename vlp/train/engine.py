@@ -25,7 +25,7 @@ import torch
 from accelerate import Accelerator
 
 from vlp.config import ConfigError, PretrainConfig
-from vlp.distributed import WorldInfo
+from vlp.distributed import WorldInfo, world_info
 from vlp.model import ModelPreset
 from vlp.preflight import DEEPSPEED_CONFIG_NAMES, resolve_deepspeed_config  # noqa: F401 - re-exported
 from vlp.train.objective import Objective, to_device
@@ -315,7 +315,7 @@ class NativeEngine(TrainEngine):
         self.optimizer.zero_grad(set_to_none=True)
 
     def save(self, directory: Path) -> None:
-        if _rank() == 0:  # one copy (DDP replicas are identical)
+        if world_info().is_main:  # one copy (DDP replicas are identical)
             torch.save(self.objective.state_dict(), directory / "objective.pt")
             torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
 
@@ -418,12 +418,6 @@ class DeepSpeedTrainEngine(TrainEngine):
                                               load_lr_scheduler_states=False)
         if path is None:
             raise ConfigError(f"{directory}: DeepSpeed could not load its checkpoint (tag {self.TAG!r})")
-
-
-def _rank() -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def build_engine(accelerator: Accelerator, objective: Objective, optimizer: torch.optim.Optimizer,

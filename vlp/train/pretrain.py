@@ -24,17 +24,8 @@ from tqdm.auto import tqdm
 
 from data_pipelines.loader import build_eval_samples, build_train_loader
 from data_pipelines.synthetic import ensure_synthetic_data
-from vlp.config import ConfigError, PretrainConfig, save_yaml, to_dict
-from vlp.distributed import world_info
-from vlp.eval.during_training import TrainingEvaluator
-from vlp.eval.zeroshot import encode_images, evaluate_label_families
-from vlp.model import DualTower, build_model, build_tokenizer, build_transforms, load_preset
-from vlp.preflight import check_shards_exist
-from vlp.ssl import monitor as _ssl_monitor  # registers the SSL objectives and auxiliary terms too
-from vlp.train import contrastive as _contrastive  # noqa: F401 - registers the objective
-from vlp.train.checkpoint import (
+from vlp.checkpointing import (
     TRAINER_STATE,
-    CheckpointManager,
     dualtower_state,
     export_model,
     resolve_resume,
@@ -42,6 +33,15 @@ from vlp.train.checkpoint import (
     run_dir_of,
     set_rng_state,
 )
+from vlp.config import ConfigError, PretrainConfig, save_yaml, to_dict
+from vlp.distributed import barrier, broadcast_object, world_info
+from vlp.eval.during_training import TrainingEvaluator
+from vlp.eval.zeroshot import encode_images, evaluate_label_families
+from vlp.model import DualTower, build_model, build_tokenizer, build_transforms, load_preset
+from vlp.preflight import check_shards_exist
+from vlp.ssl import monitor as _ssl_monitor  # registers the SSL objectives and auxiliary terms too
+from vlp.train import contrastive as _contrastive  # noqa: F401 - registers the objective
+from vlp.train.checkpoint import CheckpointManager
 from vlp.train.engine import StepOutcome, TrainEngine, build_accelerator, build_engine
 from vlp.train.gradcache import accumulate_step
 from vlp.train.guards import FaultInjector, NonFiniteGuard, TrainingDiverged
@@ -62,23 +62,10 @@ class DataSources:
     templates: dict[str, list[str]] | None = None
 
 
-def _broadcast_str(value: str) -> str:
-    if dist.is_available() and dist.is_initialized():
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-    return value
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
 def resolve_output_dir(cfg: PretrainConfig) -> Path:
     """The run directory: ``output_dir`` or runs/<time>-<loss or SSL objective>, identical on every rank."""
     name = cfg.output_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{cfg.image_text_loss or cfg.objective}"
-    return Path(_broadcast_str(name))
+    return Path(broadcast_object(name))
 
 
 def resolve_data(cfg: PretrainConfig, accelerator: Accelerator) -> DataSources:
@@ -91,7 +78,7 @@ def resolve_data(cfg: PretrainConfig, accelerator: Accelerator) -> DataSources:
     if main:
         synth = ensure_synthetic_data(cfg.data.synthetic_dir, cfg.data.synthetic_train_samples,
                                       cfg.data.synthetic_eval_samples, seed=0)
-    _barrier()
+    barrier()
     if not main:
         synth = ensure_synthetic_data(cfg.data.synthetic_dir, cfg.data.synthetic_train_samples,
                                       cfg.data.synthetic_eval_samples, seed=0)
@@ -126,7 +113,7 @@ def load_pretrained_weights(model: DualTower, path: str) -> None:
     or a run / checkpoint directory of this project."""
     p = Path(path)
     if p.is_dir():
-        from vlp.train.checkpoint import load_trained_model
+        from vlp.checkpointing import load_trained_model
 
         state = load_trained_model(p)[0].state_dict()
     elif p.suffix == ".safetensors" and p.is_file():
@@ -239,7 +226,7 @@ class Trainer:
         self.engine: TrainEngine = build_engine(self.accelerator, self.objective, optimizer, cfg, world, preset)
         self.guard = NonFiniteGuard(cfg.train.max_nonfinite_steps)
         self.faults = FaultInjector()
-        self.checkpoints = CheckpointManager(out_dir, cfg.checkpoint.keep, world.rank, _barrier,
+        self.checkpoints = CheckpointManager(out_dir, cfg.checkpoint.keep, world.rank, barrier,
                                              before_commit=lambda s: self.faults.maybe_kill("sigkill-checkpoint", s))
         self.metrics = MetricsWriter(out_dir, enabled=world.is_main)
         self.step = 0
@@ -435,7 +422,7 @@ class Trainer:
         if world.is_main:
             state = None
             if self.engine.kind == "deepspeed" and self.last_checkpoint is not None:
-                from vlp.train.checkpoint import consolidated_state_dict
+                from vlp.checkpointing import consolidated_state_dict
 
                 state = dualtower_state(consolidated_state_dict(self.last_checkpoint))
                 final_model = build_model(self.preset, cfg.loss).to(self.accelerator.device)
@@ -452,7 +439,7 @@ class Trainer:
             (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
             self.metrics.log(cfg.train.steps, {k: v for k, v in summary.items() if k.startswith("zeroshot/")})
         self.metrics.close()
-        _barrier()
+        barrier()
         summary["output_dir"] = str(self.out_dir)
         summary["is_main"] = world.is_main
         return summary
