@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from vlp.config import ConfigError
+from vlp.config import CheckpointConfig, ConfigError, DataConfig, OptimConfig, TrainConfig
 
 
 @dataclass
@@ -71,83 +71,49 @@ class ProjectorConfig:
 
 
 @dataclass
-class AdapterDataConfig:
-    """Image-caption shards."""
+class AdapterDataConfig(DataConfig):
+    """Image-caption shards (the common data section, with the adapter's defaults and its held-out loss size)."""
 
-    train_shards: str | None = None
-    """WebDataset shard spec (brace patterns allowed). None: the embedded synthetic set."""
-    eval_shards: str | None = None
-    """Held-out shards for the caption loss; None with synthetic data: its held-out split."""
+    synthetic_train_samples: int = 40000
     eval_samples: int = 128
     """How many held-out pairs (the first ones, in order) the evaluation loss averages over; 0 disables it."""
-    synthetic_dir: str | None = None
-    synthetic_train_samples: int = 40000
-    synthetic_eval_samples: int = 1000
-    caption_key: str = "txt"
-    """Where the caption lives: 'txt', or 'json:FIELD' for a field of the json member."""
-    workers: int = 2
-    shuffle_buffer: int = 1000
-    sharding: Literal["per_rank", "global_batch"] = "per_rank"
-    """per_rank: each rank draws its own shards (the usual, cheapest reading). global_batch: every rank reads
-    the same seeded stream and keeps its slice of each global batch, so the samples of a step do not depend on
-    the number of processes (used to check multi-process runs against one process)."""
 
     def __post_init__(self) -> None:
-        if self.workers < 0:
-            raise ConfigError(f"data.workers must be >= 0, got {self.workers}")
+        super().__post_init__()
         if self.eval_samples < 0:
             raise ConfigError(f"data.eval_samples must be >= 0, got {self.eval_samples}")
 
 
 @dataclass
-class AdapterOptimConfig:
-    """AdamW on the projector, linear warmup then cosine."""
+class AdapterOptimConfig(OptimConfig):
+    """AdamW on the projector, linear warmup then cosine (LLaVA stage 1: lr 1e-3, no weight decay, 3% warmup)."""
 
     lr: float = 1e-3
     weight_decay: float = 0.0
-    beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8
-    warmup_ratio: float = 0.03
-    """Fraction of the steps spent warming up (rounded up to whole steps)."""
-    min_lr_ratio: float = 0.0
-    grad_clip: float | None = 1.0
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ConfigError(f"optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.lr <= 0:
-            raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
+    warmup_ratio: float | None = 0.03
+    """Fraction of the steps spent warming up (rounded up to whole steps); None: optim.warmup_steps."""
 
 
 @dataclass
-class AdapterTrainConfig:
-    """Run length, batch and bookkeeping."""
+class AdapterTrainConfig(TrainConfig):
+    """Run length, batch and bookkeeping (the common train section with the adapter's defaults)."""
 
     steps: int = 300
     """Optimiser steps; 0 trains nothing (with projector.init and export.format llava: export only)."""
     batch_size: int = 32
     """Per-process batch size."""
-    seed: int = 0
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """auto: bf16 on GPU, fp32 on CPU."""
-    log_every: int = 10
     eval_every: int = 100
     """Held-out caption loss every this many steps (and always before the first and after the last)."""
-    save_every: int = 0
-    """Projector checkpoint every this many steps (0: only at the end)."""
-    deepspeed: str | None = None
-    """A DeepSpeed JSON (path, or a name in configs/deepspeed/: zero0..zero3, zero3_offload) to train under, as an
-    alternative to an accelerate launch config with distributed_type DEEPSPEED."""
 
     def __post_init__(self) -> None:
         if self.steps < 0:
             raise ConfigError(f"train.steps must be >= 0, got {self.steps}")
-        if self.batch_size < 1:
-            raise ConfigError(f"train.batch_size must be >= 1, got {self.batch_size}")
-        for name in ("log_every", "eval_every", "save_every"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.eval_every < 0:
+            raise ConfigError(f"train.eval_every must be >= 0, got {self.eval_every}")
+        if self.steps:
+            super().__post_init__()
 
 
 @dataclass
@@ -171,9 +137,13 @@ class AdapterConfig:
     data: AdapterDataConfig = field(default_factory=AdapterDataConfig)
     optim: AdapterOptimConfig = field(default_factory=AdapterOptimConfig)
     train: AdapterTrainConfig = field(default_factory=AdapterTrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoints of the projector and its optimiser (the frozen tower and LLM are rebuilt from this config)."""
     export: AdapterExportConfig = field(default_factory=AdapterExportConfig)
+    objective: str = "llava-projector"
+    """The registered objective this config trains (adapters/objective.py)."""
     output_dir: str | None = None
-    """Run directory; default runs/<time>-adapter."""
+    """Run directory; default runs/<time>-llava-projector."""
 
     def __post_init__(self) -> None:
         from adapters.projector import check_llava_projector, projector_depth
@@ -201,4 +171,8 @@ ADAPTER_ALIASES: dict[str, str] = {
     "eval-shards": "data.eval_shards",
     "workers": "data.workers",
     "deepspeed": "train.deepspeed",
+    "resume": "checkpoint.resume",
+    "checkpoint-every": "checkpoint.every",
+    "keep-checkpoints": "checkpoint.keep",
+    "eval-every": "train.eval_every",
 }

@@ -9,7 +9,7 @@ and the image positions, so only the caption and its end token are learnt. Batch
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -130,49 +130,6 @@ class CaptionCollator:
     def text_only(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """The captions of ``samples`` without the image: input_ids, attention_mask, labels."""
         return self.pad([self.encode(s["text"], with_image=False) for s in samples])
-
-
-def _global_batch_slice(batch_size: int, rank: int, world_size: int) -> Callable[[Iterator[dict]], Iterator[dict]]:
-    """Keep this rank's (and this loader worker's) part of every global batch of a stream that all ranks share.
-
-    Sample i of the shared stream is in global batch g = i // (batch_size * world_size), at rank slot
-    (i mod batch_size * world_size) // batch_size; worker w of W handles the global batches with g mod W == w,
-    which the DataLoader's round-robin over workers returns in order. Nothing is decoded before this filter.
-    """
-    def stage(samples: Iterator[dict]) -> Iterator[dict]:
-        info = torch.utils.data.get_worker_info()
-        worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        global_batch = batch_size * world_size
-        for i, sample in enumerate(samples):
-            g, slot = divmod(i, global_batch)
-            if g % num_workers == worker and slot // batch_size == rank:
-                yield sample
-    return stage
-
-
-def build_caption_loader(shards: str, image_transform: Callable, collator: CaptionCollator, batch_size: int, *,
-                         seed: int = 0, rank: int = 0, world_size: int = 1, workers: int = 1,
-                         shuffle_buffer: int = 1000, caption_key: str = "txt",
-                         sharding: str = "per_rank") -> wds.WebLoader:
-    """An infinite, resampled stream of adapter batches (see :class:`adapters.config.AdapterDataConfig`)."""
-    if sharding == "per_rank":
-        head = [wds.ResampledShards(shards, seed=seed, deterministic=True),  # worker seed: rank * 1000 + worker
-                wds.tarfile_to_samples(handler=wds.warn_and_continue),
-                wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=seed * 7919 + rank)]
-    elif sharding == "global_batch":
-        head = [wds.ResampledShards(shards, seed=seed, deterministic=True, worker_seed=lambda: 0),
-                wds.tarfile_to_samples(handler=wds.warn_and_continue),
-                wds.shuffle(shuffle_buffer, initial=min(shuffle_buffer, 100), seed=seed * 7919),
-                _global_batch_slice(batch_size, rank, world_size)]
-    else:
-        raise ConfigError(f"data.sharding={sharding!r} is not valid; valid: per_rank, global_batch")
-    pipeline = wds.DataPipeline(
-        *head,
-        decode_image_text(caption_key, seed=seed),
-        wds.map(lambda s: {"pixel_values": image_transform(s["image"]), "text": s["text"]}),
-        wds.batched(batch_size, collation_fn=collator, partial=False),
-    )
-    return wds.WebLoader(pipeline, batch_size=None, num_workers=workers, persistent_workers=workers > 0)
 
 
 def held_out_batches(shards: str, image_transform: Callable, collator: CaptionCollator, num_samples: int,

@@ -12,7 +12,7 @@ The recipes follow the reference implementations:
   96 px at 224) get blur p=0.5 and no solarisation.
 
 Blur sigmas are given for 224 px images (0.1-2.0) and scale with the image side, so a 64 px tiny preset sees the
-same relative blur. Views are returned as a list of tensors; ``vlp.train.objective.collate`` turns a batch of such
+same relative blur. Views are returned as a list of tensors; ``data_pipelines.collate.collate`` turns a batch of such
 lists into one batched tensor per view.
 """
 

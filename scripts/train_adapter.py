@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 
+import adapters.objective  # noqa: F401 - registers the llava-projector objective
 from adapters.config import ADAPTER_ALIASES, AdapterConfig
 from vlp.cli import run_cli, setup_logging
 from vlp.config import parse_cli
@@ -15,12 +16,17 @@ def main(argv: list[str]) -> int:
     cfg = parse_cli(AdapterConfig, argv, ADAPTER_ALIASES, prog="train_adapter.py")
     relaunch_on_cpu_if_requested(__file__, argv)
     setup_logging()
-    from adapters.train import run_adapter_training
+    from vlp.train.guards import TrainingDiverged
+    from vlp.train.trainer import run_training
 
-    s = run_adapter_training(cfg)
+    try:
+        s = run_training(cfg)
+    except TrainingDiverged as e:
+        print(f"train_adapter.py: {e}", file=sys.stderr)
+        return 3
     if not s["is_main"]:
         return 0
-    curve = s["eval_caption_loss"]
+    curve = s.get("eval_caption_loss", [])
     if len(curve) > 1:
         print(f"held-out caption loss {curve[0][1]:.4f} -> {curve[-1][1]:.4f} "
               f"({100 * s['eval_loss_drop']:.1f}% lower) after {s['steps']} steps")

@@ -247,17 +247,17 @@ def test_adapter_configs_and_cli_errors():
 def test_llava_projector_refused_before_training(tmp_path):
     """A config changed after parsing is checked again before anything is built or trained."""
     from adapters.config import AdapterConfig
-    from adapters.train import run_adapter_training
+    from vlp.train.trainer import run_training
 
     cfg = AdapterConfig(output_dir=str(tmp_path / "run"))
     cfg.projector.type, cfg.export.format = "mlp4x_gelu", "llava"
     with pytest.raises(ConfigError, match="'mlp4x_gelu' cannot be exported.*--format projector"):
-        run_adapter_training(cfg)
+        run_training(cfg)
     assert not (tmp_path / "run").exists()  # refused before the run directory was made
 
 
 def test_precision_bf16_on_gpu_fp32_on_cpu(monkeypatch):
-    from adapters.train import compute_dtype
+    from adapters.objective import compute_dtype
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert compute_dtype("auto") == ("no", torch.float32)

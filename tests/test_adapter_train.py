@@ -14,10 +14,13 @@ import torch
 from adapters.config import ADAPTER_ALIASES, AdapterConfig
 from adapters.export import load_projector_state
 from adapters.llm import ensure_tiny_llm
+from adapters.objective import build, build_adapter
 from adapters.projector import build_projector
-from adapters.train import build_adapter, run_adapter_training
+from tests.helpers import losses_after_last_resume
 from vlp.config import from_dict, parse_cli
+from vlp.distributed import world_info
 from vlp.train.optim import warmup_cosine
+from vlp.train.trainer import run_training
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,7 +51,7 @@ def test_projector_learns_while_tower_and_llm_stay_bit_identical(tmp_path, synth
     parts = build_adapter(cfg)
     before = {name: {k: v.clone() for k, v in module.state_dict().items()}
               for name, module in (("tower", parts.tower), ("llm", parts.llm.model), ("proj", parts.model.projector))}
-    summary = run_adapter_training(cfg, parts)
+    summary = run_training(cfg, build(cfg, world_info(), parts))
 
     for name, module in (("tower", parts.tower), ("llm", parts.llm.model)):
         after = module.state_dict()
@@ -74,7 +77,7 @@ def test_projector_learns_while_tower_and_llm_stay_bit_identical(tmp_path, synth
     again = _cfg(synthetic_data, tiny_llm, tmp_path / "export", steps=0)
     again.projector.init = str(tmp_path / "run")
     again.export.format = "llava"
-    s0 = run_adapter_training(again)
+    s0 = run_training(again)
     assert s0["eval_caption_loss"][0][1] == pytest.approx(last, abs=1e-6) and s0["first_loss"] is None
     llava = LlavaForConditionalGeneration.from_pretrained(tmp_path / "export" / "llava")
     assert torch.equal(llava.model.multi_modal_projector.linear_2.weight, saved["2.weight"])
@@ -88,20 +91,20 @@ def test_projector_learns_while_tower_and_llm_stay_bit_identical(tmp_path, synth
 @pytest.mark.slow
 def test_two_process_zero2_equals_one_process(tmp_path, synthetic_data, tiny_llm):
     """Same global batch (global_batch sharding): ZeRO-2 on 2 CPU processes vs plain AdamW on one process."""
-    common = ["--llm", str(tiny_llm), "--steps", "4", "--workers", "0", "--data.sharding", "global_batch",
+    common = ["--llm", str(tiny_llm), "--steps", "4", "--workers", "0", "--train.global_stream", "true",
               "--train-shards", synthetic_data.train_shards, "--eval-shards", synthetic_data.eval_shards,
               "--data.eval_samples", "16", "--data.shuffle_buffer", "100", "--train.log_every", "0"]
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     one_cfg = parse_cli(AdapterConfig, [*common, "--batch-size", "8", "--output-dir", str(tmp_path / "one")],
                         ADAPTER_ALIASES)
-    run_adapter_training(one_cfg)  # one process, plain AdamW, in this process
+    run_training(one_cfg)  # one process, plain AdamW, in this process
     accelerate = str(Path(sys.executable).with_name("accelerate"))
     two = subprocess.run([accelerate, "launch", "--config_file", "configs/accelerate/zero2.yaml", "--num_processes",
                           "2", "--mixed_precision", "no", "scripts/train_adapter.py", *common, "--batch-size", "4",
                           "--format", "llava", "--output-dir", str(tmp_path / "two")],
                          cwd=REPO, env=env, capture_output=True, text=True)
     assert two.returncode == 0, two.stderr[-3000:]
-    assert "under DeepSpeed" in two.stderr and "DeepSpeed ZeRO-2: micro batch 4 on 2 process(es)" in two.stderr
+    assert "DeepSpeed ZeRO stage 2, micro batch 4 x 1 accumulation x 2 processes" in two.stderr
 
     a, _ = load_projector_state(tmp_path / "one")
     b, _ = load_projector_state(tmp_path / "two")
@@ -117,11 +120,12 @@ def test_two_process_zero2_equals_one_process(tmp_path, synthetic_data, tiny_llm
     # what trained: plain AdamW in one process; a DeepSpeed engine with ZeRO-2's partitioned optimizer in two,
     # rank 0 holding about half of the fp32 master weights
     numel = sum(v.numel() for v in a.values())
-    print(f"engines: {s1['engine']} / {s2['engine']} (projector {numel} parameters)")
-    assert s1["engine"] == {"model": "LlavaAdapter", "optimizer": "AdamW"}
-    assert s2["engine"]["model"] == "DeepSpeedEngine" and s2["engine"]["zero_stage"] == 2
-    assert s2["engine"]["optimizer"] == "DeepSpeedZeroOptimizer"
-    assert numel // 2 <= s2["engine"]["fp32_partition_numel"] < numel
+    print(f"engines: {s1['engine_info']} / {s2['engine_info']} (projector {numel} parameters)")
+    e1, e2 = s1["engine_info"], s2["engine_info"]
+    assert (e1["kind"], e1["model"], e1["optimizer"]) == ("single", "AdapterObjective", "AdamW")
+    assert e2["model"] == "DeepSpeedEngine" and e2["zero_stage"] == 2
+    assert e2["optimizer"] == "DeepSpeedZeroOptimizer"
+    assert numel // 2 <= e2["fp32_partition_numel"] < numel
     assert s1["final_loss"] == pytest.approx(s2["final_loss"], abs=1e-5)
     assert s1["eval_caption_loss"][-1][1] == pytest.approx(s2["eval_caption_loss"][-1][1], abs=1e-5)
     # the 2-process run also exported a LLaVA folder holding the trained projector
@@ -145,3 +149,59 @@ def test_two_process_zero2_equals_one_process(tmp_path, synthetic_data, tiny_llm
     ref_tower = hf_vision_tower(load_vision_tower(None, "tiny", seed=0))[0].state_dict()
     got_tower = llava.model.vision_tower.state_dict()
     assert got_tower.keys() == ref_tower.keys() and all(torch.equal(got_tower[k], v) for k, v in ref_tower.items())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The adapter on the one engine: SIGKILL + --resume latest, 1 process and 2 processes under ZeRO-2
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _adapter_launch(args: list[str], processes: int, faults: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("VLP_FAULTS", None)
+    if faults:
+        env["VLP_FAULTS"] = faults
+    if processes == 1:
+        cmd = [sys.executable, "scripts/train_adapter.py", *args]
+    else:
+        accelerate = str(Path(sys.executable).with_name("accelerate"))
+        cmd = [accelerate, "launch", "--config_file", "configs/accelerate/zero2.yaml", "--num_processes",
+               str(processes), "--mixed_precision", "no", "scripts/train_adapter.py", *args]
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("processes", [1, 2], ids=["1proc", "2proc-zero2"])
+def test_sigkill_then_resume_latest_matches_an_uninterrupted_adapter_run(tmp_path, synthetic_data, tiny_llm,
+                                                                          processes):
+    """Killed at step 6 (checkpoints every 4), resumed with --resume latest: steps 5-8 equal the uninterrupted
+    run's, the projector too, and the checkpoints hold the projector and its optimiser only."""
+    from vlp.checkpointing import read_latest
+
+    args = ["--llm", str(tiny_llm), "--steps", "8", "--batch-size", str(8 // processes), "--workers", "0",
+            "--train-shards", synthetic_data.train_shards, "--eval-shards", synthetic_data.eval_shards,
+            "--data.eval_samples", "16", "--data.shuffle_buffer", "100", "--train.log_every", "0",
+            "--checkpoint-every", "4", "--eval-every", "0"]
+    ref, crash = tmp_path / "ref", tmp_path / "crash"
+    done = _adapter_launch([*args, "--output-dir", str(ref)], processes)
+    assert done.returncode == 0, done.stderr[-3000:]
+    killed = _adapter_launch([*args, "--output-dir", str(crash)], processes, faults="sigkill@6")
+    assert killed.returncode != 0 and read_latest(crash / "checkpoints").name == "step-00000004"
+    assert max(losses_after_last_resume(crash)) == 6
+    resumed = _adapter_launch([*args, "--output-dir", str(crash), "--resume", "latest"], processes)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    expect, got = losses_after_last_resume(ref), losses_after_last_resume(crash)
+    assert sorted(got) == sorted(expect) == list(range(1, 9))
+    rel = max(abs(got[s] - expect[s]) / abs(expect[s]) for s in range(5, 9))
+    a, _ = load_projector_state(ref)
+    b, _ = load_projector_state(crash)
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    print(f"{processes} process(es): resumed steps 5-8 vs uninterrupted: max relative loss difference {rel:.2e}, "
+          f"projector max |diff| {diff:.2e}")
+    assert rel <= 1e-6 and diff <= 1e-6
+    ckpt = read_latest(crash / "checkpoints")
+    if processes == 1:  # no frozen tower or LLM in the checkpoint: the projector's weights and nothing else
+        state = torch.load(ckpt / "objective.pt", weights_only=True)
+        assert sorted(state) == ["model.projector.0.bias", "model.projector.0.weight", "model.projector.2.bias",
+                                 "model.projector.2.weight"]

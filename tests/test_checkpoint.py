@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import losses_after_last_resume
 from vlp.checkpointing import (
     TRAINER_STATE,
     list_checkpoints,
@@ -122,16 +123,6 @@ def run_args(shards: str, out: Path, steps: int, every: int) -> list[str]:
     return ["--loss", "siglip", "--steps", str(steps), "--batch-size", "8", "--workers", "0", "--train-shards", shards,
             "--output-dir", str(out), "--warmup-steps", "3", "--eval.zeroshot", "false", "--checkpoint-every",
             str(every), "--checkpoint.keep", "2", "--seed", "0", "--model", "tiny"]
-
-
-def losses_after_last_resume(run: Path) -> dict[int, float]:
-    out: dict[int, float] = {}
-    for r in read_metrics(run / "metrics.jsonl"):
-        if "resumed_from_step" in r:
-            out = {s: v for s, v in out.items() if s <= r["resumed_from_step"]}
-        elif "loss" in r:
-            out[r["step"]] = r["loss"]
-    return out
 
 
 @pytest.mark.slow

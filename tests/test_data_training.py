@@ -33,7 +33,7 @@ def _broken_shards(root):
 
 
 def test_training_continues_over_bad_data_and_reports_the_counts(tmp_path, monkeypatch, caplog):
-    import vlp.train.pretrain as pretrain
+    import vlp.train.trainer as pretrain
 
     spec = _broken_shards(tmp_path / "shards")
     bars = []

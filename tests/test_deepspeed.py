@@ -40,7 +40,7 @@ def probe_batch() -> dict[str, torch.Tensor]:
 
 def _train_backends(rank: int, world: int, backends: list[str], shards: str, root: str) -> dict[str, dict]:
     """Train each backend in turn in this process group; per-step losses (+ probe outputs for ZeRO-3)."""
-    from vlp.train.pretrain import Trainer
+    from vlp.train.trainer import Trainer
 
     out: dict[str, dict] = {}
     for backend in backends:
@@ -61,7 +61,7 @@ def _train_backends(rank: int, world: int, backends: list[str], shards: str, roo
 
 def _skip_nonfinite_grad(rank: int, world: int, backends: list[str], shards: str, root: str) -> dict[str, dict]:
     """Per backend, steps 1-3 with a NaN gradient at step 2: the parameters must not move at step 2."""
-    from vlp.train.pretrain import Trainer
+    from vlp.train.trainer import Trainer
 
     out: dict[str, dict] = {}
     for backend in backends:
@@ -88,7 +88,7 @@ def _skip_nonfinite_grad(rank: int, world: int, backends: list[str], shards: str
 @pytest.mark.slow
 def test_zero2_zero3_ddp_and_one_process_same_losses_and_zero3_export(synthetic_data, tmp_path):
     from vlp.checkpointing import load_trained_model
-    from vlp.train.pretrain import Trainer
+    from vlp.train.trainer import Trainer
 
     shards, root = synthetic_data.train_shards, str(tmp_path)
     names = ["ddp", "zero2", "zero3", "zero3-accum"]
@@ -110,6 +110,24 @@ def test_zero2_zero3_ddp_and_one_process_same_losses_and_zero3_export(synthetic_
         rel = ((got - ref).abs() / ref.abs()).max().item()
         print(f"{name} vs one process: max relative per-step loss difference {rel:.2e}")
         assert rel < 1e-4, (name, got.tolist(), ref.tolist())
+
+    # the logged temperature and bias are the values the step's forward used (before its update) under every
+    # engine: step 1 logs the initial values, and the per-step values agree with one process (ZeRO-3 used to log
+    # the pre-update value and every other engine the post-update one)
+    import math
+
+    from vlp.train.metrics import read_metrics
+
+    def logged(name: str, key: str) -> list[float]:
+        return [r[key] for r in read_metrics(tmp_path / name / "metrics.jsonl") if key in r]
+
+    for key, init in (("logit_scale", math.log(10.0)), ("logit_bias", -10.0)):
+        ref_log = logged("single", key)
+        assert len(ref_log) == STEPS and ref_log[0] == pytest.approx(init, abs=1e-7) and ref_log[-1] != ref_log[0]
+        for name in names:
+            got = logged(name, key)
+            assert got[0] == pytest.approx(init, abs=1e-7), (name, key)
+            assert max(abs(a - b) for a, b in zip(got, ref_log)) < 1e-4, (name, key)
 
     # consolidated fp32 export of the ZeRO-3 run, loaded without DeepSpeed
     model, cfg = load_trained_model(tmp_path / "zero3")

@@ -92,7 +92,7 @@ def _run_args(tmp_path: Path, out: Path, steps: int, every: int) -> list[str]:
 def test_eval_every_does_not_change_the_training_losses(tmp_path):
     from vlp.config import PRETRAIN_ALIASES, PretrainConfig, parse_cli
     from vlp.train.metrics import read_metrics
-    from vlp.train.pretrain import run_pretraining
+    from vlp.train.trainer import run_pretraining
 
     records = {}
     for every in (0, 1):
@@ -135,3 +135,40 @@ def test_two_process_eval_every_equals_cli_on_final_checkpoint(tmp_path):
     for fam in ("shape", "color", "size", "position"):  # the end-of-run summary agrees too
         assert summary[f"zeroshot/{fam}/top1"] == cli[f"zeroshot/{fam}/top1"]
     assert (out / "eval-zeroshot" / "results.json").is_file()
+
+
+@pytest.mark.slow
+def test_end_of_run_evaluates_a_classification_folder_like_the_cli(tmp_path, synthetic_data):
+    """No --eval-every: the end of the run still evaluates every configured set (held-out families, retrieval and
+    the user's image folder) with the evaluator eval_zeroshot.py uses, prints the folder's row and records it."""
+    from tests.eval_fixtures import write_labelled_copies
+    from vlp.config import ZEROSHOT_ALIASES, ZeroShotEvalConfig, parse_cli
+    from vlp.eval.standalone import run_zeroshot_eval
+
+    copies = write_labelled_copies(synthetic_data.eval_shards, tmp_path / "labelled")
+    out = tmp_path / "run"
+    args = _run_args(tmp_path, out, 3, 0)
+    i = args.index("--eval-every")
+    del args[i : i + 2]  # no periodic evaluation at all
+    cmd = [sys.executable, str(ROOT / "scripts" / "pretrain.py"), *args, "--eval.classification.image_folder",
+           str(copies.folder), "--eval.classification.name", "shapes", "--eval.classification.templates", "simple"]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    row = next(line for line in proc.stdout.splitlines() if line.strip().startswith("shapes "))
+    assert f"{summary['zeroshot/shapes/top1']:.1%}" in row and f"{summary['zeroshot/shapes/chance']:.1%}" in row
+    common = ["--checkpoint", str(out), "--workers", "0", "--plots", "false"]
+    folder = run_zeroshot_eval(parse_cli(ZeroShotEvalConfig, [*common, "--image-folder", str(copies.folder),
+                                                              "--task-name", "shapes", "--templates", "simple",
+                                                              "--output-dir", str(tmp_path / "e1")],
+                                         ZEROSHOT_ALIASES))["metrics"]
+    assert sorted(folder) == [f"zeroshot/shapes/{m}" for m in ("chance", "mean_per_class", "sigmoid_true_class_mean",
+                                                                 "top1", "top5")]
+    run_sets = run_zeroshot_eval(parse_cli(ZeroShotEvalConfig, [*common, "--output-dir", str(tmp_path / "e2")],
+                                           ZEROSHOT_ALIASES))["metrics"]  # everything the run configured
+    assert len(run_sets) == 4 * 5 + 6 + 5  # four held-out families, retrieval, and the folder
+    for key, value in {**folder, **run_sets}.items():
+        assert summary[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3] and all("loss" in r for r in records)  # no empty record

@@ -23,8 +23,8 @@ from tests.helpers import reset_accelerate
 from vlp.config import PretrainConfig
 from vlp.distributed import world_info
 from vlp.model import build_model, load_preset
+from vlp.objectives import get_objective
 from vlp.train import gradcache
-from vlp.train.contrastive import build_contrastive
 from vlp.train.engine import build_accelerator, build_engine
 from vlp.train.metrics import proc_status_bytes, reset_peak_rss
 from vlp.train.optim import build_optimizer
@@ -66,9 +66,10 @@ def make_engine(loss: str, deepspeed: str | None = None, batch_size: int = 16, a
         model.set_grad_checkpointing(True)
     if cfg.model.lock_image:
         model.clip.lock_image_tower(unlocked_groups=cfg.model.lock_image_unlocked_groups)
-    objective = build_contrastive(cfg, model, preset)
+    objective = get_objective(cfg.loss.name).build(cfg, world_info(), model=model, preset=preset)
     accelerator = build_accelerator(cfg)
-    return build_engine(accelerator, objective, build_optimizer(objective, cfg.optim), cfg, world_info(), preset)
+    return build_engine(accelerator, objective, build_optimizer(objective, cfg.optim), cfg, world_info(),
+                        objective.hidden_size())
 
 
 def full_grads(engine) -> dict[str, torch.Tensor]:

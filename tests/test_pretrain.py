@@ -30,7 +30,7 @@ def small_run_args(tmp_path, out, steps=3, loss="siglip"):
 
 @pytest.mark.parametrize("loss", ["siglip", "clip"])
 def test_short_run_writes_outputs_and_summary(tmp_path, loss):
-    from vlp.train.pretrain import run_pretraining
+    from vlp.train.trainer import run_pretraining
 
     out = tmp_path / "run"
     cfg = parse_cli(PretrainConfig, small_run_args(tmp_path, out, loss=loss), PRETRAIN_ALIASES)
@@ -74,7 +74,7 @@ def test_two_process_first_step_equals_single_process_on_global_batch(tmp_path):
 
 def _chunked_and_naive(rank: int, world: int, shards: str, root: str) -> dict[str, list[float]]:
     """Per loss and impl, the per-step losses of 3 training steps in this process group (the default impl unnamed)."""
-    from vlp.train.pretrain import Trainer
+    from vlp.train.trainer import Trainer
 
     curves: dict[str, list[float]] = {}
     for loss in ("siglip", "clip"):

@@ -11,16 +11,17 @@ import torch
 from PIL import Image
 from torch import nn
 
-import vlp.ssl  # noqa: F401 - registrations
+from data_pipelines.collate import collate
 from data_pipelines.ssl_views import byol_specs, default_local_size, multicrop_views, simclr_views
 from vlp.config import PRETRAIN_ALIASES, ConfigError, PretrainConfig, parse_cli
+from vlp.distributed import world_info
 from vlp.model import build_model, load_preset
+from vlp.objectives import OBJECTIVES, get_objective, run_config_class
+from vlp.objectives.registry import resolve
 from vlp.ssl.backbone import backbone_dim, backbone_features, multi_view_features, patch_size
 from vlp.ssl.ema import EMATeacher
 from vlp.ssl.moco import KeyQueue
 from vlp.ssl.schedules import cosine_increase, epoch_num_samples, linear_warmup, steps_per_epoch
-from vlp.train.contrastive import AUXILIARY_TERMS
-from vlp.train.objective import OBJECTIVES, collate
 
 SMALL_HEADS = ["--ssl.simclr.hidden_dim", "64", "--ssl.simclr.out_dim", "32", "--ssl.byol.hidden_dim", "64",
                "--ssl.byol.out_dim", "32", "--ssl.moco.hidden_dim", "64", "--ssl.moco.out_dim", "32",
@@ -29,7 +30,7 @@ SMALL_HEADS = ["--ssl.simclr.hidden_dim", "64", "--ssl.simclr.out_dim", "32", "-
 
 
 def _cfg(*args: str) -> PretrainConfig:
-    return parse_cli(PretrainConfig, [*SMALL_HEADS, "--batch-size", "4", *args], PRETRAIN_ALIASES)
+    return parse_cli(run_config_class(), [*SMALL_HEADS, "--batch-size", "4", *args], PRETRAIN_ALIASES)
 
 
 def _images(n: int, seed: int = 0) -> list[Image.Image]:
@@ -136,7 +137,7 @@ def test_moco_v2_queue_must_be_a_multiple_of_the_global_batch():
     cfg = _cfg("--objective", "moco", "--ssl.moco.version", "2", "--ssl.moco.queue_size", "100",
                "--batch-size", "24")
     with pytest.raises(ConfigError, match=r"queue_size 100 is not a multiple of the global batch 24.*96 or 120"):
-        OBJECTIVES["moco"](cfg, build_model(preset), preset)
+        get_objective("moco").build(cfg, world_info(), model=build_model(preset), preset=preset)
 
 
 # ---- backbone features ----------------------------------------------------------------------------------------
@@ -182,7 +183,7 @@ def test_views_shapes_and_recipes():
 def test_standalone_objective_trains_only_the_image_tower(name):
     preset = load_preset("tiny")
     model = build_model(preset)
-    obj = OBJECTIVES[name](_cfg("--objective", name), model, preset)
+    obj = get_objective(name).build(_cfg("--objective", name), world_info(), model=model, preset=preset)
     assert obj.requires_text is False
     own = {id(p) for p in obj.parameters()}
     assert not any(id(p) in own for p in model.clip.transformer.parameters())  # no text tower
@@ -201,8 +202,8 @@ def test_auxiliary_term_adds_weighted_ssl_loss_to_siglip():
     preset = load_preset("tiny")
     cfg = _cfg("--loss", "siglip", "--aux-ssl", "simclr", "--aux-ssl-weight", "0.5")
     model = build_model(preset, cfg.loss)
-    obj = OBJECTIVES["contrastive"](cfg, model, preset)
-    assert set(AUXILIARY_TERMS) >= {"simclr", "moco", "byol", "dino"}
+    obj = get_objective("siglip").build(cfg, world_info(), model=model, preset=preset)
+    assert {n for n, sp in OBJECTIVES.items() if sp.auxiliary} >= {"simclr", "moco", "byol", "dino"}
     samples = [obj.sample_transform({"image": im, "text": "a red circle", "json": None}) for im in _images(4)]
     loss, logs = obj(collate(samples))
     assert loss.item() == pytest.approx(logs["loss/contrastive"].item() + 0.5 * logs["loss/simclr"].item(), rel=1e-6)
@@ -213,14 +214,15 @@ def test_auxiliary_term_adds_weighted_ssl_loss_to_siglip():
 def test_unknown_aux_ssl_is_a_config_error():
     preset = load_preset("tiny")
     with pytest.raises(ConfigError, match="unknown --aux-ssl 'simsiam'; valid: byol, dino, moco, simclr"):
-        OBJECTIVES["contrastive"](_cfg("--aux-ssl", "simsiam"), build_model(preset), preset)
+        get_objective("siglip").build(_cfg("--aux-ssl", "simsiam"), world_info(), model=build_model(preset),
+                                      preset=preset)
 
 
 def test_dino_schedules_inside_the_method():
     preset = load_preset("tiny")
     cfg = _cfg("--objective", "dino", "--ssl.dino.freeze_last_layer_epochs", "1", "--train-num-samples", "12",
                "--ssl.dino.teacher_temp", "0.07", "--ssl.dino.warmup_teacher_temp_steps", "3")
-    obj = OBJECTIVES["dino"](cfg, build_model(preset), preset)
+    obj = get_objective("dino").build(cfg, world_info(), model=build_model(preset), preset=preset)
     method = obj.method
     assert method.freeze_last_layer_steps == 3  # 12 samples / global batch 4
     batch = collate([obj.sample_transform({"image": im, "text": None, "json": None}) for im in _images(4)])
@@ -240,7 +242,8 @@ def test_dino_schedules_inside_the_method():
 
 def test_byol_teacher_follows_the_scheduled_ema():
     preset = load_preset("tiny")
-    obj = OBJECTIVES["byol"](_cfg("--objective", "byol"), build_model(preset), preset)
+    obj = get_objective("byol").build(_cfg("--objective", "byol"), world_info(), model=build_model(preset),
+                                      preset=preset)
     method = obj.method
     with torch.no_grad():
         for p in obj.visual.parameters():
@@ -264,9 +267,9 @@ def test_the_ssl_demo_configs_are_all_there():
 @pytest.mark.parametrize("path", SSL_DEMO_CONFIGS, ids=lambda p: p.stem)
 def test_shipped_ssl_demo_configs_parse_and_build(path):
     """Each configs/ssl/*-tiny.yaml parses, names a known preset, and builds its objective on that preset."""
-    cfg = parse_cli(PretrainConfig, ["--config", str(path)], PRETRAIN_ALIASES)
+    cfg = parse_cli(run_config_class(), ["--config", str(path)], PRETRAIN_ALIASES)
     preset = load_preset(cfg.model.name)
-    obj = OBJECTIVES[cfg.objective](cfg, build_model(preset), preset)
+    obj = resolve(cfg).build(cfg, world_info(), model=build_model(preset), preset=preset)
     views = obj.sample_transform({"image": _images(1)[0], "text": "a red circle", "json": None})["ssl_views"]
     side = preset.vision_cfg["image_size"]
     assert len(views) == 2 + (cfg.ssl.dino.local_crops if cfg.objective == "dino" else 0)
@@ -274,9 +277,9 @@ def test_shipped_ssl_demo_configs_parse_and_build(path):
 
 
 def test_runs_are_named_for_what_they_train():
-    from vlp.train.pretrain import resolve_output_dir
+    from vlp.train.trainer import resolve_output_dir
 
-    dino = parse_cli(PretrainConfig, ["--objective", "dino"], PRETRAIN_ALIASES)
+    dino = parse_cli(run_config_class(), ["--objective", "dino"], PRETRAIN_ALIASES)
     assert resolve_output_dir(dino).name.endswith("-dino")
-    clip = parse_cli(PretrainConfig, ["--loss", "clip", "--aux-ssl", "simclr"], PRETRAIN_ALIASES)
+    clip = parse_cli(run_config_class(), ["--loss", "clip", "--aux-ssl", "simclr"], PRETRAIN_ALIASES)
     assert resolve_output_dir(clip).name.endswith("-clip")

@@ -23,15 +23,15 @@ ARGS = ["--batch-size", str(LOCAL_BATCH), "--ssl.byol.hidden_dim", "64", "--ssl.
 def _engine(stage: int):
     import deepspeed
 
-    import vlp.ssl  # noqa: F401 - registrations
-    from vlp.config import PRETRAIN_ALIASES, PretrainConfig, parse_cli
+    from vlp.config import PRETRAIN_ALIASES, parse_cli
+    from vlp.distributed import world_info
     from vlp.model import build_model, load_preset
-    from vlp.train.objective import OBJECTIVES
+    from vlp.objectives import get_objective, run_config_class
 
     torch.manual_seed(0)
     preset = load_preset("tiny")
-    cfg = parse_cli(PretrainConfig, ["--objective", "byol", *ARGS], PRETRAIN_ALIASES)
-    obj = OBJECTIVES["byol"](cfg, build_model(preset), preset)
+    cfg = parse_cli(run_config_class(), ["--objective", "byol", *ARGS], PRETRAIN_ALIASES)
+    obj = get_objective("byol").build(cfg, world_info(), model=build_model(preset), preset=preset)
     opt = torch.optim.AdamW([p for p in obj.parameters() if p.requires_grad], lr=1e-3)
     config = {"train_micro_batch_size_per_gpu": LOCAL_BATCH, "gradient_accumulation_steps": 1,
               "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True}

@@ -25,15 +25,15 @@ ARGS = ["--batch-size", str(LOCAL_BATCH), "--ssl.simclr.hidden_dim", "64", "--ss
 
 
 def _objective(name: str):
-    import vlp.ssl  # noqa: F401 - registrations
-    from vlp.config import PRETRAIN_ALIASES, PretrainConfig, parse_cli
+    from vlp.config import PRETRAIN_ALIASES, parse_cli
+    from vlp.distributed import world_info
     from vlp.model import build_model, load_preset
-    from vlp.train.objective import OBJECTIVES
+    from vlp.objectives import get_objective, run_config_class
 
     torch.manual_seed(0)  # identical initial weights on every rank and in the single process
     preset = load_preset("tiny")
-    cfg = parse_cli(PretrainConfig, ["--objective", name, *ARGS], PRETRAIN_ALIASES)
-    return OBJECTIVES[name](cfg, build_model(preset), preset)
+    cfg = parse_cli(run_config_class(), ["--objective", name, *ARGS], PRETRAIN_ALIASES)
+    return get_objective(name).build(cfg, world_info(), model=build_model(preset), preset=preset)
 
 
 def _global_views(sizes: list[int], batch: int, seed: int) -> list[torch.Tensor]:

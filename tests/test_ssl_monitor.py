@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from vlp.config import PRETRAIN_ALIASES, PretrainConfig, parse_cli
+from vlp.config import PRETRAIN_ALIASES, parse_cli
+from vlp.objectives import run_config_class
 from vlp.ssl.monitor import RepresentationMonitor, knn_top1, mean_dim_std
 
 
@@ -46,7 +47,8 @@ def test_collapse_statistic():
 def test_monitor_on_the_synthetic_held_out_set(synthetic_data):
     from vlp.model import build_model, build_transforms, load_preset
 
-    cfg = parse_cli(PretrainConfig, ["--ssl.monitor.every", "5", "--ssl.monitor.max_images", "60"], PRETRAIN_ALIASES)
+    cfg = parse_cli(run_config_class(), ["--ssl.monitor.every", "5", "--ssl.monitor.max_images", "60"],
+                    PRETRAIN_ALIASES)
     preset = load_preset("tiny")
     mon = RepresentationMonitor.from_config(cfg, synthetic_data.eval_shards, build_transforms(preset, False), True)
     assert mon is not None and len(mon.images) == 60 and mon.every == 5
@@ -58,13 +60,13 @@ def test_monitor_on_the_synthetic_held_out_set(synthetic_data):
     assert 0.0 <= res["monitor/knn_top1"] <= 1.0 and res["monitor/embed_std"] > 0
     assert res["monitor/embed_std_x_sqrt_d"] == pytest.approx(res["monitor/embed_std"] * math.sqrt(128))
     assert model.visual.training  # mode restored
-    off = parse_cli(PretrainConfig, [], PRETRAIN_ALIASES)
+    off = parse_cli(run_config_class(), [], PRETRAIN_ALIASES)
     assert RepresentationMonitor.from_config(off, synthetic_data.eval_shards, None, is_ssl_run=False) is None
 
 
 def _run(tmp_path, synthetic_data, *args: str) -> tuple[dict, list[dict]]:
     from vlp.train.metrics import read_metrics
-    from vlp.train.pretrain import run_pretraining
+    from vlp.train.trainer import run_pretraining
 
     out = tmp_path / "run"
     argv = ["--steps", "3", "--batch-size", "8", "--workers", "0", "--output-dir", str(out), "--warmup-steps", "1",
@@ -72,7 +74,7 @@ def _run(tmp_path, synthetic_data, *args: str) -> tuple[dict, list[dict]]:
             "--train-num-samples", "400", "--ssl.monitor.every", "3",
             "--ssl.simclr.hidden_dim", "64", "--ssl.dino.out_dim", "64", "--ssl.dino.hidden_dim", "64",
             "--ssl.dino.local_crops", "2", "--ssl.views.local_crop_size", "32", *args]
-    summary = run_pretraining(parse_cli(PretrainConfig, argv, PRETRAIN_ALIASES))
+    summary = run_pretraining(parse_cli(run_config_class(), argv, PRETRAIN_ALIASES))
     assert json.loads((out / "summary.json").read_text())["final_loss"] == summary["final_loss"]
     return summary, read_metrics(out / "metrics.jsonl")
 
@@ -105,7 +107,7 @@ def test_short_standalone_run_lowers_its_loss_without_collapse(tmp_path, synthet
     spread, and so do the held-out backbone features (docs/ssl.md's threshold: mean per-dimension std of the
     L2-normalised features x sqrt(d) above 0.1; 0 when collapsed)."""
     from vlp.train.metrics import read_metrics
-    from vlp.train.pretrain import run_pretraining
+    from vlp.train.trainer import run_pretraining
 
     out = tmp_path / "run"
     argv = ["--objective", objective, "--model", "tiny-resnet", "--steps", "20", "--batch-size", "16", "--workers", "0",
@@ -114,7 +116,7 @@ def test_short_standalone_run_lowers_its_loss_without_collapse(tmp_path, synthet
             "--train-num-samples", "400", "--ssl.monitor.every", "20", "--checkpoint.export", "false",
             "--ssl.simclr.hidden_dim", "64", "--ssl.simclr.out_dim", "32", "--ssl.byol.hidden_dim", "64",
             "--ssl.byol.out_dim", "32"]
-    summary = run_pretraining(parse_cli(PretrainConfig, argv, PRETRAIN_ALIASES))
+    summary = run_pretraining(parse_cli(run_config_class(), argv, PRETRAIN_ALIASES))
     steps = [r for r in read_metrics(out / "metrics.jsonl") if f"loss/{objective}" in r]
     losses = [r[f"loss/{objective}"] for r in steps]
     assert len(losses) == 20 and all(math.isfinite(x) for x in losses)

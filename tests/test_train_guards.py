@@ -23,7 +23,7 @@ def args(shards: str, out, steps: int, *extra: str) -> list[str]:
                                    ["--accum-steps", "2", "--train.accumulation", "plain"]],
                          ids=["single-batch", "gradcache", "plain-accumulation"])
 def test_nonfinite_loss_and_gradient_skip_the_update(synthetic_data, tmp_path, monkeypatch, accum):
-    from vlp.train.pretrain import Trainer
+    from vlp.train.trainer import Trainer
 
     reset_accelerate()
     monkeypatch.setenv("VLP_FAULTS", "nan-loss@2,nan-grad@3")
@@ -47,7 +47,7 @@ def test_nonfinite_loss_and_gradient_skip_the_update(synthetic_data, tmp_path, m
 
 def test_k_consecutive_nonfinite_steps_stop_with_a_checkpoint_of_the_last_good_state(synthetic_data, tmp_path,
                                                                                       monkeypatch):
-    from vlp.train.pretrain import run_pretraining
+    from vlp.train.trainer import run_pretraining
 
     shards = synthetic_data.train_shards
     reset_accelerate()

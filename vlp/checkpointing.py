@@ -77,6 +77,17 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
     return path
 
 
+def saved_pretrain_config(data: dict[str, Any]):
+    """The PretrainConfig of a saved run config (config.yaml, a checkpoint's trainer state), without the sections
+    that objectives add (``ssl``, ...): what rebuilding and evaluating its DualTower needs."""
+    import dataclasses
+
+    from vlp.config import PretrainConfig, from_dict
+
+    known = {f.name for f in dataclasses.fields(PretrainConfig)}
+    return from_dict(PretrainConfig, {k: v for k, v in data.items() if k in known})
+
+
 def load_trained_model(path: str | Path, map_location: str = "cpu"):
     """Rebuild a trained DualTower and its PretrainConfig from a run directory, checkpoint directory or file.
 
@@ -84,13 +95,13 @@ def load_trained_model(path: str | Path, map_location: str = "cpu"):
     checkpoint), a checkpoint directory (``checkpoints/step-N``, DeepSpeed ZeRO shards are consolidated), a ``.pt``
     checkpoint holding ``model`` and ``config``, or a ``.safetensors`` file with ``config.yaml`` beside it.
     """
-    from vlp.config import ConfigError, PretrainConfig, from_dict, load_yaml
+    from vlp.config import ConfigError, load_yaml
     from vlp.model import build_model, load_preset
 
     path = Path(path)
     if path.is_dir() and is_complete(path):  # one checkpoint directory (checkpoints/step-N)
         trainer = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)
-        cfg = from_dict(PretrainConfig, trainer["config"])
+        cfg = saved_pretrain_config(trainer["config"])
         model = build_model(load_preset(cfg.model.name), cfg.loss)
         model.load_state_dict(dualtower_state(consolidated_state_dict(path)))
         return model, cfg
@@ -118,7 +129,7 @@ def load_trained_model(path: str | Path, map_location: str = "cpu"):
         if "model" not in ckpt or "config" not in ckpt:
             raise ConfigError(f"{path}: not a vlp checkpoint (needs 'model' and 'config' entries)")
         state, cfg_dict = ckpt["model"], ckpt["config"]
-    cfg = from_dict(PretrainConfig, cfg_dict)
+    cfg = saved_pretrain_config(cfg_dict)
     model = build_model(load_preset(cfg.model.name), cfg.loss)
     model.load_state_dict(state)
     return model, cfg

@@ -59,11 +59,16 @@ class ModelConfig:
                               f"{self.lock_image_unlocked_groups} and {self.lock_text_unlocked_layers}")
 
 
+#: image-text loss name -> defaults of LossConfig's None fields; filled when the clip/siglip objectives register
+LOSS_DEFAULTS: dict[str, dict[str, float | None]] = {}
+
+
 @dataclass
 class LossConfig:
-    """The contrastive image-text objective."""
+    """The image-text loss (the registered image-text objectives: clip, siglip) and how it is computed."""
 
-    name: Literal["clip", "siglip"] = "siglip"
+    name: str = "siglip"
+    """Image-text loss: clip (softmax) or siglip (sigmoid); any registered image-text objective."""
     impl: Literal["naive", "chunked"] = "chunked"
     """chunked (default) tiles the logits and never holds the B x B matrix, forward or backward, on any rank; naive
     materialises it (the reference, and for debugging). Both give the same loss and gradients."""
@@ -82,24 +87,34 @@ class LossConfig:
     def __post_init__(self) -> None:
         if self.chunk_size < 1:
             raise ConfigError(f"loss.chunk_size must be >= 1, got {self.chunk_size}")
+        if LOSS_DEFAULTS and self.name not in LOSS_DEFAULTS:
+            raise ConfigError(f"loss.name: unknown image-text loss {self.name!r}; "
+                              f"valid: {', '.join(sorted(LOSS_DEFAULTS))}")
+
+    def _default(self, key: str) -> float | None:
+        if self.name not in LOSS_DEFAULTS:
+            import vlp.objectives  # noqa: F401 - registers the built-in losses' defaults (no torch)
+        if self.name not in LOSS_DEFAULTS:
+            raise ConfigError(f"loss.name: unknown image-text loss {self.name!r}; "
+                              f"valid: {', '.join(sorted(LOSS_DEFAULTS))}")
+        return LOSS_DEFAULTS[self.name].get(key)
 
     @property
     def resolved_init_logit_scale(self) -> float:
-        if self.init_logit_scale is not None:
-            return self.init_logit_scale
-        return math.log(1 / 0.07) if self.name == "clip" else math.log(10.0)
+        v = self.init_logit_scale if self.init_logit_scale is not None else self._default("init_logit_scale")
+        assert v is not None
+        return float(v)
 
     @property
     def resolved_init_logit_bias(self) -> float | None:
-        if self.name != "siglip":
+        default = self._default("init_logit_bias")
+        if default is None:  # a loss without a bias
             return None
-        return -10.0 if self.init_logit_bias is None else self.init_logit_bias
+        return default if self.init_logit_bias is None else self.init_logit_bias
 
     @property
     def resolved_max_logit_scale(self) -> float | None:
-        if self.max_logit_scale is not None:
-            return self.max_logit_scale
-        return math.log(100.0) if self.name == "clip" else None
+        return self.max_logit_scale if self.max_logit_scale is not None else self._default("max_logit_scale")
 
 
 @dataclass
@@ -165,12 +180,29 @@ class OptimConfig:
     beta2: float = 0.98
     eps: float = 1e-6
     warmup_steps: int = 50
+    """Steps of linear warmup (see warmup_ratio)."""
+    warmup_ratio: float | None = None
+    """Warm up for this fraction of the run's steps (rounded up) instead of warmup_steps (LLaVA's recipes: 0.03)."""
     min_lr_ratio: float = 0.0
     grad_clip: float | None = 1.0
     fused: bool | None = None
     """AdamW's fused kernel (one pass over every parameter; about 3.5x faster than the multi-tensor path on a CPU,
     where the optimiser step of the tiny presets is otherwise ~18% of a step). None: on wherever every trainable
     parameter is a floating-point tensor on a CPU or CUDA device."""
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.warmup_ratio is not None and not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+    def resolved_warmup_steps(self, total_steps: int) -> int:
+        """Warmup steps of a run of ``total_steps``."""
+        if self.warmup_ratio is not None:
+            return math.ceil(self.warmup_ratio * total_steps)
+        return self.warmup_steps
 
 
 @dataclass
@@ -289,185 +321,13 @@ class EvalConfig:
             raise ConfigError(f"eval.batch_size must be >= 1, got {self.batch_size}")
 
 
-def _check_scale(key: str, value: list[float] | None) -> None:
-    if value is not None and not (len(value) == 2 and 0 < value[0] <= value[1] <= 1):
-        raise ConfigError(f"{key} must be [min, max] with 0 < min <= max <= 1, got {value}")
-
-
-def _check_positive(section: str, **values: float) -> None:
-    for name, v in values.items():
-        if v <= 0:
-            raise ConfigError(f"{section}.{name} must be > 0, got {v}")
-
-
-def _check_momentum(key: str, value: float | None) -> None:
-    if value is not None and not 0 <= value <= 1:
-        raise ConfigError(f"{key} must be in [0, 1], got {value}")
-
-
-@dataclass
-class SimCLRConfig:
-    """SimCLR (Chen et al., 2020) as SLIP (Mu et al., 2021) runs it on a ViT: NT-Xent over 2N views."""
-
-    temperature: float = 0.1
-    """NT-Xent temperature (SLIP's SimCLR term)."""
-    hidden_dim: int = 4096
-    out_dim: int = 256
-    num_layers: int = 3
-    """Projection MLP depth (SLIP: 3 layers, 4096 hidden, 256 out)."""
-    batch_norm: bool = True
-    """Batch norm (over the global batch) in the projection MLP, as in SimCLR and SLIP."""
-
-    def __post_init__(self) -> None:
-        _check_positive("ssl.simclr", temperature=self.temperature, hidden_dim=self.hidden_dim, out_dim=self.out_dim,
-                        num_layers=self.num_layers)
-
-
-@dataclass
-class MoCoConfig:
-    """MoCo v3 (Chen, Xie & He, 2021) or v2 (Chen et al., 2020, with a key queue); None picks the version's value."""
-
-    version: Literal[2, 3] = 3
-    temperature: float = 0.2
-    """InfoNCE temperature (0.2 for both: MoCo v3's ViT setting and MoCo v2)."""
-    momentum: float | None = None
-    """Momentum-encoder EMA; None: 0.99 (v3, cosine to 1) or 0.999 (v2, constant)."""
-    momentum_cosine: bool | None = None
-    """Raise the momentum to 1 on a half-cosine over training; None: true for v3, false for v2."""
-    out_dim: int | None = None
-    """Embedding size; None: 256 (v3) or 128 (v2)."""
-    hidden_dim: int | None = None
-    """MLP hidden size; None: 4096 (v3) or the backbone width (v2)."""
-    queue_size: int = 65536
-    """v2 only: keys in the queue (K); must be a multiple of the global batch."""
-
-    def __post_init__(self) -> None:
-        _check_positive("ssl.moco", temperature=self.temperature, queue_size=self.queue_size)
-        _check_momentum("ssl.moco.momentum", self.momentum)
-
-    @property
-    def resolved_momentum(self) -> float:
-        return self.momentum if self.momentum is not None else (0.99 if self.version == 3 else 0.999)
-
-    @property
-    def resolved_momentum_cosine(self) -> bool:
-        return self.momentum_cosine if self.momentum_cosine is not None else self.version == 3
-
-    @property
-    def resolved_out_dim(self) -> int:
-        return self.out_dim if self.out_dim is not None else (256 if self.version == 3 else 128)
-
-
-@dataclass
-class BYOLConfig:
-    """BYOL (Grill et al., 2020): online projector + predictor regress an EMA target's projection."""
-
-    momentum: float = 0.996
-    """Target EMA at the start; raised to 1 on a half-cosine."""
-    hidden_dim: int = 4096
-    out_dim: int = 256
-
-    def __post_init__(self) -> None:
-        _check_positive("ssl.byol", hidden_dim=self.hidden_dim, out_dim=self.out_dim)
-        _check_momentum("ssl.byol.momentum", self.momentum)
-
-
-@dataclass
-class DINOConfig:
-    """DINO (Caron et al., 2021): self-distillation with a centred, sharpened EMA teacher and multi-crop."""
-
-    out_dim: int = 65536
-    """Prototypes K of the head's weight-normalised last layer."""
-    hidden_dim: int = 2048
-    bottleneck_dim: int = 256
-    num_layers: int = 3
-    batch_norm: bool = False
-    norm_last_layer: bool = True
-    """Fix the last layer's weight-norm scale to 1 (more stable; the reference default)."""
-    student_temp: float = 0.1
-    teacher_temp: float = 0.04
-    """Teacher temperature after warmup (e.g. 0.07 with warmup_teacher_temp 0.04 for longer runs)."""
-    warmup_teacher_temp: float = 0.04
-    warmup_teacher_temp_steps: int = 0
-    """Linear warmup of the teacher temperature from warmup_teacher_temp to teacher_temp over these steps."""
-    center_momentum: float = 0.9
-    momentum: float = 0.996
-    """Teacher EMA at the start; raised to 1 on a half-cosine."""
-    local_crops: int = 8
-    """Local crops per image beside the 2 global ones."""
-    freeze_last_layer_epochs: float = 1.0
-    """Keep the last layer fixed for this many epochs (epoch = samples per epoch / global batch, in steps)."""
-
-    def __post_init__(self) -> None:
-        _check_positive("ssl.dino", out_dim=self.out_dim, hidden_dim=self.hidden_dim,
-                        bottleneck_dim=self.bottleneck_dim, num_layers=self.num_layers,
-                        student_temp=self.student_temp, teacher_temp=self.teacher_temp,
-                        warmup_teacher_temp=self.warmup_teacher_temp)
-        _check_momentum("ssl.dino.momentum", self.momentum)
-        _check_momentum("ssl.dino.center_momentum", self.center_momentum)
-        if self.local_crops < 0 or self.warmup_teacher_temp_steps < 0 or self.freeze_last_layer_epochs < 0:
-            raise ConfigError("ssl.dino.local_crops, warmup_teacher_temp_steps and freeze_last_layer_epochs must be "
-                              f">= 0, got {self.local_crops}, {self.warmup_teacher_temp_steps}, "
-                              f"{self.freeze_last_layer_epochs}")
-
-
-@dataclass
-class SSLViewsConfig:
-    """Augmented views for the SSL objectives; None keeps each method's reference value."""
-
-    crop_scale: list[float] | None = None
-    """RandomResizedCrop area range of the (global) views; reference: SimCLR/BYOL/MoCo v3 [0.08, 1],
-    MoCo v2 [0.2, 1], DINO global [0.4, 1]."""
-    local_crop_scale: list[float] | None = None
-    """DINO local crops' area range; reference [0.05, 0.4]."""
-    local_crop_size: int | None = None
-    """DINO local crop side; None: image size x 96/224 rounded to the patch size (96 at 224)."""
-
-    def __post_init__(self) -> None:
-        _check_scale("ssl.views.crop_scale", self.crop_scale)
-        _check_scale("ssl.views.local_crop_scale", self.local_crop_scale)
-        if self.local_crop_size is not None and self.local_crop_size < 1:
-            raise ConfigError(f"ssl.views.local_crop_size must be >= 1, got {self.local_crop_size}")
-
-
-@dataclass
-class SSLMonitorConfig:
-    """Representation checks during training: k-NN top-1 on labelled held-out images and a collapse monitor."""
-
-    every: int | None = None
-    """Every N steps; None: 100 for runs with an SSL objective or --aux-ssl, 0 (off) otherwise."""
-    label_key: str | None = None
-    """Field of the held-out samples' json used as the k-NN class; None: 'shape' (the synthetic set)."""
-    knn_k: int = 20
-    knn_temperature: float = 0.07
-    """Weighted k-NN vote as in DINO's evaluation (k=20, T=0.07)."""
-    max_images: int = 1000
-
-    def __post_init__(self) -> None:
-        if self.every is not None and self.every < 0:
-            raise ConfigError(f"ssl.monitor.every must be >= 0 (0 turns it off), got {self.every}")
-        _check_positive("ssl.monitor", knn_k=self.knn_k, knn_temperature=self.knn_temperature,
-                        max_images=self.max_images)
-
-
-@dataclass
-class SSLConfig:
-    """Self-supervised image objectives (standalone --objective NAME, or --aux-ssl NAME beside CLIP/SigLIP)."""
-
-    simclr: SimCLRConfig = field(default_factory=SimCLRConfig)
-    moco: MoCoConfig = field(default_factory=MoCoConfig)
-    byol: BYOLConfig = field(default_factory=BYOLConfig)
-    dino: DINOConfig = field(default_factory=DINOConfig)
-    views: SSLViewsConfig = field(default_factory=SSLViewsConfig)
-    monitor: SSLMonitorConfig = field(default_factory=SSLMonitorConfig)
-
-
 @dataclass
 class PretrainConfig:
     """Everything `scripts/pretrain.py` needs."""
 
     objective: str = "contrastive"
-    """What to train: contrastive (image-text, --loss picks clip or siglip) or a registered SSL objective."""
+    """What to train: contrastive (the image-text loss --loss names), or any registered objective: clip, siglip,
+    simclr, moco, byol, dino (see vlp/objectives/)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -475,7 +335,6 @@ class PretrainConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    ssl: SSLConfig = field(default_factory=SSLConfig)
     aux_ssl: str | None = None
     """Add a self-supervised image term (simclr, moco, byol or dino) to the contrastive loss, as SLIP does."""
     aux_ssl_weight: float = 1.0
@@ -485,8 +344,10 @@ class PretrainConfig:
 
     @property
     def image_text_loss(self) -> str | None:
-        """The image-text loss this run trains (clip, siglip), or None for a standalone SSL objective."""
-        return self.loss.name if self.objective == "contrastive" else None
+        """The image-text loss this run trains (clip, siglip), or None for an objective without one."""
+        if self.objective == "contrastive" or self.objective == self.loss.name:
+            return self.loss.name
+        return self.loss.name if self.objective in LOSS_DEFAULTS else None
 
 
 PRETRAIN_ALIASES: dict[str, str] = {

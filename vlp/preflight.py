@@ -45,7 +45,13 @@ def check_shards_exist(spec: str) -> None:
 
 
 def check_pretrain_inputs(cfg: PretrainConfig) -> None:
-    """Raise ConfigError for an unknown preset, shards that do not exist or a DeepSpeed config not found."""
+    """Raise ConfigError for an unknown objective, loss or preset, shards that do not exist or a DeepSpeed config
+    not found."""
+    from vlp.objectives import registry
+
+    registry.resolve(cfg)
+    if cfg.aux_ssl:
+        registry.auxiliary_term(cfg.aux_ssl)
     load_preset(cfg.model.name)
     if cfg.data.train_shards:
         check_shards_exist(cfg.data.train_shards)

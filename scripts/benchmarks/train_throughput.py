@@ -99,7 +99,7 @@ def run_vlp(args, device) -> dict:
     from vlp.config import PretrainConfig
     from vlp.distributed import world_info
     from vlp.model import build_model, load_preset
-    from vlp.train.contrastive import build_contrastive
+    from vlp.objectives import get_objective
     from vlp.train.engine import build_accelerator, build_engine
     from vlp.train.gradcache import accumulate_step
     from vlp.train.optim import build_optimizer
@@ -114,9 +114,9 @@ def run_vlp(args, device) -> dict:
     model = build_model(preset, cfg.loss)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    objective = build_contrastive(cfg, model, preset)
+    objective = get_objective(cfg.loss.name).build(cfg, world_info(), model=model, preset=preset)
     engine = build_engine(build_accelerator(cfg), objective, build_optimizer(objective, cfg.optim), cfg, world_info(),
-                          preset)
+                          objective.hidden_size())
     batches = _batches(preset, args.batch_size, 2, device)
     losses = []
 

@@ -1,10 +1,6 @@
-"""Self-supervised image objectives: SimCLR, MoCo (v3/v2), BYOL and DINO, standalone or beside CLIP/SigLIP.
+"""Self-supervised image methods: SimCLR, MoCo (v3/v2), BYOL and DINO (their objectives are registered by
+vlp/objectives/<method>.py, standalone and as auxiliary terms beside CLIP/SigLIP)."""
 
-Importing this package registers every method as a standalone objective (``--objective NAME``) and as an
-auxiliary term of the contrastive objective (``--aux-ssl NAME``).
-"""
+from vlp.ssl.base import SSLMethod, embedding_std
 
-from vlp.ssl import byol, dino, moco, simclr  # noqa: F401 - registrations
-from vlp.ssl.base import SSLMethod, SSLObjective, embedding_std
-
-__all__ = ["SSLMethod", "SSLObjective", "embedding_std"]
+__all__ = ["SSLMethod", "embedding_std"]

@@ -1,20 +1,17 @@
-"""What the SSL methods share: the method interface, the standalone objective, and registration in both modes.
+"""What the SSL methods share: the method interface and helpers.
 
 A method (:class:`SSLMethod`) turns a list of augmented views into a loss, given the image tower to train. The
-same method object serves both modes:
+same method object serves both modes (registered by vlp/objectives/<method>.py):
 
-- standalone (``--objective NAME``): :class:`SSLObjective` owns the image tower and the method. The text tower
-  and the tower's image-text projection are not used: the text tower is simply not part of the objective (so
-  neither the optimiser, DDP nor DeepSpeed see it) and the projection is frozen, so data-parallel wrappers never
-  meet a parameter without a gradient.
-- auxiliary (``--aux-ssl NAME``): the method is the :class:`~vlp.train.contrastive.AuxiliaryTerm` of the
-  contrastive objective and trains the DualTower's image tower through its backbone features (before the
-  contrastive projection).
+- standalone (``--objective NAME``): :class:`vlp.objectives.ssl_standalone.SSLObjective` owns the image tower
+  and the method. The text tower and the tower's image-text projection are not used.
+- auxiliary (``--aux-ssl NAME``): the method is the auxiliary term of the image-text objective and trains the
+  DualTower's image tower through its backbone features (before the contrastive projection).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -23,9 +20,7 @@ from torch import nn
 
 from data_pipelines.ssl_views import DEFAULT_MEAN, DEFAULT_STD, MultiView
 from vlp.model import DualTower, ModelPreset
-from vlp.ssl.backbone import check_not_zero3, projection_parameters
-from vlp.train.contrastive import AUXILIARY_TERMS, AuxiliaryTerm
-from vlp.train.objective import Objective, register_objective
+from vlp.ssl.backbone import check_not_zero3
 
 
 def embedding_std(z: torch.Tensor) -> torch.Tensor:
@@ -37,7 +32,7 @@ def embedding_std(z: torch.Tensor) -> torch.Tensor:
     return z.std(dim=0).mean()
 
 
-class SSLMethod(AuxiliaryTerm):
+class SSLMethod(nn.Module):
     """A self-supervised image loss on augmented views of the same image.
 
     ``visual`` is the student image tower; it is kept as a plain reference (not a sub-module) because it belongs
@@ -83,28 +78,6 @@ class SSLMethod(AuxiliaryTerm):
         self.step.fill_(step)
 
 
-class SSLObjective(Objective):
-    """Standalone self-supervised training of the image tower (images only; captions are ignored)."""
-
-    requires_text = False
-
-    def __init__(self, visual: nn.Module, method: SSLMethod) -> None:
-        super().__init__()
-        for p in projection_parameters(visual):
-            p.requires_grad_(False)
-        self.visual = visual
-        self.method = method
-
-    def sample_transform(self, sample: dict[str, Any]) -> dict[str, Any]:
-        return self.method.sample_transform(sample)
-
-    def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
-        return self.method.run(batch["ssl_views"], self.visual)
-
-    def after_step(self, step: int, total_steps: int) -> None:
-        self.method.after_step(step, total_steps)
-
-
 def preset_norm(preset: ModelPreset) -> tuple[Sequence[float], Sequence[float]]:
     """The preset's normalisation mean/std (open_clip's defaults when it names none)."""
     pp = preset.preprocess or {}
@@ -113,24 +86,3 @@ def preset_norm(preset: ModelPreset) -> tuple[Sequence[float], Sequence[float]]:
 
 def scale_or(value: Sequence[float] | None, default: tuple[float, float]) -> tuple[float, float]:
     return (float(value[0]), float(value[1])) if value is not None else default
-
-
-# builder(cfg: PretrainConfig, visual, preset) -> SSLMethod
-SSLBuilder = Callable[[Any, nn.Module, ModelPreset], SSLMethod]
-
-
-def register_ssl(name: str) -> Callable[[SSLBuilder], SSLBuilder]:
-    """Register a method builder as the standalone objective ``name`` and the auxiliary term ``name``."""
-    def deco(builder: SSLBuilder) -> SSLBuilder:
-        def standalone(cfg, model: DualTower, preset: ModelPreset) -> SSLObjective:
-            return SSLObjective(model.visual, builder(cfg, model.visual, preset))
-
-        def auxiliary(cfg, model: DualTower, preset: ModelPreset) -> SSLMethod:
-            return builder(cfg, model.visual, preset)
-
-        standalone.__doc__ = f"Standalone {name}: the image tower alone, trained on images only."
-        auxiliary.__doc__ = f"{name} as an auxiliary term on the DualTower's image backbone features."
-        register_objective(name)(standalone)
-        AUXILIARY_TERMS[name] = auxiliary
-        return builder
-    return deco

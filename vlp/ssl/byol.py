@@ -15,10 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data_pipelines.ssl_views import MultiView, byol_views
-from vlp.config import BYOLConfig
+from data_pipelines.ssl_views import MultiView
 from vlp.ssl.backbone import backbone_dim, multi_view_features
-from vlp.ssl.base import SSLMethod, embedding_std, preset_norm, register_ssl, scale_or
+from vlp.ssl.base import SSLMethod, embedding_std
 from vlp.ssl.ema import EMATeacher
 from vlp.ssl.heads import mlp
 from vlp.ssl.schedules import cosine_increase
@@ -34,9 +33,8 @@ class BYOL(SSLMethod):
 
     name = "byol"
 
-    def __init__(self, visual: nn.Module, views: MultiView, cfg: BYOLConfig | None = None) -> None:
+    def __init__(self, visual: nn.Module, views: MultiView, cfg: Any) -> None:
         super().__init__(visual, views)
-        cfg = cfg or BYOLConfig()
         self.base_momentum = cfg.momentum
         self.projector = mlp(backbone_dim(visual), cfg.hidden_dim, cfg.out_dim, 2)
         self.predictor = mlp(cfg.out_dim, cfg.hidden_dim, cfg.out_dim, 2)
@@ -57,11 +55,3 @@ class BYOL(SSLMethod):
     def update_teacher(self, index: int, total_steps: int) -> None:
         self.momentum = cosine_increase(self.base_momentum, 1.0, index, total_steps)
         self.teacher.update({"backbone": self.student_visual, "projector": self.projector}, self.momentum)
-
-
-@register_ssl("byol")
-def build_byol(cfg, visual: nn.Module, preset) -> BYOL:
-    """BYOL from ``cfg.ssl.byol`` with BYOL's asymmetric views (crop area default 0.08-1)."""
-    mean, std = preset_norm(preset)
-    views = byol_views(preset.image_size, scale_or(cfg.ssl.views.crop_scale, (0.08, 1.0)), mean, std)
-    return BYOL(visual, views, cfg.ssl.byol)

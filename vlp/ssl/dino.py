@@ -19,14 +19,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from data_pipelines.ssl_views import MultiView, default_local_size, multicrop_views
-from vlp.config import DINOConfig
+from data_pipelines.ssl_views import MultiView
 from vlp.distributed import world_info
-from vlp.ssl.backbone import backbone_dim, multi_view_features, patch_size
-from vlp.ssl.base import SSLMethod, embedding_std, preset_norm, register_ssl, scale_or
+from vlp.ssl.backbone import backbone_dim, multi_view_features
+from vlp.ssl.base import SSLMethod, embedding_std
 from vlp.ssl.ema import EMATeacher
 from vlp.ssl.heads import DINOHead
-from vlp.ssl.schedules import cosine_increase, epoch_num_samples, linear_warmup, steps_per_epoch
+from vlp.ssl.schedules import cosine_increase, linear_warmup
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +72,9 @@ class DINO(SSLMethod):
 
     name = "dino"
 
-    def __init__(self, visual: nn.Module, views: MultiView, cfg: DINOConfig | None = None,
+    def __init__(self, visual: nn.Module, views: MultiView, cfg: Any,
                  freeze_last_layer_steps: int = 0) -> None:
         super().__init__(visual, views)
-        cfg = cfg or DINOConfig()
         self.cfg = cfg
         self.head = DINOHead(backbone_dim(visual), cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim, cfg.num_layers,
                              cfg.batch_norm, cfg.norm_last_layer)
@@ -107,26 +105,3 @@ class DINO(SSLMethod):
     def update_teacher(self, index: int, total_steps: int) -> None:
         self.momentum = cosine_increase(self.cfg.momentum, 1.0, index, total_steps)
         self.teacher.update({"backbone": self.student_visual, "head": self.head}, self.momentum)
-
-
-@register_ssl("dino")
-def build_dino(cfg, visual: nn.Module, preset) -> DINO:
-    """DINO from ``cfg.ssl.dino`` with multi-crop views (global area default 0.4-1, local 0.05-0.4).
-
-    The last layer stays frozen for ``freeze_last_layer_epochs`` epochs, an epoch being the steps that consume
-    data.train_num_samples (or the synthetic set) at the global batch size.
-    """
-    dcfg = cfg.ssl.dino
-    mean, std = preset_norm(preset)
-    local_size = cfg.ssl.views.local_crop_size or default_local_size(preset.image_size, patch_size(visual))
-    views = multicrop_views(preset.image_size, local_size, dcfg.local_crops,
-                            scale_or(cfg.ssl.views.crop_scale, (0.4, 1.0)),
-                            scale_or(cfg.ssl.views.local_crop_scale, (0.05, 0.4)), mean, std)
-    freeze = 0
-    if dcfg.freeze_last_layer_epochs > 0:
-        global_batch = cfg.train.batch_size * world_info().world_size
-        epoch = steps_per_epoch(epoch_num_samples(cfg), global_batch)
-        freeze = int(round(dcfg.freeze_last_layer_epochs * epoch))
-        log.info("DINO: last layer frozen for the first %d steps (%.3g epochs of %d steps)", freeze,
-                 dcfg.freeze_last_layer_epochs, epoch)
-    return DINO(visual, views, dcfg, freeze_last_layer_steps=freeze)

@@ -22,11 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data_pipelines.ssl_views import MultiView, byol_views, moco_v2_views
-from vlp.config import ConfigError, MoCoConfig
+from data_pipelines.ssl_views import MultiView
+from vlp.config import ConfigError
 from vlp.distributed import all_gather_no_grad, world_info
 from vlp.ssl.backbone import backbone_dim, multi_view_features
-from vlp.ssl.base import SSLMethod, embedding_std, preset_norm, register_ssl, scale_or
+from vlp.ssl.base import SSLMethod, embedding_std
 from vlp.ssl.ema import EMATeacher
 from vlp.ssl.heads import mlp
 from vlp.ssl.schedules import cosine_increase
@@ -83,9 +83,8 @@ class MoCoV3(SSLMethod):
 
     name = "moco"
 
-    def __init__(self, visual: nn.Module, views: MultiView, cfg: MoCoConfig | None = None) -> None:
+    def __init__(self, visual: nn.Module, views: MultiView, cfg: Any) -> None:
         super().__init__(visual, views)
-        cfg = cfg or MoCoConfig()
         hidden = cfg.hidden_dim or 4096
         out = cfg.resolved_out_dim
         self.temperature = cfg.temperature
@@ -119,10 +118,9 @@ class MoCoV2(SSLMethod):
 
     name = "moco"
 
-    def __init__(self, visual: nn.Module, views: MultiView, cfg: MoCoConfig | None = None,
+    def __init__(self, visual: nn.Module, views: MultiView, cfg: Any,
                  global_batch: int | None = None) -> None:
         super().__init__(visual, views)
-        cfg = cfg or MoCoConfig(version=2)
         if global_batch is not None and cfg.queue_size % global_batch:
             lower = cfg.queue_size // global_batch * global_batch
             raise ConfigError(
@@ -153,15 +151,3 @@ class MoCoV2(SSLMethod):
         m = cosine_increase(self.base_momentum, 1.0, index, total_steps) if self.cosine else self.base_momentum
         self.momentum = m
         self.teacher.update({"backbone": self.student_visual, "head": self.head}, m)
-
-
-@register_ssl("moco")
-def build_moco(cfg, visual: nn.Module, preset) -> MoCoV3 | MoCoV2:
-    """MoCo ``cfg.ssl.moco.version`` with its reference views (v3: BYOL's, crop 0.08-1; v2: aug+, crop 0.2-1)."""
-    mean, std = preset_norm(preset)
-    mcfg = cfg.ssl.moco
-    if mcfg.version == 3:
-        views = byol_views(preset.image_size, scale_or(cfg.ssl.views.crop_scale, (0.08, 1.0)), mean, std)
-        return MoCoV3(visual, views, mcfg)
-    views = moco_v2_views(preset.image_size, scale_or(cfg.ssl.views.crop_scale, (0.2, 1.0)), mean, std)
-    return MoCoV2(visual, views, mcfg, global_batch=cfg.train.batch_size * world_info().world_size)

@@ -68,8 +68,9 @@ class RepresentationMonitor:
     @classmethod
     def from_config(cls, cfg, eval_shards: str | None, transform: Callable, is_ssl_run: bool
                     ) -> RepresentationMonitor | None:
-        """The monitor a run asks for (``cfg.ssl.monitor``), or None when it is off or there is no held-out data."""
-        mcfg = cfg.ssl.monitor
+        """The monitor a run asks for (``cfg``: the ``ssl.monitor`` section, or a run config holding it), or None
+        when it is off or there is no held-out data."""
+        mcfg = cfg.ssl.monitor if hasattr(cfg, "ssl") else cfg
         every = mcfg.every if mcfg.every is not None else (100 if is_ssl_run else 0)
         if every <= 0:
             return None

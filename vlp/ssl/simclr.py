@@ -15,11 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data_pipelines.ssl_views import MultiView, simclr_views
-from vlp.config import SimCLRConfig
+from data_pipelines.ssl_views import MultiView
 from vlp.distributed import all_gather_with_grad, world_info
 from vlp.ssl.backbone import backbone_dim, multi_view_features
-from vlp.ssl.base import SSLMethod, embedding_std, preset_norm, register_ssl, scale_or
+from vlp.ssl.base import SSLMethod, embedding_std
 from vlp.ssl.heads import mlp
 
 
@@ -52,9 +51,8 @@ class SimCLR(SSLMethod):
 
     name = "simclr"
 
-    def __init__(self, visual: nn.Module, views: MultiView, cfg: SimCLRConfig | None = None) -> None:
+    def __init__(self, visual: nn.Module, views: MultiView, cfg: Any) -> None:
         super().__init__(visual, views)
-        cfg = cfg or SimCLRConfig()
         self.temperature = cfg.temperature
         self.head = mlp(backbone_dim(visual), cfg.hidden_dim, cfg.out_dim, cfg.num_layers, batch_norm=cfg.batch_norm)
 
@@ -64,11 +62,3 @@ class SimCLR(SSLMethod):
         z2 = F.normalize(self.head(f2).float(), dim=-1)
         loss, acc = nt_xent(z1, z2, self.temperature)
         return loss, {"loss/simclr": loss.detach(), "ssl/simclr/acc": acc, "ssl/simclr/z_std": embedding_std(z1)}
-
-
-@register_ssl("simclr")
-def build_simclr(cfg, visual: nn.Module, preset) -> SimCLR:
-    """SimCLR from ``cfg.ssl.simclr`` with SimCLR's views (crop area ``cfg.ssl.views.crop_scale``, default 0.08-1)."""
-    mean, std = preset_norm(preset)
-    views = simclr_views(preset.image_size, scale_or(cfg.ssl.views.crop_scale, (0.08, 1.0)), mean, std)
-    return SimCLR(visual, views, cfg.ssl.simclr)

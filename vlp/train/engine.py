@@ -24,11 +24,10 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
-from vlp.config import ConfigError, PretrainConfig
+from vlp.config import ConfigError
 from vlp.distributed import WorldInfo, world_info
-from vlp.model import ModelPreset
+from vlp.objectives.base import Objective
 from vlp.preflight import DEEPSPEED_CONFIG_NAMES, resolve_deepspeed_config  # noqa: F401 - re-exported
-from vlp.train.objective import Objective, to_device
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +38,7 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------------------------------------
 
 
-def mixed_precision(cfg: PretrainConfig) -> str:
+def mixed_precision(cfg: Any) -> str:
     """accelerate's mixed_precision value: bf16 on GPU and fp32 ('no') on CPU unless set explicitly.
 
     fp16 runs with loss scaling (accelerate's GradScaler, or DeepSpeed's dynamic loss scale). Whatever the
@@ -58,7 +57,7 @@ def deepspeed_from_launcher() -> bool:
     return os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
 
 
-def build_accelerator(cfg: PretrainConfig) -> Accelerator:
+def build_accelerator(cfg: Any) -> Accelerator:
     """The Accelerator for this run: DeepSpeed when ``train.deepspeed`` is set or the launcher asks for it.
 
     accelerate ignores DeepSpeed when told ``cpu=True``, so on a CPU-only machine DeepSpeed runs with
@@ -92,20 +91,14 @@ def is_deepspeed(accelerator: Accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.DEEPSPEED
 
 
-def model_hidden_size(preset: ModelPreset) -> int:
-    """The widest transformer of the two towers (sizes DeepSpeed's communication buckets)."""
-    widths = [preset.embed_dim, int(preset.text_cfg.get("width", 0)), int(preset.vision_cfg.get("width", 0))]
-    return max(w for w in widths if w)
-
-
-def fill_deepspeed_config(accelerator: Accelerator, cfg: PretrainConfig, world: WorldInfo, preset: ModelPreset
+def fill_deepspeed_config(accelerator: Accelerator, cfg: Any, world: WorldInfo, hidden_size: int
                           ) -> dict[str, Any]:
     """Fill the ``auto`` fields of the active DeepSpeed config from the run, with torch.distributed's world size.
 
     Values the user wrote explicitly are kept. Returns the resulting config.
     """
     plugin = accelerator.state.deepspeed_plugin
-    h = model_hidden_size(preset)
+    h = hidden_size
     micro, k = cfg.train.batch_size, cfg.train.accum_steps
     plugin.deepspeed_config_process(
         must_match=False,
@@ -200,6 +193,24 @@ class StepOutcome:
     """Why the update was skipped: 'nonfinite_grad' or 'overflow' (fp16 loss scaling at work)."""
 
 
+def frozen_parameter_names(module: torch.nn.Module) -> set[str]:
+    """State-dict names of the parameters that do not train."""
+    return {name for name, p in module.named_parameters() if not p.requires_grad}
+
+
+def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Move every tensor (and list of tensors) of a batch to ``device``."""
+    out: dict[str, Any] = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            out[k] = v.to(device, non_blocking=True)
+        elif isinstance(v, list) and v and isinstance(v[0], torch.Tensor):
+            out[k] = [t.to(device, non_blocking=True) for t in v]
+        else:
+            out[k] = v
+    return out
+
+
 def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     """L2 norm over all gradients (non-finite if any element is)."""
     if not grads:
@@ -254,6 +265,19 @@ class TrainEngine:
 
     def scaler_state(self) -> dict[str, Any] | None:
         return None
+
+    def describe(self) -> dict[str, Any]:
+        """What actually trains (for summary.json): the wrapped model's and the optimiser's types, and under
+        DeepSpeed the ZeRO stage and how many fp32 master weights this rank holds (its partition)."""
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate's wrapper -> the real one
+        info: dict[str, Any] = {"kind": self.kind, "model": type(self.wrapped).__name__,
+                                "optimizer": type(inner).__name__}
+        if hasattr(self.wrapped, "zero_optimization_stage"):
+            info["zero_stage"] = int(self.wrapped.zero_optimization_stage())
+            groups = getattr(inner, "single_partition_of_fp32_groups", None)
+            if groups is not None:  # ZeRO-1/2: this rank's slice of the flattened fp32 parameters
+                info["fp32_partition_numel"] = int(sum(g.numel() for g in groups))
+        return info
 
     def load_scaler_state(self, state: dict[str, Any] | None) -> None:
         pass
@@ -316,12 +340,23 @@ class NativeEngine(TrainEngine):
 
     def save(self, directory: Path) -> None:
         if world_info().is_main:  # one copy (DDP replicas are identical)
-            torch.save(self.objective.state_dict(), directory / "objective.pt")
+            state = self.objective.state_dict()
+            if self.objective.exclude_frozen_from_checkpoints:
+                frozen = frozen_parameter_names(self.objective)
+                state = {k: v for k, v in state.items() if k not in frozen}
+            torch.save(state, directory / "objective.pt")
             torch.save(self.optimizer.state_dict(), directory / "optimizer.pt")
 
     def load(self, directory: Path) -> None:
         state = torch.load(directory / "objective.pt", map_location="cpu", weights_only=True)
-        self.objective.load_state_dict(state)
+        if self.objective.exclude_frozen_from_checkpoints:
+            missing, unexpected = self.objective.load_state_dict(state, strict=False)
+            frozen = frozen_parameter_names(self.objective)
+            if unexpected or set(missing) - frozen:
+                raise ConfigError(f"{directory}: checkpoint does not fit the objective (missing "
+                                  f"{sorted(set(missing) - frozen)[:3]}, unexpected {unexpected[:3]})")
+        else:
+            self.objective.load_state_dict(state)
         opt = torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True)
         self.optimizer.load_state_dict(opt)
 
@@ -411,20 +446,22 @@ class DeepSpeedTrainEngine(TrainEngine):
         yield replica.to(self.device)
 
     def save(self, directory: Path) -> None:
-        self.engine.save_checkpoint(str(directory), tag=self.TAG, client_state={}, save_latest=False)
+        self.engine.save_checkpoint(str(directory), tag=self.TAG, client_state={}, save_latest=False,
+                                    exclude_frozen_parameters=self.objective.exclude_frozen_from_checkpoints)
 
     def load(self, directory: Path) -> None:
         path, _ = self.engine.load_checkpoint(str(directory), tag=self.TAG, load_optimizer_states=True,
-                                              load_lr_scheduler_states=False)
+                                              load_lr_scheduler_states=False,
+                                              load_module_strict=not self.objective.exclude_frozen_from_checkpoints)
         if path is None:
             raise ConfigError(f"{directory}: DeepSpeed could not load its checkpoint (tag {self.TAG!r})")
 
 
 def build_engine(accelerator: Accelerator, objective: Objective, optimizer: torch.optim.Optimizer,
-                 cfg: PretrainConfig, world: WorldInfo, preset: ModelPreset) -> TrainEngine:
+                 cfg: Any, world: WorldInfo, hidden_size: int) -> TrainEngine:
     """accelerate.prepare the objective and optimiser, under DeepSpeed when the accelerator uses it."""
     if is_deepspeed(accelerator):
-        conf = fill_deepspeed_config(accelerator, cfg, world, preset)
+        conf = fill_deepspeed_config(accelerator, cfg, world, hidden_size)
         wrapped, opt = accelerator.prepare(objective, optimizer)
         log.info("DeepSpeed ZeRO stage %d, micro batch %d x %d accumulation x %d processes, bf16=%s fp16=%s",
                  wrapped.zero_optimization_stage(), conf["train_micro_batch_size_per_gpu"],

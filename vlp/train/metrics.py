@@ -28,7 +28,8 @@ class MetricsWriter:
             self._tb = SummaryWriter(log_dir=str(out / "tensorboard"))
 
     def log(self, step: int, values: dict[str, Any]) -> None:
-        if not self.enabled:
+        """One record: a step's metrics or an evaluation's (nothing is written for no values)."""
+        if not self.enabled or not values:
             return
         self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
         if self._tb is not None:

@@ -52,5 +52,6 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
     """LambdaLR applying :func:`warmup_cosine`; stepped once per optimiser step."""
+    warmup = cfg.resolved_warmup_steps(total_steps)
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: warmup_cosine(s, cfg.warmup_steps, total_steps, cfg.min_lr_ratio))
+        optimizer, lambda s: warmup_cosine(s, warmup, max(total_steps, 1), cfg.min_lr_ratio))

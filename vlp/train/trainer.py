@@ -1,10 +1,11 @@
-"""The pretraining loop on accelerate (+ DeepSpeed ZeRO): data, model, accumulation, guards, checkpoints, evaluation.
+"""The one training engine: every registered objective (image-text, SSL, the LLaVA projector) runs here.
 
-:class:`Trainer` sets a run up (accelerator or DeepSpeed engine, model, locked towers, objective, data stream,
-optimiser and schedule, resume) and runs it. One optimiser step consumes ``accum_steps`` micro-batches per
-process, accumulated exactly (GradCache, vlp.train.gradcache) or plainly; a step with a non-finite loss or
-gradient is skipped and counted (vlp.train.guards); checkpoints are written every ``checkpoint.every`` steps and
-at the end (vlp.train.checkpoint), and the end of the run exports the consolidated fp32 model.
+:class:`Trainer` sets a run up (accelerator or DeepSpeed engine, the objective looked up by name in
+:mod:`vlp.objectives`, data stream, optimiser and schedule, resume) and runs it. One optimiser step consumes
+``accum_steps`` micro-batches per process, accumulated exactly (GradCache, vlp.train.gradcache) or plainly; a step
+with a non-finite loss or gradient is skipped and counted (vlp.train.guards); checkpoints are written every
+``checkpoint.every`` steps and at the end (vlp.train.checkpoint). The objective says what to evaluate (every
+``--eval-every`` steps and at the end, through one evaluator) and what to export at the end.
 """
 
 from __future__ import annotations
@@ -12,66 +13,49 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
-from data_pipelines.loader import build_eval_samples, build_train_loader
+from data_pipelines.loader import build_train_loader
 from data_pipelines.synthetic import ensure_synthetic_data
 from vlp.checkpointing import (
     TRAINER_STATE,
-    dualtower_state,
-    export_model,
+    consolidated_state_dict,
     resolve_resume,
     rng_state,
     run_dir_of,
     set_rng_state,
 )
-from vlp.config import ConfigError, PretrainConfig, save_yaml, to_dict
+from vlp.config import ConfigError, save_yaml, to_dict
 from vlp.distributed import barrier, broadcast_object, world_info
-from vlp.eval.during_training import TrainingEvaluator
-from vlp.eval.zeroshot import encode_images, evaluate_label_families
-from vlp.model import DualTower, build_model, build_tokenizer, build_transforms, load_preset
+from vlp.objectives import registry
+from vlp.objectives.base import Objective, RunData
 from vlp.preflight import check_shards_exist
-from vlp.ssl import monitor as _ssl_monitor  # registers the SSL objectives and auxiliary terms too
-from vlp.train import contrastive as _contrastive  # noqa: F401 - registers the objective
 from vlp.train.checkpoint import CheckpointManager
 from vlp.train.engine import StepOutcome, TrainEngine, build_accelerator, build_engine
 from vlp.train.gradcache import accumulate_step
 from vlp.train.guards import FaultInjector, NonFiniteGuard, TrainingDiverged
 from vlp.train.metrics import MetricsWriter, memory_metrics
-from vlp.train.objective import OBJECTIVES, Objective
 from vlp.train.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class DataSources:
-    """Resolved training/evaluation data: shard specs plus zero-shot class families where known."""
-
-    train_shards: str
-    eval_shards: str | None
-    class_families: dict[str, list[str]] | None = None
-    templates: dict[str, list[str]] | None = None
+def resolve_output_dir(cfg: Any) -> Path:
+    """The run directory: ``output_dir`` or runs/<time>-<objective>, identical on every rank."""
+    out = cfg.output_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{registry.resolve(cfg).name}"
+    return Path(broadcast_object(out))
 
 
-def resolve_output_dir(cfg: PretrainConfig) -> Path:
-    """The run directory: ``output_dir`` or runs/<time>-<loss or SSL objective>, identical on every rank."""
-    name = cfg.output_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{cfg.image_text_loss or cfg.objective}"
-    return Path(broadcast_object(name))
-
-
-def resolve_data(cfg: PretrainConfig, accelerator: Accelerator) -> DataSources:
+def resolve_data(cfg: Any) -> RunData:
     """The user's shards, or the embedded synthetic set (written once, by the main process first)."""
     if cfg.data.train_shards:
-        return DataSources(cfg.data.train_shards, cfg.data.eval_shards)
+        return RunData(cfg.data.train_shards, cfg.data.eval_shards)
     # main process first (accelerate's main_process_first is unreliable under DeepSpeed on CPU: see world_info)
     main = world_info().is_main
     synth = None
@@ -83,63 +67,8 @@ def resolve_data(cfg: PretrainConfig, accelerator: Accelerator) -> DataSources:
         synth = ensure_synthetic_data(cfg.data.synthetic_dir, cfg.data.synthetic_train_samples,
                                       cfg.data.synthetic_eval_samples, seed=0)
     assert synth is not None
-    return DataSources(synth.train_shards, cfg.data.eval_shards or synth.eval_shards,
-                       synth.class_families, synth.templates)
-
-
-@torch.no_grad()
-def zeroshot_summary(model: DualTower, data: DataSources, tokenizer, transform, device, batch_size: int
-                     ) -> dict[str, float]:
-    """Held-out zero-shot top-1/top-5 per class family (needs labelled eval shards with class families)."""
-    if not data.eval_shards or not data.class_families:
-        return {}
-    images, labels = [], []
-    for s in build_eval_samples(data.eval_shards):
-        if s["json"] is not None:
-            images.append(transform(s["image"]))
-            labels.append(s["json"])
-    was_training = model.training
-    model.eval()
-    feats = encode_images(model.encode_image, images, device, batch_size)
-    res = evaluate_label_families(feats, labels, data.class_families, data.templates, model.encode_text,
-                                  tokenizer, device)
-    model.train(was_training)
-    res["zeroshot/num_images"] = len(images)
-    return res
-
-
-def load_pretrained_weights(model: DualTower, path: str) -> None:
-    """Initialise from ``--model.pretrained``: a .pt file ({"model": state} or a state dict), a .safetensors file,
-    or a run / checkpoint directory of this project."""
-    p = Path(path)
-    if p.is_dir():
-        from vlp.checkpointing import load_trained_model
-
-        state = load_trained_model(p)[0].state_dict()
-    elif p.suffix == ".safetensors" and p.is_file():
-        from safetensors.torch import load_file
-
-        state = load_file(str(p))
-    elif p.is_file():
-        state = torch.load(p, map_location="cpu", weights_only=True)
-        state = state.get("model", state)
-    else:
-        raise ConfigError(f"--model.pretrained {path}: no such file or directory")
-    model.load_state_dict(state)
-
-
-def lock_towers(model: DualTower, cfg: PretrainConfig) -> None:
-    """Freeze the image and/or text tower as configured (open_clip's LiT locking), except their last groups."""
-    m = cfg.model
-    if m.lock_image:
-        model.clip.lock_image_tower(unlocked_groups=m.lock_image_unlocked_groups)
-    if m.lock_text:
-        model.clip.lock_text_tower(unlocked_layers=m.lock_text_unlocked_layers)
-    if m.lock_image or m.lock_text:
-        total = sum(p.numel() for p in model.parameters())
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        log.info("locked towers (image=%s, text=%s): %d of %d parameters trainable", m.lock_image, m.lock_text,
-                 trainable, total)
+    return RunData(synth.train_shards, cfg.data.eval_shards or synth.eval_shards, synth.class_families,
+                   synth.templates)
 
 
 def slice_batch(batch: dict[str, Any], start: int, stop: int) -> dict[str, Any]:
@@ -169,11 +98,20 @@ def concat_batches(batches: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 class Trainer:
-    """One pretraining run: ``Trainer(cfg).run()`` sets up in the constructor, trains, evaluates, returns the
-    summary. Tests use the pieces (``engine``, ``next_micro_batches``, ``train_step``) directly."""
+    """One training run of any registered objective: ``Trainer(cfg).run()`` sets up in the constructor, trains,
+    evaluates, exports and returns the summary. Tests use the pieces (``engine``, ``next_micro_batches``,
+    ``train_step``) directly.
 
-    def __init__(self, cfg: PretrainConfig) -> None:
+    ``cfg`` is a run config: :class:`vlp.config.PretrainConfig` (with the registered objectives' sections) or
+    another config with the same common sections (``data``, ``optim``, ``train``, ``checkpoint``, ``objective``,
+    ``output_dir``), such as :class:`adapters.config.AdapterConfig`.
+    """
+
+    def __init__(self, cfg: Any, objective: Objective | None = None) -> None:
+        """``objective``: one already built for ``cfg`` (tests inspect its parts afterwards); default: built from
+        the registry by name."""
         self.cfg = cfg
+        self.spec = spec = registry.resolve(cfg)
         self.accelerator = build_accelerator(cfg)
         self.world = world = world_info()
         resume = cfg.checkpoint.resume
@@ -190,31 +128,16 @@ class Trainer:
             out_dir.mkdir(parents=True, exist_ok=True)
             save_yaml(cfg, out_dir / "config.yaml")
 
-        self.preset = preset = load_preset(cfg.model.name)
-        self.data = data = resolve_data(cfg, self.accelerator)
+        self.data = data = resolve_data(cfg)
         check_shards_exist(data.train_shards)
-        model = build_model(preset, cfg.loss)
-        if cfg.model.grad_checkpointing:
-            model.set_grad_checkpointing(True)
-        if cfg.model.pretrained:
-            load_pretrained_weights(model, cfg.model.pretrained)
-        lock_towers(model, cfg)
-        self.model = model
-        if cfg.objective not in OBJECTIVES:
-            raise ConfigError(f"unknown objective {cfg.objective!r}; valid: {', '.join(sorted(OBJECTIVES))}")
-        self.objective: Objective = OBJECTIVES[cfg.objective](cfg, model, preset)
+        self.objective: Objective = objective if objective is not None else spec.build(cfg, world)
         exact = cfg.train.accumulation == "gradcache"
         if cfg.train.accum_steps > 1 and exact and not self.objective.supports_gradcache:
+            aux = " with --aux-ssl" if getattr(cfg, "aux_ssl", None) else ""
             raise ConfigError(f"exact accumulation (train.accumulation=gradcache) needs a loss over per-sample "
-                              f"embeddings; objective {cfg.objective!r}{' with --aux-ssl' if cfg.aux_ssl else ''} "
-                              "has none: use --train.accumulation plain, or --accum-steps 1")
-        self.tokenizer = build_tokenizer(preset)
-        self.eval_tf = build_transforms(preset, is_train=False)
-        self.evaluator = TrainingEvaluator.from_config(cfg, data.eval_shards, data.class_families, data.templates,
-                                                       self.tokenizer, self.eval_tf)
-        self.monitor = _ssl_monitor.RepresentationMonitor.from_config(
-            cfg, data.eval_shards, self.eval_tf, is_ssl_run=cfg.objective != "contrastive" or bool(cfg.aux_ssl)
-        ) if world.is_main else None
+                              f"embeddings; objective {spec.name!r}{aux} has none: use --train.accumulation plain, "
+                              "or --accum-steps 1")
+        self.evaluation = self.objective.evaluation(cfg, data)
         self.global_batch = cfg.train.batch_size * cfg.train.accum_steps * world.world_size
         self.loader = self._build_loader()
         if cfg.data.epochs is not None:  # run length in passes over the data (needs the epoch length)
@@ -223,7 +146,8 @@ class Trainer:
 
         optimizer = build_optimizer(self.objective, cfg.optim)
         self.scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)  # stepped by hand: once per step
-        self.engine: TrainEngine = build_engine(self.accelerator, self.objective, optimizer, cfg, world, preset)
+        self.engine: TrainEngine = build_engine(self.accelerator, self.objective, optimizer, cfg, world,
+                                                self.objective.hidden_size())
         self.guard = NonFiniteGuard(cfg.train.max_nonfinite_steps)
         self.faults = FaultInjector()
         self.checkpoints = CheckpointManager(out_dir, cfg.checkpoint.keep, world.rank, barrier,
@@ -232,12 +156,13 @@ class Trainer:
         self.step = 0
         self.losses: list[float] = []
         self.last_checkpoint: Path | None = None
+        self._checkpoint_step: int | None = None
+        self._train_time = 0.0
         self._batches = None
         if self.resume_from is not None:
             self._resume(self.resume_from)
-        trains = f"with {cfg.image_text_loss}/{cfg.loss.impl} loss" if cfg.image_text_loss else "(image tower only)"
-        log.info("training %s (%s) %s on %d process(es) [%s], global batch %d = %d x %d micro-batch(es) x %d, "
-                 "%d steps; outputs in %s", preset.name, cfg.objective, trains, world.world_size, self.engine.kind,
+        log.info("training %s on %d process(es) [%s], global batch %d = %d x %d micro-batch(es) x %d, "
+                 "%d steps; outputs in %s", self.objective.describe(), world.world_size, self.engine.kind,
                  self.global_batch, cfg.train.batch_size, cfg.train.accum_steps, world.world_size, cfg.train.steps,
                  out_dir)
 
@@ -249,8 +174,9 @@ class Trainer:
         else:
             batch, rank, size = cfg.train.batch_size, world.rank, world.world_size
         return build_train_loader(
-            self.data.train_shards, self.objective.sample_transform, batch, seed=cfg.train.seed, rank=rank,
-            world_size=size, workers=cfg.data.workers, shuffle_buffer=cfg.data.shuffle_buffer,
+            self.data.train_shards, self.objective.sample_transform, batch, collate_fn=self.objective.collate,
+            seed=cfg.train.seed, rank=rank, world_size=size, workers=cfg.data.workers,
+            shuffle_buffer=cfg.data.shuffle_buffer,
             caption_key=cfg.data.caption_key, require_text=self.objective.requires_text, mode=cfg.data.mode,
             weights=cfg.data.source_weights, num_samples=cfg.data.train_num_samples, metadata=cfg.data.train_metadata,
             max_consecutive_failures=cfg.data.max_consecutive_failures, timeout_s=cfg.data.loader_timeout_s)
@@ -274,13 +200,19 @@ class Trainer:
         outcome = self.engine.step() if result.backward_done else StepOutcome(False, None, "nonfinite_loss")
         if not result.finite:
             outcome = StepOutcome(False, outcome.grad_norm, "nonfinite_loss")
-        return float(result.loss), outcome, result.logs
+        key = self.objective.reported_loss_key  # e.g. a global mean the backpropagated loss is a scaled share of
+        loss = result.logs[key] if key and key in result.logs and result.finite else result.loss
+        return float(loss), outcome, result.logs
 
     def train(self) -> None:
         """Run the remaining steps (from a resumed step onwards), checkpointing as configured."""
         cfg, world, engine = self.cfg, self.world, self.engine
         steps, g = cfg.train.steps, self.global_batch
-        bar = tqdm(total=steps * g, initial=self.step * g, desc="pretrain", unit="sample", unit_scale=True,
+        if self.step == 0 and self.evaluation is not None:  # before the first update (e.g. the adapter's baseline)
+            with self.engine.evaluation_model(self.objective.eval_module(), self.objective.build_plain) as module:
+                if metrics := self.evaluation.begin(module, self.accelerator.device):
+                    self.metrics.log(0, metrics)
+        bar = tqdm(total=steps * g, initial=self.step * g, desc=self.spec.name, unit="sample", unit_scale=True,
                    disable=not world.is_main)  # samples, of a known total
         engine.wrapped.train()
         first = self.step + 1
@@ -327,23 +259,21 @@ class Trainer:
         if self.last_checkpoint is None or self._checkpoint_step != steps:
             self.save_checkpoint(steps)
 
-    def _periodic_evaluation(self, step: int) -> None:
-        due = bool(self.evaluator.every) and step % self.evaluator.every == 0
-        if self.monitor is not None:
-            due = due or (self.monitor.every > 0 and step % self.monitor.every == 0)
-        if self.engine.evaluation_needs_collective:
+    def _due_everywhere(self, due: bool) -> bool:
+        """``due`` on any rank, where evaluation is collective under this engine (ZeRO-3 gathers weights)."""
+        if self.engine.evaluation_needs_collective and dist.is_available() and dist.is_initialized():
             flag = torch.tensor([float(due)], device=self.accelerator.device)
-            if dist.is_available() and dist.is_initialized():
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             due = bool(flag.item())
-        if not due:
+        return due
+
+    def _periodic_evaluation(self, step: int) -> None:
+        ev = self.evaluation
+        if ev is None or not self._due_everywhere(ev.due(step)):
             return
-        with self.engine.evaluation_model(self.model, lambda: build_model(self.preset, self.cfg.loss)) as model:
-            if eval_metrics := self.evaluator.maybe_evaluate(step, model):  # all ranks; metrics on the main one
-                self.metrics.log(step, eval_metrics)
-            device = self.accelerator.device
-            if self.monitor is not None and (rep := self.monitor.maybe_run(step, model.visual, device)):
-                self.metrics.log(step, rep)  # k-NN / collapse checks of the image backbone, main process only
+        with self.engine.evaluation_model(self.objective.eval_module(), self.objective.build_plain) as module:
+            if metrics := ev.evaluate(step, module, self.accelerator.device):  # metrics on the main process
+                self.metrics.log(step, metrics)
 
     # ---------------------------------------------------------------------------------------------------- state
     def save_checkpoint(self, step: int) -> Path:
@@ -351,7 +281,7 @@ class Trainer:
         cfg, world = self.cfg, self.world
         data_all = None if cfg.train.global_stream else self.loader.global_state_dict()  # collective
         trainer_state = {
-            "version": 1, "step": step, "samples_seen": step * self.global_batch,
+            "version": 1, "step": step, "objective": self.spec.name, "samples_seen": step * self.global_batch,
             "scheduler": self.scheduler.state_dict(), "guard": self.guard.state_dict(),
             "scaler": self.engine.scaler_state(), "world_size": world.world_size, "engine": self.engine.kind,
             "zero_stage": getattr(self.engine, "stage", None), "accum_steps": cfg.train.accum_steps,
@@ -402,42 +332,35 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------------------------- end
     def finish(self) -> dict[str, Any]:
-        """Export the consolidated model, run the final evaluations, write summary.json; returns the summary."""
+        """Export, run the end-of-run evaluation, write summary.json; returns the summary."""
         cfg, world = self.cfg, self.world
-        train_time = getattr(self, "_train_time", 0.0)
+        train_time = self._train_time
         done = len(self.losses)
         summary: dict[str, Any] = {
             "steps": cfg.train.steps, "world_size": world.world_size, "global_batch": self.global_batch,
             "accum_steps": cfg.train.accum_steps, "engine": self.engine.kind, "objective": cfg.objective,
-            "loss": cfg.image_text_loss,
-            "model": self.preset.name, "first_loss": self.losses[0] if done else None,
+            "loss": cfg.image_text_loss if hasattr(cfg, "image_text_loss") else None,
+            "first_loss": self.losses[0] if done else None,
             "final_loss": self.losses[-1] if done else None, "train_time_s": train_time,
             "samples_per_s": self.global_batch * done / train_time if train_time > 0 else None,
             **self.guard.metrics(),
             **self.loader.log_metrics(with_faults=True),  # collective: data position and skipped data, all ranks
         }
+        summary["engine_info"] = self.engine.describe()
         if self.last_checkpoint is not None:
             summary["checkpoint"] = str(self.last_checkpoint)
-        final_model: DualTower = self.model
+        if self.evaluation is not None:  # every rank: the evaluation may be collective
+            with self.engine.evaluation_model(self.objective.eval_module(), self.objective.build_plain) as module:
+                final = self.evaluation.final(module, self.accelerator.device, step=cfg.train.steps)
+            summary.update(final)  # summary.json; metrics.jsonl holds the periodic evaluations
         if world.is_main:
-            state = None
             if self.engine.kind == "deepspeed" and self.last_checkpoint is not None:
-                from vlp.checkpointing import consolidated_state_dict
-
-                state = dualtower_state(consolidated_state_dict(self.last_checkpoint))
-                final_model = build_model(self.preset, cfg.loss).to(self.accelerator.device)
-                final_model.load_state_dict(state)  # fp32, no DeepSpeed hooks: evaluable on this process alone
-            if cfg.checkpoint.export:
-                path = export_model(state if state is not None else self.model.state_dict(), self.out_dir)
-                summary["export"] = str(path)
-            if self.monitor is not None:
-                final = self.monitor.last if cfg.train.steps % self.monitor.every == 0 else {}
-                summary.update(final or self.monitor.run(final_model.visual, self.accelerator.device))
-            if cfg.eval.zeroshot and self.objective.requires_text:  # standalone SSL trains no text tower
-                summary.update(zeroshot_summary(final_model, self.data, self.tokenizer, self.eval_tf,
-                                                self.accelerator.device, cfg.eval.batch_size))
+                state = consolidated_state_dict(self.last_checkpoint)  # fp32 master weights, merged from the shards
+            else:
+                state = {k: v.detach() for k, v in self.objective.state_dict().items()}
+            summary.update(self.objective.export(self.out_dir, state, summary))
+            summary.update(self.objective.summary())
             (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-            self.metrics.log(cfg.train.steps, {k: v for k, v in summary.items() if k.startswith("zeroshot/")})
         self.metrics.close()
         barrier()
         summary["output_dir"] = str(self.out_dir)
@@ -449,9 +372,13 @@ class Trainer:
         return self.finish()
 
 
-def run_pretraining(cfg: PretrainConfig) -> dict[str, Any]:
-    """Train as configured; returns the run summary (also written to summary.json).
+def run_training(cfg: Any, objective: Objective | None = None) -> dict[str, Any]:
+    """Train as configured (``objective``: one already built for ``cfg``); returns the run summary (also written
+    to summary.json).
 
     Raises TrainingDiverged (after checkpointing) when too many consecutive steps were non-finite.
     """
-    return Trainer(cfg).run()
+    return Trainer(cfg, objective).run()
+
+
+run_pretraining = run_training

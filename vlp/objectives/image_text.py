@@ -1,34 +1,21 @@
-"""The image-text contrastive objective (CLIP softmax or SigLIP sigmoid), optionally with an auxiliary term."""
+"""The image-text contrastive objective (CLIP softmax or SigLIP sigmoid), optionally with an auxiliary SSL term.
+
+The registered image-text objectives (``clip.py``, ``siglip.py``) build it with their loss.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import nn
 
-from vlp.losses import ContrastiveLoss, build_loss
-from vlp.model import DualTower, ModelPreset, build_tokenizer, build_transforms
-from vlp.train.objective import Objective, register_objective
-
-
-class AuxiliaryTerm(nn.Module):
-    """An extra loss beside the contrastive one (e.g. SimCLR on image views, as in SLIP).
-
-    ``sample_transform`` adds its own tensors to a sample; ``forward(batch, model)`` returns (loss, logs).
-    """
-
-    def sample_transform(self, sample: dict[str, Any]) -> dict[str, Any]:
-        return {}
-
-    def forward(self, batch: dict[str, Any], model: DualTower) -> tuple[torch.Tensor, dict[str, Any]]:
-        raise NotImplementedError
-
-    def after_step(self, step: int, total_steps: int) -> None:
-        pass
+from vlp.losses import ContrastiveLoss
+from vlp.model import DualTower, build_tokenizer, build_transforms
+from vlp.objectives.base import AuxiliaryTerm, DualTowerObjective, build_dual_tower
 
 
-class ContrastiveObjective(Objective):
+class ContrastiveObjective(DualTowerObjective):
     """Image-text loss on normalised tower outputs, plus ``aux_weight`` x an auxiliary term if one is given."""
 
     def __init__(self, model: DualTower, loss_fn: ContrastiveLoss, image_transform, tokenizer,
@@ -40,6 +27,7 @@ class ContrastiveObjective(Objective):
         self.tokenizer = tokenizer
         self.aux = aux
         self.aux_weight = aux_weight
+        self.has_ssl = aux is not None
 
     def sample_transform(self, sample: dict[str, Any]) -> dict[str, Any]:
         out = {"image": self.image_transform(sample["image"]), "text": self.tokenizer([sample["text"]])[0]}
@@ -84,9 +72,11 @@ class ContrastiveObjective(Objective):
         with torch.autocast(device_type=emb["image"].device.type, enabled=False):
             loss = self.loss_fn(emb["image"].float(), emb["text"].float(), scale.float(),
                                 None if bias is None else bias.float())
-        logs: dict[str, Any] = {"loss/contrastive": loss.detach(), "logit_scale": scale.detach()}
+        # logged values are copies taken at this forward pass (before the step's update), under every engine:
+        # a detached view would share the parameter's storage and show the updated value except under ZeRO-3
+        logs: dict[str, Any] = {"loss/contrastive": loss.detach(), "logit_scale": scale.detach().float().clone()}
         if bias is not None:
-            logs["logit_bias"] = bias.detach()
+            logs["logit_bias"] = bias.detach().float().clone()
         return loss, logs
 
     def forward(self, batch: dict[str, Any], mode: str = "loss", reuse: dict[str, torch.Tensor] | None = None):
@@ -107,20 +97,23 @@ class ContrastiveObjective(Objective):
         if self.aux is not None:
             self.aux.after_step(step, total_steps)
 
+    def describe(self) -> str:
+        aux = f" + {self._cfg.aux_ssl_weight:g} x {self._cfg.aux_ssl}" if self.aux is not None else ""
+        return f"{self.preset.name} ({self._cfg.objective}) with {self._cfg.loss.name}/{self._cfg.loss.impl} loss{aux}"
 
-# name -> factory(cfg, model, preset) -> AuxiliaryTerm, filled by the SSL package.
-AUXILIARY_TERMS: dict[str, Any] = {}
 
+def build_image_text(cfg: Any, loss_factory: Callable[[Any], ContrastiveLoss], model: DualTower | None = None,
+                     preset: Any = None) -> ContrastiveObjective:
+    """The image-text objective of ``cfg``: its DualTower (or ``model`` built from ``preset``),
+    ``loss_factory(cfg.loss)`` (+ ``cfg.aux_ssl``)."""
+    from vlp.objectives.registry import auxiliary_term
 
-@register_objective("contrastive")
-def build_contrastive(cfg, model: DualTower, preset: ModelPreset) -> ContrastiveObjective:
-    """The default objective: ``cfg.loss`` between the two towers (+ ``cfg.aux_ssl`` if set)."""
+    if model is None:
+        model, preset = build_dual_tower(cfg)
     aux = None
     if getattr(cfg, "aux_ssl", None):
-        from vlp.config import ConfigError
-
-        if cfg.aux_ssl not in AUXILIARY_TERMS:
-            raise ConfigError(f"unknown --aux-ssl {cfg.aux_ssl!r}; valid: {', '.join(sorted(AUXILIARY_TERMS))}")
-        aux = AUXILIARY_TERMS[cfg.aux_ssl](cfg, model, preset)
-    return ContrastiveObjective(model, build_loss(cfg.loss), build_transforms(preset, is_train=True),
-                                build_tokenizer(preset), aux, getattr(cfg, "aux_ssl_weight", 1.0))
+        aux = auxiliary_term(cfg.aux_ssl)(cfg, model, preset)
+    obj = ContrastiveObjective(model, loss_factory(cfg.loss), build_transforms(preset, is_train=True),
+                               build_tokenizer(preset), aux, getattr(cfg, "aux_ssl_weight", 1.0))
+    obj.attach(cfg, model, preset)
+    return obj
