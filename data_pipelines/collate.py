@@ -2,8 +2,8 @@
 
 The default :meth:`vlp.objectives.base.Objective.collate`: tensors stacked by key; lists of tensors (multi-view
 crops) become lists of stacked tensors; anything else becomes a list. Inside a DataLoader worker the stacked
-tensors are allocated in shared memory, as torch's own ``default_collate`` does, so handing a batch to the main process does
-not copy it once more (a 64 x 3 x 224 x 224 float batch is 38 MB).
+tensors are allocated in shared memory, as torch's own ``default_collate`` does, so handing a batch to the main
+process does not copy it once more (a 64 x 3 x 224 x 224 float batch is 38 MB).
 """
 
 from __future__ import annotations

@@ -1,19 +1,17 @@
-"""What a training run evaluates (its held-out data) and the periodic ``--eval-every N`` hook.
+"""What a training run evaluates: its held-out sets, built from the run's config.
 
-The held-out evaluation sets are built from a run's config by :func:`heldout_sets`, which the standalone CLI uses
-too, so ``--eval-every`` in training and ``scripts/eval_zeroshot.py --checkpoint RUN`` measure the same thing.
+:func:`heldout_sets` serves ``--eval-every``, the end of a run (vlp/objectives/evaluation.py) and
+``scripts/eval_zeroshot.py --checkpoint RUN``, so all three measure the same thing.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 from vlp.config import ConfigError, PretrainConfig, ZeroShotDataConfig
-from vlp.eval.engine import EvalOptions, EvalSet, ZeroShotModel, evaluate, flatten_metrics
+from vlp.eval.engine import EvalSet
 from vlp.eval.sources import HFDatasetSource, ImageFolderSource, WebDatasetSource, expand_shards
 from vlp.eval.zeroshot import Template, load_classnames, load_templates
 
@@ -68,42 +66,3 @@ def heldout_sets(cfg: PretrainConfig, eval_shards: str | None, class_families: M
     if cfg.eval.classification.enabled:
         sets.append(labelled_set(cfg.eval.classification))
     return sets
-
-
-class TrainingEvaluator:
-    """Runs the held-out evaluation every ``cfg.eval.every`` steps on all ranks; metrics come back on the main
-    process (``{}`` elsewhere and between evaluations). Evaluation never touches the training RNG streams."""
-
-    def __init__(self, every: int, sets: list[EvalSet], options: EvalOptions, tokenizer=None, transform=None) -> None:
-        self.every, self.sets, self.options = every, sets, options
-        self.tokenizer, self.transform = tokenizer, transform
-        if every and not sets:
-            log.warning("eval.every=%d but there is no held-out data to evaluate (set data.eval_shards or "
-                        "eval.classification); periodic evaluation is off", every)
-            self.every = 0
-
-    @classmethod
-    def from_config(cls, cfg: PretrainConfig, eval_shards: str | None, class_families=None, templates=None,
-                    tokenizer=None, transform=None) -> TrainingEvaluator:
-        """Resolve the held-out sets once, before training (a bad config fails before the first step)."""
-        sets = heldout_sets(cfg, eval_shards, class_families, templates) if cfg.eval.every else []
-        options = EvalOptions(batch_size=cfg.eval.batch_size, workers=cfg.eval.workers)
-        return cls(cfg.eval.every, sets, options, tokenizer, transform)
-
-    def evaluate(self, model) -> dict[str, Any]:
-        """Evaluate ``model`` (a DualTower) now; flat metrics on the main process."""
-        t0 = time.perf_counter()
-        zs = ZeroShotModel.from_dual_tower(model, self.tokenizer, self.transform)
-        out = evaluate(zs, self.sets, self.options)
-        if out.results is None:
-            return {}
-        flat = flatten_metrics(out.results)
-        flat["eval_time_s"] = time.perf_counter() - t0
-        return flat
-
-    def maybe_evaluate(self, step: int, model) -> dict[str, Any]:
-        """Evaluate when ``step`` is a multiple of ``every``; otherwise ``{}``."""
-        if not self.every or step % self.every:
-            return {}
-        return self.evaluate(model)
-
