@@ -216,6 +216,8 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """auto: bf16 on GPU, fp32 on CPU."""
     log_every: int = 10
+    """Refresh the progress bar's figures and count skipped data every N steps (0: at the first and last step);
+    metrics.jsonl gets every step."""
     save_first_batch: bool = False
     """Save each rank's first batch next to the outputs (to check multi-process runs against one process)."""
     accum_steps: int = 1

@@ -239,11 +239,13 @@ class Trainer:
                       **memory_metrics(self.accelerator.device)}
             if outcome.grad_norm is not None:
                 record["grad_norm"] = outcome.grad_norm
-            record.update(self.loader.log_metrics(with_faults=step % cfg.train.log_every == 0 or step in (1, steps)))
+            every = cfg.train.log_every
+            periodic = bool(every) and step % every == 0
+            record.update(self.loader.log_metrics(with_faults=periodic or step in (1, steps)))
             self.metrics.log(step, record)
             self._periodic_evaluation(step)
             bar.update(g)
-            if step % cfg.train.log_every == 0 or step == first:
+            if periodic or step == first:
                 bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{g / dt:.0f}",
                                 **({"epoch": f"{self.loader.epoch:.2f}"} if self.loader.epoch is not None else {}))
             if self.guard.diverged:
