@@ -32,6 +32,7 @@ import re
 import sys
 import textwrap
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 import yaml
@@ -215,6 +216,19 @@ def field_help(cls: type, f: dataclasses.Field) -> str | None:
 # --------------------------------------------------------------------------------------------------------------
 # Checking argv before tyro sees it (one-line errors) and accepting the older spellings
 # --------------------------------------------------------------------------------------------------------------
+
+
+def resolve_config_file(path: str) -> Path:
+    """A ``--config`` file: a path, or else one of the shipped configs (``ssl/simclr-tiny.yaml``, also written
+    ``configs/ssl/simclr-tiny.yaml`` as in the README), so that an installed package finds them from any directory."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    from vlp.presets import configs_dir
+
+    rel = p.relative_to("configs") if p.parts[:1] == ("configs",) else p
+    shipped = configs_dir() / rel
+    return shipped if not p.is_absolute() and shipped.is_file() else p
 
 
 def _take_config_files(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -450,7 +464,7 @@ def parse_cli(
     config_files, rest = _take_config_files(list(argv))
     data: dict[str, Any] = {}
     for path in config_files:
-        data = _deep_merge(data, load_yaml(path))
+        data = _deep_merge(data, load_yaml(resolve_config_file(path)))
     root = _skeleton(cls, data)
     description = class_help(cls) or ""
     if any(t in ("-h", "--help") for t in rest):

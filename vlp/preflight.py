@@ -16,6 +16,29 @@ log = logging.getLogger(__name__)
 
 DEEPSPEED_CONFIG_NAMES = ("zero0", "zero1", "zero2", "zero3", "zero3_offload")
 
+#: DeepSpeed releases whose private methods vlp.train.engine.apply_deepspeed_patches replaces, as tested (>=, <)
+DEEPSPEED_TESTED = ("0.19", "0.20")
+
+
+def check_deepspeed_version(version: str | None = None) -> None:
+    """Raise ConfigError, in one line naming the working range, when the installed DeepSpeed (or ``version``) is
+    outside the tested range: the patches replace private methods that other releases may not have or use alike."""
+    from packaging.version import Version
+
+    if version is None:
+        from importlib.metadata import PackageNotFoundError
+        from importlib.metadata import version as installed
+
+        try:
+            version = installed("deepspeed")
+        except PackageNotFoundError:
+            raise ConfigError(f"DeepSpeed is not installed; pip install 'deepspeed>={DEEPSPEED_TESTED[0]},"
+                              f"<{DEEPSPEED_TESTED[1]}'") from None
+    low, high = DEEPSPEED_TESTED
+    if not Version(low) <= Version(version) < Version(high):
+        raise ConfigError(f"DeepSpeed {version} is installed, but vlp patches DeepSpeed internals tested only with "
+                          f"deepspeed>={low},<{high}; pip install 'deepspeed>={low},<{high}'")
+
 
 def resolve_deepspeed_config(spec: str) -> Path:
     """A DeepSpeed JSON given as a path or as a name in configs/deepspeed/ (zero2, zero3, ...)."""
@@ -51,3 +74,4 @@ def check_pretrain_inputs(cfg: PretrainConfig) -> None:
         check_shards_exist(cfg.data.train_shards)
     if cfg.train.deepspeed:
         resolve_deepspeed_config(cfg.train.deepspeed)
+        check_deepspeed_version()

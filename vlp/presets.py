@@ -7,6 +7,7 @@ model from a preset is vlp.model's job.
 from __future__ import annotations
 
 import copy
+import importlib.resources
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,9 +17,19 @@ from vlp.config import ConfigError, load_yaml
 
 
 def configs_dir() -> Path:
-    """The repository's configs/ folder (override with VLP_CONFIG_DIR)."""
+    """The shipped configs: models/, ssl/, adapter/, deepspeed/, accelerate/ (override with VLP_CONFIG_DIR).
+
+    They live once, in the top-level ``configs/`` of the source tree; an installed package carries the same files as
+    package data ``vlp/configs`` (pyproject.toml maps the one onto the other). Running from a checkout (editable
+    install, or the checkout on PYTHONPATH) reads the checkout's folder, an installed wheel its package data.
+    """
     env = os.environ.get("VLP_CONFIG_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[1] / "configs"
+    if env:
+        return Path(env)
+    checkout = Path(__file__).resolve().parents[1]
+    if (checkout / "pyproject.toml").is_file() and (checkout / "configs" / "models").is_dir():
+        return checkout / "configs"
+    return Path(str(importlib.resources.files("vlp") / "configs"))
 
 
 def available_presets() -> list[str]:
