@@ -174,6 +174,11 @@ class OptimConfig:
     parameter is a floating-point tensor on a CPU or CUDA device."""
 
 
+#: accelerate's trackers (accelerate.tracking.LOGGER_TYPE_TO_CLASS), listed here so that a name is checked before
+#: torch is imported; vlp.train.metrics checks again against the installed accelerate
+TRACKERS = ("none", "tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
+
+
 @dataclass
 class TrainConfig:
     """Run length, batch and bookkeeping."""
@@ -202,8 +207,16 @@ class TrainConfig:
     global_stream: bool = False
     """Verification mode: every process reads the same seeded stream of global batches and trains on its
     rank's slice, so each step's global batch is identical for any number of processes and micro-batches."""
+    report_to: str = "tensorboard"
+    """Where metrics go besides metrics.jsonl, through accelerate's trackers: tensorboard (offline, in the run
+    directory), wandb, mlflow, comet_ml, aim, clearml, dvclive, swanlab, trackio; comma-separated for several, or
+    none."""
 
     def __post_init__(self) -> None:
+        bad = [t for t in self.report_to.split(",") if t.strip() not in TRACKERS]
+        if bad:
+            raise ConfigError(f"train.report_to: unknown tracker {bad[0].strip()!r}; valid: {', '.join(TRACKERS)} "
+                              "(comma-separated for several)")
         if self.steps < 1:
             raise ConfigError(f"train.steps must be >= 1, got {self.steps}")
         if self.batch_size < 1:
@@ -503,6 +516,7 @@ PRETRAIN_ALIASES: dict[str, str] = {
     "output-dir": "output_dir",
     "accum-steps": "train.accum_steps",
     "deepspeed": "train.deepspeed",
+    "report-to": "train.report_to",
     "resume": "checkpoint.resume",
     "checkpoint-every": "checkpoint.every",
     "keep-checkpoints": "checkpoint.keep",

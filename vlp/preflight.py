@@ -67,9 +67,19 @@ def check_shards_exist(spec: str) -> None:
             log.warning("%d of %d shards of %s are missing (first: %s)", len(missing), len(local), source, missing[0])
 
 
+def check_trackers_installed(report_to: str) -> None:
+    """Fail early when a tracker named in ``--report-to`` is not installed (its Python package is missing)."""
+    import importlib.util
+
+    for name in (t.strip() for t in report_to.split(",")):
+        if name and name != "none" and importlib.util.find_spec(name) is None:
+            raise ConfigError(f"--report-to {name}: the {name} package is not installed (pip install {name})")
+
+
 def check_pretrain_inputs(cfg: PretrainConfig) -> None:
     """Raise ConfigError for an unknown preset, shards that do not exist or a DeepSpeed config not found."""
     load_preset(cfg.model.name)
+    check_trackers_installed(cfg.train.report_to)
     if cfg.data.train_shards:
         check_shards_exist(cfg.data.train_shards)
     if cfg.train.deepspeed:

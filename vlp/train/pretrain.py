@@ -28,6 +28,7 @@ from vlp.checkpointing import (
     TRAINER_STATE,
     dualtower_state,
     export_model,
+    preset_for_training,
     resolve_resume,
     rng_state,
     run_dir_of,
@@ -37,8 +38,9 @@ from vlp.config import ConfigError, PretrainConfig, save_yaml, to_dict
 from vlp.distributed import barrier, broadcast_object, world_info
 from vlp.eval.during_training import TrainingEvaluator
 from vlp.eval.zeroshot import encode_images, evaluate_label_families
-from vlp.model import DualTower, build_model, build_tokenizer, build_transforms, load_preset
+from vlp.model import DualTower, build_model, build_tokenizer, build_transforms
 from vlp.preflight import check_shards_exist
+from vlp.presets import preset_to_dict, save_run_preset
 from vlp.ssl import monitor as _ssl_monitor  # registers the SSL objectives and auxiliary terms too
 from vlp.train import contrastive as _contrastive  # noqa: F401 - registers the objective
 from vlp.train.checkpoint import CheckpointManager
@@ -186,11 +188,12 @@ class Trainer:
         self.resume_from = resolve_resume(resume, out_dir) if resume else None
         if resume == "latest" and self.resume_from is None:
             log.info("--resume latest: no checkpoint in %s yet, starting a fresh run", out_dir)
+        self.preset = preset = preset_for_training(cfg, self.resume_from)  # a resumed run keeps its own preset
         if world.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
             save_yaml(cfg, out_dir / "config.yaml")
+            save_run_preset(preset, out_dir)  # preset.yaml: the run reloads as trained, whatever configs/ says later
 
-        self.preset = preset = load_preset(cfg.model.name)
         self.data = data = resolve_data(cfg, self.accelerator)
         check_shards_exist(data.train_shards)
         model = build_model(preset, cfg.loss)
@@ -228,7 +231,7 @@ class Trainer:
         self.faults = FaultInjector()
         self.checkpoints = CheckpointManager(out_dir, cfg.checkpoint.keep, world.rank, barrier,
                                              before_commit=lambda s: self.faults.maybe_kill("sigkill-checkpoint", s))
-        self.metrics = MetricsWriter(out_dir, enabled=world.is_main)
+        self.metrics = MetricsWriter(out_dir, enabled=world.is_main, report_to=cfg.train.report_to)
         self.step = 0
         self.losses: list[float] = []
         self.last_checkpoint: Path | None = None
@@ -356,7 +359,7 @@ class Trainer:
             "scaler": self.engine.scaler_state(), "world_size": world.world_size, "engine": self.engine.kind,
             "zero_stage": getattr(self.engine, "stage", None), "accum_steps": cfg.train.accum_steps,
             "batch_size": cfg.train.batch_size, "global_stream": cfg.train.global_stream, "data": data_all,
-            "config": to_dict(cfg),
+            "config": to_dict(cfg), "preset": preset_to_dict(self.preset),
         }
         rank_state = {"rank": world.rank, "rng": rng_state(), "data": self.loader.state_dict()}
         self.last_checkpoint = self.checkpoints.save(step, self.engine.save, rank_state, trainer_state)
