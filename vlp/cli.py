@@ -274,7 +274,9 @@ def _type_label(tp: Any) -> str:
 def _scalar(tok: str, tp: Any) -> Any:
     """Best-effort conversion of one token to ``tp``; what does not convert is left for _coerce to reject."""
     if get_origin(tp) is Literal:
-        return next((c for c in get_args(tp) if str(c) == tok), tok)
+        choices = get_args(tp)
+        found = next((c for c in choices if str(c) == tok), None)
+        return found if found is not None else _scalar(tok, type(choices[0])) if choices else tok
     if tp is bool:
         low = tok.lower()
         return True if low in _TRUE else False if low in _FALSE else tok
@@ -329,9 +331,10 @@ def _normalise_argv(argv: list[str], leaves: list[_Leaf], aliases: Mapping[str, 
     for leaf in leaves:
         names = [leaf.dotted] + [a for a, target in aliases.items() if target == leaf.dotted]
         for name in names:
-            if leaf.is_switch:
+            if leaf.is_switch:  # --a.b, --a.no-b (tyro's) and --no-a.b
                 table[_flag(name)] = (leaf, True)
                 table[_flag(name, negate=True)] = (leaf, False)
+                table["--no-" + _flag(name)[2:]] = (leaf, False)
             else:
                 table[_flag(name)] = (leaf, None)
     for alias, target in aliases.items():
