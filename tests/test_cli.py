@@ -91,8 +91,18 @@ def test_help_shows_choices_switches_and_sections(monkeypatch, capsys):
     assert "--loss {clip,siglip}, --loss.name {clip,siglip}" in text
     assert "--lock-image, --no-lock-image, --model.lock-image, --model.no-lock-image" in text
     assert "--eval.zeroshot, --eval.no-zeroshot" in text
-    for section in ("model", "loss", "data", "optim", "train", "checkpoint", "eval", "eval.classification",
-                    "ssl.simclr", "ssl.moco"):
+    for section in (
+        "model",
+        "loss",
+        "data",
+        "optim",
+        "train",
+        "checkpoint",
+        "eval",
+        "eval.classification",
+        "ssl.simclr",
+        "ssl.moco",
+    ):
         assert f" {section} options " in text
     assert "Which tower preset to build and how." in text  # a section's class docstring heads its group
     assert text.count("--train.batch-size") == 1  # each flag once (the hand-written parser listed many twice)
@@ -104,8 +114,22 @@ def test_switches_and_older_spellings():
     assert parse(["--no-lock-image"]).model.lock_image is False
     old = parse(["--lock-image", "true", "--eval.zeroshot", "false", "--checkpoint.export=false"])
     assert (old.model.lock_image, old.eval.zeroshot, old.checkpoint.export) == (True, False, False)
-    cfg = parse(["--data.train_num_samples", "null", "--data.source-weights", "2", "1", "--ssl.views.crop_scale",
-                 "[0.2, 1.0]", "--optim.fused", "false", "--ssl.moco.version", "2", "--lr=-0.5"])
+    cfg = parse(
+        [
+            "--data.train_num_samples",
+            "null",
+            "--data.source-weights",
+            "2",
+            "1",
+            "--ssl.views.crop_scale",
+            "[0.2, 1.0]",
+            "--optim.fused",
+            "false",
+            "--ssl.moco.version",
+            "2",
+            "--lr=-0.5",
+        ]
+    )
     assert cfg.data.train_num_samples is None and cfg.data.source_weights == [2.0, 1.0]
     assert cfg.ssl.views.crop_scale == [0.2, 1.0] and cfg.optim.fused is False and cfg.ssl.moco.version == 2
     assert cfg.optim.lr == -0.5
@@ -128,9 +152,30 @@ def test_shipped_configs_are_found_from_any_directory(monkeypatch, tmp_path):
 
 
 def test_saved_config_reloads_identical(tmp_path):
-    cfg = parse(["--loss", "clip", "--lr", "3e-4", "--lock-image", "--data.source_weights", "1", "3",
-                 "--ssl.moco.version", "2", "--ssl.moco.momentum", "0.9", "--eval.classification.image_folder", "/x",
-                 "--optim.grad-clip", "None", "--train.report_to", "none", "--output-dir", "0001"])
+    cfg = parse(
+        [
+            "--loss",
+            "clip",
+            "--lr",
+            "3e-4",
+            "--lock-image",
+            "--data.source_weights",
+            "1",
+            "3",
+            "--ssl.moco.version",
+            "2",
+            "--ssl.moco.momentum",
+            "0.9",
+            "--eval.classification.image_folder",
+            "/x",
+            "--optim.grad-clip",
+            "None",
+            "--train.report_to",
+            "none",
+            "--output-dir",
+            "0001",
+        ]
+    )
     save_yaml(cfg, tmp_path / "config.yaml")
     again = parse(["--config", str(tmp_path / "config.yaml")])
     assert again == cfg and to_dict(again) == to_dict(cfg)
@@ -173,12 +218,20 @@ def test_errors_exit_2_in_one_line_without_importing_torch(tmp_path):
         "finally:\n"
         "    print('heavy:', sorted(m for m in ('torch', 'numpy', 'open_clip', 'transformers') if m in sys.modules))\n"
     )
-    for argv, fragment in ((["--lok-image"], "did you mean --lock-image?"),
-                           (["--steps", "x"], "train.steps: expected an integer, got 'x'"),
-                           (["--model", "nope"], "unknown model preset 'nope'"),
-                           (["--steps", "0"], "train.steps must be >= 1")):
-        proc = subprocess.run([sys.executable, "-c", code, *argv], cwd=ROOT, capture_output=True, text=True,
-                              timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    for argv, fragment in (
+        (["--lok-image"], "did you mean --lock-image?"),
+        (["--steps", "x"], "train.steps: expected an integer, got 'x'"),
+        (["--model", "nope"], "unknown model preset 'nope'"),
+        (["--steps", "0"], "train.steps must be >= 1"),
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-c", code, *argv],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
         assert proc.returncode == 2, proc.stderr
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("pretrain.py: error: ") and fragment in lines[0]
@@ -187,11 +240,19 @@ def test_errors_exit_2_in_one_line_without_importing_torch(tmp_path):
 
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
 def test_help_imports_no_torch(script):
-    code = (f"import sys, runpy\nsys.argv = ['{script}', '--help']\n"
-            f"try:\n    runpy.run_path('scripts/{script}', run_name='__main__')\nexcept SystemExit as e:\n"
-            "    assert e.code == 0\nprint('torch' in sys.modules)\n")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60,
-                          env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "120"})
+    code = (
+        f"import sys, runpy\nsys.argv = ['{script}', '--help']\n"
+        f"try:\n    runpy.run_path('scripts/{script}', run_name='__main__')\nexcept SystemExit as e:\n"
+        "    assert e.code == 0\nprint('torch' in sys.modules)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "120"},
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().endswith("False") and "usage:" in proc.stdout
 
@@ -199,13 +260,17 @@ def test_help_imports_no_torch(script):
 def test_runtime_made_config_classes(tmp_path, monkeypatch, capsys):
     """Objectives register their config sections at import time: a PretrainConfig made with make_dataclass, with
     section classes defined elsewhere (here: at run time too), parses, validates, helps and round-trips."""
-    toy = dataclasses.make_dataclass("ToyObjectiveConfig", [
-        ("temperature", float, dataclasses.field(default=0.5, metadata={"help": "Toy softmax temperature."})),
-        ("mode", Literal["a", "b"], dataclasses.field(default="a")),
-        ("use_queue", bool, dataclasses.field(default=False)),
-    ])
-    run_cls = dataclasses.make_dataclass("PretrainConfig", [("toy", toy, dataclasses.field(default_factory=toy))],
-                                         bases=(PretrainConfig,))
+    toy = dataclasses.make_dataclass(
+        "ToyObjectiveConfig",
+        [
+            ("temperature", float, dataclasses.field(default=0.5, metadata={"help": "Toy softmax temperature."})),
+            ("mode", Literal["a", "b"], dataclasses.field(default="a")),
+            ("use_queue", bool, dataclasses.field(default=False)),
+        ],
+    )
+    run_cls = dataclasses.make_dataclass(
+        "PretrainConfig", [("toy", toy, dataclasses.field(default_factory=toy))], bases=(PretrainConfig,)
+    )
     cfg = parse_cli(run_cls, ["--toy.temperature", "0.25", "--toy.use-queue", "--loss", "clip"], PRETRAIN_ALIASES)
     assert type(cfg) is run_cls and type(cfg.toy) is toy
     assert (cfg.toy.temperature, cfg.toy.mode, cfg.toy.use_queue, cfg.loss.name) == (0.25, "a", True, "clip")

@@ -23,11 +23,34 @@ def trained_run(tmp_path_factory):
     preset_file = root / "my-tiny.yaml"
     shutil.copy(configs_dir() / "models" / "tiny.yaml", preset_file)
     out = root / "run"
-    cfg = parse_cli(PretrainConfig, [
-        "--model", str(preset_file), "--steps", "2", "--batch-size", "4", "--workers", "0", "--output-dir", str(out),
-        "--data.synthetic_dir", str(root / "syn"), "--data.synthetic_train_samples", "64",
-        "--data.synthetic_eval_samples", "16", "--warmup-steps", "1", "--no-eval.zeroshot", "--no-eval.retrieval",
-        "--report-to", "none"], PRETRAIN_ALIASES)
+    cfg = parse_cli(
+        PretrainConfig,
+        [
+            "--model",
+            str(preset_file),
+            "--steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--workers",
+            "0",
+            "--output-dir",
+            str(out),
+            "--data.synthetic_dir",
+            str(root / "syn"),
+            "--data.synthetic_train_samples",
+            "64",
+            "--data.synthetic_eval_samples",
+            "16",
+            "--warmup-steps",
+            "1",
+            "--no-eval.zeroshot",
+            "--no-eval.retrieval",
+            "--report-to",
+            "none",
+        ],
+        PRETRAIN_ALIASES,
+    )
     run_pretraining(cfg)
     return out, preset_file
 

@@ -50,8 +50,11 @@ _NONE = ("none", "null", "~")
 def setup_logging() -> None:
     """INFO on the main process, WARNING elsewhere (rank from the launcher's environment)."""
     rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
     for noisy in ("webdataset", "PIL", "matplotlib", "urllib3", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -118,8 +121,9 @@ def _skeleton(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
         if section is not None:
             given = data.get(f.name, {})
             if not isinstance(given, Mapping):
-                raise ConfigError(f"{key}: expected a mapping with keys {[g.name for g in _init_fields(section)]}, "
-                                  f"got {given!r}")
+                raise ConfigError(
+                    f"{key}: expected a mapping with keys {[g.name for g in _init_fields(section)]}, got {given!r}"
+                )
             default = _field_default(f)
             base = _plain(default) if default is not _MISSING else {}
             value = _skeleton(section, _deep_merge(base, given), f"{key}.")
@@ -185,8 +189,13 @@ def _attribute_docs(klass: type) -> dict[str, str]:
     body = tree.body[0].body
     docs = {}
     for stmt, nxt in zip(body, body[1:]):
-        if (isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name) and isinstance(nxt, ast.Expr)
-                and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)):
+        if (
+            isinstance(stmt, ast.AnnAssign)
+            and isinstance(stmt.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
             docs[stmt.target.id] = _reflow(nxt.value.value)
     return docs
 
@@ -322,8 +331,9 @@ def _check_value(leaf: _Leaf, flag: str, tokens: list[str]) -> Any:
     return _coerce(value, leaf.type, leaf.dotted)
 
 
-def _normalise_argv(argv: list[str], leaves: list[_Leaf], aliases: Mapping[str, str]
-                    ) -> tuple[list[str], dict[str, Any]]:
+def _normalise_argv(
+    argv: list[str], leaves: list[_Leaf], aliases: Mapping[str, str]
+) -> tuple[list[str], dict[str, Any]]:
     """Raise ConfigError for an unknown flag or a bad value. Returns argv as tyro expects it (switches without a
     value, ``None`` for null, list items as separate tokens) and the values it sets, by dotted name."""
     by_dotted = {leaf.dotted: leaf for leaf in leaves}
@@ -364,8 +374,10 @@ def _normalise_argv(argv: list[str], leaves: list[_Leaf], aliases: Mapping[str, 
             if values:
                 low = values[0].lower()
                 if low not in _TRUE + _FALSE:
-                    raise ConfigError(f"{leaf.dotted}: expected true or false, got {values[0]!r} ({name} is a "
-                                      f"switch: {_flag(leaf.dotted)} or {_flag(leaf.dotted, negate=True)})")
+                    raise ConfigError(
+                        f"{leaf.dotted}: expected true or false, got {values[0]!r} ({name} is a "
+                        f"switch: {_flag(leaf.dotted)} or {_flag(leaf.dotted, negate=True)})"
+                    )
                 if len(values) > 1:
                     raise ConfigError(f"unexpected argument {values[1]!r} after {name} {values[0]}")
                 switch = switch == (low in _TRUE)
@@ -409,19 +421,29 @@ def _struct_rule(root: Any, aliases: Mapping[str, str], config_files: list[str])
         hints = get_type_hints(cls, include_extras=True)
         fields = []
         if node is root:
-            fields.append(StructFieldSpec(
-                name="config", type=Annotated[str | None, tyro.conf.arg(metavar="FILE")],
-                default=" ".join(config_files) or None,
-                helptext="A YAML config, read before the flags; repeatable (--config a.yaml --config b.yaml), later "
-                         "files win. A run's config.yaml reloads that run's config."))
+            fields.append(
+                StructFieldSpec(
+                    name="config",
+                    type=Annotated[str | None, tyro.conf.arg(metavar="FILE")],
+                    default=" ".join(config_files) or None,
+                    helptext="A YAML config, read before the flags; repeatable (--config a.yaml --config b.yaml), "
+                    "later files win. A run's config.yaml reloads that run's config.",
+                )
+            )
         for f in _init_fields(cls):
             default = getattr(node, f.name) if node is not None else _field_default(f)
             tp = hints[f.name]
             names = alias_of.get((id(node), f.name))
             if names:
                 tp = Annotated[tp, tyro.conf.arg(aliases=tuple(names))]
-            fields.append(StructFieldSpec(name=f.name, type=tp, helptext=field_help(cls, f),
-                                          default=tyro.MISSING_NONPROP if default is _MISSING else default))
+            fields.append(
+                StructFieldSpec(
+                    name=f.name,
+                    type=tp,
+                    helptext=field_help(cls, f),
+                    default=tyro.MISSING_NONPROP if default is _MISSING else default,
+                )
+            )
 
         def instantiate(**kwargs: Any) -> dict[str, Any]:
             kwargs.pop("config", None)  # only the root has it; its files were read before tyro ran
@@ -438,8 +460,15 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-def _run_tyro(cls: type, root: Any, args: list[str], aliases: Mapping[str, str], config_files: list[str],
-              prog: str | None, description: str | None) -> Any:
+def _run_tyro(
+    cls: type,
+    root: Any,
+    args: list[str],
+    aliases: Mapping[str, str],
+    config_files: list[str],
+    prog: str | None,
+    description: str | None,
+) -> Any:
     import tyro
     from tyro.constructors import ConstructorRegistry
 

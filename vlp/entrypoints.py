@@ -41,8 +41,10 @@ def pretrain_main(argv: list[str]) -> int:
             t1, t5, ch = (summary[f"zeroshot/{fam}/{m}"] for m in ("top1", "top5", "chance"))
             print(f"  {fam:<10} {t1:>7.1%} {t5:>7.1%} {ch:>7.1%}")
     if summary["final_loss"] is not None:
-        print(f"loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f} up to step {summary['steps']}, "
-              f"{summary['samples_per_s']:.0f} samples/s; summary.json in {summary['output_dir']}")
+        print(
+            f"loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f} up to step {summary['steps']}, "
+            f"{summary['samples_per_s']:.0f} samples/s; summary.json in {summary['output_dir']}"
+        )
     return 0
 
 
@@ -59,8 +61,10 @@ def eval_main(argv: list[str]) -> int:
         return 0
     for task, m in results["classification"].items():
         print(f"\n{task}: {m['num_images']} images, {m['num_classes']} classes, {m['num_templates']} templates")
-        print(f"  top-1 {m['top1']:.2%}  top-5 {m['top5']:.2%}  mean per class {m['mean_per_class']:.2%}  "
-              f"chance {m['chance']:.2%}")
+        print(
+            f"  top-1 {m['top1']:.2%}  top-5 {m['top5']:.2%}  mean per class {m['mean_per_class']:.2%}  "
+            f"chance {m['chance']:.2%}"
+        )
     for task, m in results["retrieval"].items():
         print(f"\n{task} retrieval: {m['num_images']} images, {m['num_captions']} captions")
         for d, label in (("image_to_text", "image->text"), ("text_to_image", "text->image")):
@@ -110,8 +114,10 @@ def train_adapter_main(argv: list[str]) -> int:
         return 0
     curve = s["eval_caption_loss"]
     if len(curve) > 1:
-        print(f"held-out caption loss {curve[0][1]:.4f} -> {curve[-1][1]:.4f} "
-              f"({100 * s['eval_loss_drop']:.1f}% lower) after {s['steps']} steps")
+        print(
+            f"held-out caption loss {curve[0][1]:.4f} -> {curve[-1][1]:.4f} "
+            f"({100 * s['eval_loss_drop']:.1f}% lower) after {s['steps']} steps"
+        )
     if s["first_loss"] is not None:
         print(f"train loss {s['first_loss']:.4f} -> {s['final_loss']:.4f}, {s['train_time_s']:.1f}s")
     print(f"projector: {s['projector_checkpoint']}")
