@@ -285,6 +285,7 @@ def test_runtime_made_config_classes(tmp_path, monkeypatch, capsys):
     assert "--toy.temperature FLOAT Toy softmax temperature. (default: 0.5)" in text
     assert "--toy.use-queue, --toy.no-use-queue" in text
     assert "Weight of the auxiliary SSL term in the total loss." in text  # inherited fields keep their docstrings
+    assert text.startswith("usage: x [-h] [OPTIONS] Pretrain a CLIP/SigLIP dual tower")  # and the base's description
 
 
 @pytest.mark.parametrize("script", sorted(SCRIPTS))

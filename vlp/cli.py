@@ -201,11 +201,13 @@ def _attribute_docs(klass: type) -> dict[str, str]:
 
 
 def class_help(cls: type) -> str | None:
-    """A dataclass's own docstring (not the signature that @dataclass writes when there is none)."""
-    doc = cls.__doc__
-    if not doc or doc.startswith(f"{cls.__name__}("):
-        return None
-    return _reflow(doc)
+    """A dataclass's docstring (not the signature that @dataclass writes when there is none); a class made at run
+    time from a documented base (``make_dataclass(..., bases=(PretrainConfig,))``) has the base's."""
+    for klass in cls.__mro__:
+        doc = klass.__dict__.get("__doc__")
+        if dataclasses.is_dataclass(klass) and doc and not doc.startswith(f"{klass.__name__}("):
+            return _reflow(doc)
+    return None
 
 
 def field_help(cls: type, f: dataclasses.Field) -> str | None:

@@ -65,6 +65,8 @@ class LossConfig:
     """The contrastive image-text objective."""
 
     name: Literal["clip", "siglip"] = "siglip"
+    """clip: softmax cross-entropy over the batch, both directions; siglip: a sigmoid loss on every image-text pair
+    (learnable bias)."""
     impl: Literal["naive", "chunked"] = "chunked"
     """chunked (default) tiles the logits and never holds the B x B matrix, forward or backward, on any rank; naive
     materialises it (the reference, and for debugging). Both give the same loss and gradients."""
@@ -125,10 +127,13 @@ class DataConfig:
     synthetic_dir: str | None = None
     """Cache directory for the embedded synthetic shards (default: ~/.cache/vlp/synthetic)."""
     synthetic_train_samples: int = 20000
+    """Training samples the embedded synthetic set is drawn with (the first run writes them as shards)."""
     synthetic_eval_samples: int = 1000
+    """Held-out samples of the embedded synthetic set."""
     caption_key: str = "txt"
     """Where the caption lives: 'txt', or 'json:FIELD' for a field of the json member."""
     workers: int = 2
+    """DataLoader processes per training process decoding and augmenting samples (0: in the training process)."""
     shuffle_buffer: int = 1000
     """Samples per shuffle window (each reader permutes consecutive windows of this many samples)."""
     max_consecutive_failures: int = 1000
@@ -162,12 +167,16 @@ class OptimConfig:
     of its tower, 600 SigLIP steps gave held-out shape top-1 33% at 2e-3, 26% at 1e-3 and 12% at 3e-3); set it for
     your model and batch (open_clip_train's default is 5e-4)."""
     weight_decay: float = 0.1
+    """AdamW weight decay of the weight matrices; 1-D parameters (biases, norms), the temperature, the bias and
+    positional embeddings get none."""
     beta1: float = 0.9
     beta2: float = 0.98
     eps: float = 1e-6
     warmup_steps: int = 50
+    """Linear warmup from 0 to lr over this many steps, then cosine decay to min_lr_ratio x lr."""
     min_lr_ratio: float = 0.0
     grad_clip: float | None = 1.0
+    """Clip the global gradient norm to this value (None: no clipping)."""
     fused: bool | None = None
     """AdamW's fused kernel (one pass over every parameter; about 3.5x faster than the multi-tensor path on a CPU,
     where the optimiser step of the tiny presets is otherwise ~18% of a step). None: on wherever every trainable
@@ -184,12 +193,16 @@ class TrainConfig:
     """Run length, batch and bookkeeping."""
 
     steps: int = 1000
+    """Optimiser steps to train (see data.epochs for a length in passes over the data)."""
     batch_size: int = 64
     """Per-process batch size."""
     seed: int = 0
+    """Seeds model initialisation, data order and augmentations: the same seed gives the same loss curve."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """auto: bf16 on GPU, fp32 on CPU."""
     log_every: int = 10
+    """Show loss and samples/s on the progress bar (and data fault counts in the metrics) every N steps; the
+    metrics get a record every step."""
     save_first_batch: bool = False
     """Save each rank's first batch next to the outputs (to check multi-process runs against one process)."""
     accum_steps: int = 1
@@ -286,7 +299,10 @@ class EvalConfig:
     """Evaluation during and at the end of training."""
 
     zeroshot: bool = True
+    """Zero-shot classification of the held-out images (each class family of the synthetic set, with prompt
+    ensembles) at the end of training and every eval.every steps."""
     batch_size: int = 256
+    """Images per forward pass during evaluation."""
     every: int = 0
     """Run held-out zero-shot classification and retrieval every N steps (0: only at the end)."""
     retrieval: bool = True
@@ -478,7 +494,8 @@ class SSLConfig:
 
 @dataclass
 class PretrainConfig:
-    """Everything `scripts/pretrain.py` needs."""
+    """Pretrain a CLIP/SigLIP dual tower (or a self-supervised image objective) on WebDataset shards or the embedded
+    synthetic set: `accelerate launch scripts/pretrain.py --loss siglip`. Everything below is a flag."""
 
     objective: str = "contrastive"
     """What to train: contrastive (image-text, --loss picks clip or siglip) or a registered SSL objective."""
@@ -592,7 +609,7 @@ class ExportConfig:
     checkpoint: str | None = None
     """Run directory or checkpoint file (for import-hf: the transformers model folder)."""
     output: str | None = None
-    """Folder to write (must be empty or absent unless --overwrite true)."""
+    """Folder to write (must be empty or absent unless --overwrite)."""
     format: Literal["hf-vision", "hf-full", "open_clip", "import-hf"] = "hf-full"
     """hf-vision: image tower (CLIPVisionModelWithProjection / SiglipVisionModel); hf-full: CLIPModel / SiglipModel
     with tokenizer and processor; open_clip: open_clip local-dir folder; import-hf: transformers folder -> vlp run."""
