@@ -299,3 +299,14 @@ def test_scripts_and_console_scripts_run_the_same_main(script, monkeypatch):
     assert called == [main]
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert f'= "vlp.entrypoints:{console.__name__}"' in pyproject
+
+
+def test_an_error_only_tyro_finds_is_still_one_line():
+    """Past the checks above, tyro's own multi-line panel is folded into one ConfigError line."""
+    from vlp.cli import _leaves, _run_tyro, _skeleton
+
+    root = _skeleton(PretrainConfig, {})
+    assert len(_leaves(root)) > 100
+    with pytest.raises(ConfigError) as e:
+        _run_tyro(PretrainConfig, root, ["--bogus"], PRETRAIN_ALIASES, [], "x", None)
+    assert "--bogus" in str(e.value) and "\n" not in str(e.value) and "│" not in str(e.value)

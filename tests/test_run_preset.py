@@ -137,3 +137,28 @@ def test_save_and_load_run_preset_round_trip(tmp_path):
     path = save_run_preset(preset, tmp_path)
     assert path == tmp_path / PRESET_FILE and load_run_preset(tmp_path) == preset
     assert load_preset(str(path)) == preset  # a run's preset.yaml also works as --model PATH
+
+
+def test_resume_after_editing_the_preset_continues_the_run_as_trained(trained_run, tmp_path):
+    from tests.helpers import reset_accelerate
+    from vlp.train.pretrain import run_pretraining
+
+    out, preset_file = trained_run
+    run = tmp_path / "run"
+    shutil.copytree(out, run)
+    original = preset_file.read_text()
+    try:
+        edited = yaml.safe_load(original)
+        edited["embed_dim"] = 64
+        preset_file.write_text(yaml.safe_dump(edited))
+        reset_accelerate()
+        cfg = parse_cli(
+            PretrainConfig,
+            ["--config", str(run / "config.yaml"), "--resume", "latest", "--output-dir", str(run), "--steps", "3"],
+            PRETRAIN_ALIASES,
+        )
+        summary = run_pretraining(cfg)
+        assert summary["steps"] == 3 and read_latest(run / "checkpoints").name.endswith("03")
+        assert load_trained_model(run)[0].preset.embed_dim == 128 and load_run_preset(run).embed_dim == 128
+    finally:
+        preset_file.write_text(original)

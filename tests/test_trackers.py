@@ -6,9 +6,17 @@ import importlib.util
 
 import pytest
 
+from tests.helpers import reset_accelerate
 from vlp.config import PRETRAIN_ALIASES, ConfigError, PretrainConfig, TrainConfig, parse_cli
 from vlp.preflight import check_trackers_installed
 from vlp.train.metrics import MetricsWriter, read_metrics, tracker_names
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """MetricsWriter creates accelerate's process state when no Accelerator did; later tests start without it."""
+    yield
+    reset_accelerate()
 
 
 def test_tensorboard_default_writes_events_and_jsonl(tmp_path):

@@ -72,7 +72,8 @@ def start_tracker(name: str, out_dir: Path, project: str) -> Any:
     from accelerate.state import PartialState
     from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
 
-    PartialState()  # accelerate's trackers log through its logger, which needs the (shared) process state
+    if not PartialState._shared_state:  # accelerate's trackers log through its logger, which needs the state
+        PartialState()
     installed = sorted(str(t) for t in get_available_trackers())
     if name not in installed:
         raise ConfigError(f"--report-to {name}: the {name} package is not installed (pip install {name}); "
