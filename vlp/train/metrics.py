@@ -85,8 +85,9 @@ def start_tracker(name: str, out_dir: Path, project: str) -> Any:
         tracker = cls(project, out_dir)
     else:
         tracker = cls(project)
-    tracker.main_process_only = False  # this writer exists on the main process only: no PartialState needed
-    tracker.start()
+    tracker.main_process_only = False  # this writer exists on the main process only
+    if callable(getattr(tracker, "start", None)):  # accelerate >= 1.x starts trackers lazily (older: in __init__)
+        tracker.start()
     return tracker
 
 
