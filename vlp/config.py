@@ -173,7 +173,7 @@ class OptimConfig:
     beta2: float = 0.98
     eps: float = 1e-6
     warmup_steps: int = 50
-    """Linear warmup from 0 to lr over this many steps, then cosine decay to min_lr_ratio x lr."""
+    """Linear warmup (from lr / warmup_steps up to lr) over this many steps, then cosine decay to min_lr_ratio x lr."""
     min_lr_ratio: float = 0.0
     grad_clip: float | None = 1.0
     """Clip the global gradient norm to this value (None: no clipping)."""
@@ -197,7 +197,8 @@ class TrainConfig:
     batch_size: int = 64
     """Per-process batch size."""
     seed: int = 0
-    """Seeds model initialisation, data order and augmentations: the same seed gives the same loss curve."""
+    """Seeds model initialisation, data order and augmentations: the same seed gives the same loss curve on the same
+    machine."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """auto: bf16 on GPU, fp32 on CPU."""
     log_every: int = 10
