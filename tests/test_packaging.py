@@ -4,6 +4,7 @@ scripts, py.typed, a wheel installed elsewhere that trains, evaluates and export
 from __future__ import annotations
 
 import fnmatch
+import importlib.util
 import json
 import os
 import shutil
@@ -70,8 +71,9 @@ def wheel(tmp_path_factory) -> Path:
     for name in ("vlp", "data_pipelines", "adapters", "configs"):
         shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
     dist = tmp_path_factory.mktemp("dist")
+    isolation = ["--no-build-isolation"] if importlib.util.find_spec("setuptools") else []  # offline when possible
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(src)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", *isolation, "-q", "-w", str(dist), str(src)],
         check=True,
         capture_output=True,
         timeout=300,
