@@ -8,10 +8,12 @@ module is an ``nn.Sequential``, so its state-dict keys are ``0.weight``, ``2.wei
 from __future__ import annotations
 
 import re
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from vlp.config import ConfigError
+
+if TYPE_CHECKING:  # torch is imported when a projector is built, not when a config names one
+    from torch import nn
 
 _MLP = re.compile(r"^mlp(\d+)x_gelu$")
 
@@ -38,6 +40,8 @@ def check_llava_projector(projector_type: str) -> None:
 
 def build_projector(projector_type: str, in_features: int, out_features: int) -> nn.Sequential:
     """A freshly initialised projector (PyTorch's default Linear init) of ``projector_type``."""
+    from torch import nn
+
     depth = projector_depth(projector_type)
     layers: list[nn.Module] = [nn.Linear(in_features, out_features)]
     for _ in range(depth - 1):

@@ -323,7 +323,7 @@ def load_vision_tower(tower: str | None, preset: str = "tiny", feature_layer: in
         from vlp.checkpointing import load_trained_model
 
         model, cfg = load_trained_model(path)
-        source = {"kind": "vlp", "path": str(path), "preset": cfg.model.name}
+        source = {"kind": "vlp", "path": str(path), "preset": model.preset.name}  # the run's saved preset
         return tower_from_dual_tower(model, model.preset, source, feature_layer, select).freeze()
     raise ConfigError(f"vision.tower {tower!r} does not exist; pass a pretrain run directory or checkpoint of "
                       "this project, or a local Hugging Face folder with a CLIP/SigLIP vision model "

@@ -25,71 +25,19 @@ from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from PIL import Image
 from tqdm.auto import tqdm
 
 from data_pipelines.metadata import index_shards, write_shard_metadata
-from vlp.config import ConfigError
+from vlp.config import ConfigError, MakeShardsConfig  # noqa: F401 - MakeShardsConfig re-exported
 
 log = logging.getLogger(__name__)
 
 #: image files the folder reader picks up (anything PIL opens; non-WebDataset formats are re-encoded)
 FOLDER_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 _FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
-
-
-@dataclass
-class MakeShardsConfig:
-    """Convert an image folder, a CSV/JSONL file or a Hugging Face dataset into WebDataset tar shards."""
-
-    input: str = ""
-    """Image folder, .csv/.tsv/.jsonl file, Hugging Face dataset folder; with --index: a shard spec (braces ok)."""
-    output_dir: str = ""
-    """Where shards go (with --index: where the metadata goes; default the shards' folder)."""
-    input_type: Literal["auto", "folder", "csv", "jsonl", "hf"] = "auto"
-    prefix: str = "shard"
-    """Shards are named PREFIX-000000.tar, PREFIX-000001.tar, ..."""
-    samples_per_shard: int = 10000
-    image_column: str = "image"
-    """CSV/JSONL: column with the image path (relative to the file's folder); HF: the image column."""
-    caption_column: str = "caption"
-    """CSV/JSONL/HF: the caption column (a list of captions is kept whole in the json member)."""
-    csv_separator: str | None = None
-    """Default: tab for .tsv, comma otherwise."""
-    hf_split: str = "train"
-    hf_builder: str | None = None
-    """Use load_dataset(HF_BUILDER, data_dir=INPUT), e.g. imagefolder, json, parquet; default: load_from_disk
-    when INPUT is a save_to_disk folder, else load_dataset(INPUT)."""
-    max_side: int | None = None
-    """Downscale images whose longer side exceeds this (re-encodes as JPEG)."""
-    jpeg_quality: int | None = None
-    """Re-encode every image as JPEG at this quality (1-100; >= 90 keeps full-resolution colour); with only
-    --max-side, resized images use 95."""
-    workers: int = 0
-    """Processes for decoding/encoding; 0: one per CPU core."""
-    overwrite: bool = False
-    """Replace existing PREFIX-*.tar shards in the output folder."""
-    index: bool = False
-    """Write metadata (sample counts) for existing shards given by --input, e.g. LAION/DataComp/CC3M tars."""
-
-    def __post_init__(self) -> None:
-        if not self.input:
-            raise ConfigError("--input is required (an image folder, a .csv/.jsonl file, a Hugging Face dataset, "
-                              "or with --index a shard spec)")
-        if not self.index and not self.output_dir:
-            raise ConfigError("--output-dir is required")
-        if self.samples_per_shard < 1:
-            raise ConfigError(f"--samples-per-shard must be >= 1, got {self.samples_per_shard}")
-        if self.max_side is not None and self.max_side < 1:
-            raise ConfigError(f"--max-side must be >= 1, got {self.max_side}")
-        if self.jpeg_quality is not None and not 1 <= self.jpeg_quality <= 100:
-            raise ConfigError(f"--jpeg-quality must be in 1..100, got {self.jpeg_quality}")
-        if self.workers < 0:
-            raise ConfigError(f"--workers must be >= 0, got {self.workers}")
-        if not re.fullmatch(r"[A-Za-z0-9_\-]+", self.prefix):
-            raise ConfigError(f"--prefix {self.prefix!r} may only hold letters, digits, '-' and '_'")
 
 
 # ------------------------------------------------------------------------------------------------------- inputs

@@ -6,18 +6,8 @@
 
 from __future__ import annotations
 
-from vlp.cli import run_cli, setup_logging
-from vlp.config import parse_cli
-from vlp.export.run import ExportConfig, run_export
-
-
-def main(argv: list[str]) -> int:
-    cfg = parse_cli(ExportConfig, argv, prog="export_hf.py")
-    setup_logging()
-    out = run_export(cfg)
-    print(f"wrote {cfg.format} to {out}")
-    return 0
-
+from vlp.cli import run_cli
+from vlp.entrypoints import export_main as main  # also the console script `vlp-export`
 
 if __name__ == "__main__":
     run_cli(main)

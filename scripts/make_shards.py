@@ -8,21 +8,8 @@
 
 from __future__ import annotations
 
-import json
-
-from vlp.cli import run_cli, setup_logging
-from vlp.config import parse_cli
-
-
-def main(argv: list[str]) -> int:
-    from data_pipelines.writer import MakeShardsConfig, make_shards
-
-    cfg = parse_cli(MakeShardsConfig, argv, prog="make_shards.py")
-    setup_logging()
-    report = make_shards(cfg)
-    print(json.dumps(report, indent=1))
-    return 0
-
+from vlp.cli import run_cli
+from vlp.entrypoints import make_shards_main as main  # also the console script `vlp-make-shards`
 
 if __name__ == "__main__":
     run_cli(main)

@@ -88,21 +88,47 @@ def saved_pretrain_config(data: dict[str, Any]):
     return from_dict(PretrainConfig, {k: v for k, v in data.items() if k in known})
 
 
+def run_preset(cfg_model_name: str, run_dir: Path | None, saved: dict[str, Any] | None = None):
+    """The preset a trained run is rebuilt with: the one saved in its checkpoint (``saved``), else the run
+    directory's preset.yaml, else (runs written before presets were saved) ``configs/models/<model.name>``."""
+    from vlp.presets import PRESET_FILE, load_preset, load_run_preset, preset_from_dict
+
+    if saved is not None:
+        return preset_from_dict(saved, "checkpoint preset", cfg_model_name)
+    if run_dir is not None and (run_dir / PRESET_FILE).is_file():
+        return load_run_preset(run_dir / PRESET_FILE)
+    log.warning("%s holds no %s (written before runs saved their preset): building today's preset %r",
+                run_dir, PRESET_FILE, cfg_model_name)
+    return load_preset(cfg_model_name)
+
+
+def preset_for_training(cfg, resume_from: Path | None):
+    """The preset a run trains: a resumed run's own (from its checkpoint), else ``cfg.model.name``'s."""
+    from vlp.presets import load_preset
+
+    if resume_from is None:
+        return load_preset(cfg.model.name)
+    trainer = torch.load(resume_from / TRAINER_STATE, map_location="cpu", weights_only=True)
+    return run_preset(cfg.model.name, run_dir_of(resume_from), trainer.get("preset"))
+
+
 def load_trained_model(path: str | Path, map_location: str = "cpu"):
     """Rebuild a trained DualTower and its PretrainConfig from a run directory, checkpoint directory or file.
 
     Accepts a run directory (``model.safetensors`` or ``checkpoint.pt`` beside ``config.yaml``, else its latest
     checkpoint), a checkpoint directory (``checkpoints/step-N``, DeepSpeed ZeRO shards are consolidated), a ``.pt``
-    checkpoint holding ``model`` and ``config``, or a ``.safetensors`` file with ``config.yaml`` beside it.
+    checkpoint holding ``model`` and ``config``, or a ``.safetensors`` file with ``config.yaml`` beside it. The
+    architecture and preprocessing are the run's own (its checkpoint's preset or ``preset.yaml``), not today's
+    configs/models/ file, so a run directory copied anywhere reloads as it was trained.
     """
     from vlp.config import ConfigError, load_yaml
-    from vlp.model import build_model, load_preset
+    from vlp.model import build_model
 
     path = Path(path)
     if path.is_dir() and is_complete(path):  # one checkpoint directory (checkpoints/step-N)
         trainer = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)
         cfg = saved_pretrain_config(trainer["config"])
-        model = build_model(load_preset(cfg.model.name), cfg.loss)
+        model = build_model(run_preset(cfg.model.name, run_dir_of(path), trainer.get("preset")), cfg.loss)
         model.load_state_dict(dualtower_state(consolidated_state_dict(path)))
         return model, cfg
     if path.is_dir():
@@ -116,6 +142,7 @@ def load_trained_model(path: str | Path, map_location: str = "cpu"):
         path = found
     if not path.is_file():
         raise ConfigError(f"checkpoint not found: {path}")
+    saved_preset = None
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -128,9 +155,9 @@ def load_trained_model(path: str | Path, map_location: str = "cpu"):
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
         if "model" not in ckpt or "config" not in ckpt:
             raise ConfigError(f"{path}: not a vlp checkpoint (needs 'model' and 'config' entries)")
-        state, cfg_dict = ckpt["model"], ckpt["config"]
+        state, cfg_dict, saved_preset = ckpt["model"], ckpt["config"], ckpt.get("preset")
     cfg = saved_pretrain_config(cfg_dict)
-    model = build_model(load_preset(cfg.model.name), cfg.loss)
+    model = build_model(run_preset(cfg.model.name, path.parent, saved_preset), cfg.loss)
     model.load_state_dict(state)
     return model, cfg
 

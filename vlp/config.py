@@ -1,17 +1,18 @@
 """Typed configuration for every entry point: dataclasses, YAML loading, command-line overrides.
 
-A config is a tree of dataclasses. Values come, in increasing priority, from the dataclass defaults, a YAML
-file (``--config x.yaml``) and command-line flags. Every field is reachable as ``--section.field`` (dashes and
-underscores are interchangeable) and the common ones have short aliases (``--loss siglip`` sets ``loss.name``).
-Unknown keys and bad values raise :class:`ConfigError` naming the key and listing what is valid.
+A config is a tree of dataclasses. Values come, in increasing priority, from the dataclass defaults, YAML files
+(``--config x.yaml``) and command-line flags (generated from these classes by :mod:`vlp.cli`). Every field is
+reachable as ``--section.field`` (dashes and underscores are interchangeable), its docstring is its ``--help``,
+and the common ones have short aliases (``--loss siglip`` sets ``loss.name``). Unknown keys and bad values raise
+:class:`ConfigError` naming the key and listing what is valid.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -88,14 +89,14 @@ class LossConfig:
         if self.chunk_size < 1:
             raise ConfigError(f"loss.chunk_size must be >= 1, got {self.chunk_size}")
         if LOSS_DEFAULTS and self.name not in LOSS_DEFAULTS:
-            raise ConfigError(f"loss.name: unknown image-text loss {self.name!r}; "
+            raise ConfigError(f"loss.name: invalid value {self.name!r}; "
                               f"valid: {', '.join(sorted(LOSS_DEFAULTS))}")
 
     def _default(self, key: str) -> float | None:
         if self.name not in LOSS_DEFAULTS:
             import vlp.objectives  # noqa: F401 - registers the built-in losses' defaults (no torch)
         if self.name not in LOSS_DEFAULTS:
-            raise ConfigError(f"loss.name: unknown image-text loss {self.name!r}; "
+            raise ConfigError(f"loss.name: invalid value {self.name!r}; "
                               f"valid: {', '.join(sorted(LOSS_DEFAULTS))}")
         return LOSS_DEFAULTS[self.name].get(key)
 
@@ -139,10 +140,13 @@ class DataConfig:
     synthetic_dir: str | None = None
     """Cache directory for the embedded synthetic shards (default: ~/.cache/vlp/synthetic)."""
     synthetic_train_samples: int = 20000
+    """Training samples the embedded synthetic set is drawn with (the first run writes them as shards)."""
     synthetic_eval_samples: int = 1000
+    """Held-out samples of the embedded synthetic set."""
     caption_key: str = "txt"
     """Where the caption lives: 'txt', or 'json:FIELD' for a field of the json member."""
     workers: int = 2
+    """DataLoader processes per training process decoding and augmenting samples (0: in the training process)."""
     shuffle_buffer: int = 1000
     """Samples per shuffle window (each reader permutes consecutive windows of this many samples)."""
     max_consecutive_failures: int = 1000
@@ -176,15 +180,19 @@ class OptimConfig:
     of its tower, 600 SigLIP steps gave held-out shape top-1 33% at 2e-3, 26% at 1e-3 and 12% at 3e-3); set it for
     your model and batch (open_clip_train's default is 5e-4)."""
     weight_decay: float = 0.1
+    """AdamW weight decay of the weight matrices; 1-D parameters (biases, norms), the temperature, the bias and
+    positional embeddings get none."""
     beta1: float = 0.9
     beta2: float = 0.98
     eps: float = 1e-6
     warmup_steps: int = 50
-    """Steps of linear warmup (see warmup_ratio)."""
+    """Linear warmup (from lr / warmup_steps up to lr) over this many steps, then cosine decay to min_lr_ratio x lr
+    (see warmup_ratio)."""
     warmup_ratio: float | None = None
     """Warm up for this fraction of the run's steps (rounded up) instead of warmup_steps (LLaVA's recipes: 0.03)."""
     min_lr_ratio: float = 0.0
     grad_clip: float | None = 1.0
+    """Clip the global gradient norm to this value (None: no clipping)."""
     fused: bool | None = None
     """AdamW's fused kernel (one pass over every parameter; about 3.5x faster than the multi-tensor path on a CPU,
     where the optimiser step of the tiny presets is otherwise ~18% of a step). None: on wherever every trainable
@@ -205,19 +213,27 @@ class OptimConfig:
         return self.warmup_steps
 
 
+#: accelerate's trackers (accelerate.tracking.LOGGER_TYPE_TO_CLASS), listed here so that a name is checked before
+#: torch is imported; vlp.train.metrics checks again against the installed accelerate
+TRACKERS = ("none", "tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
+
+
 @dataclass
 class TrainConfig:
     """Run length, batch and bookkeeping."""
 
     steps: int = 1000
+    """Optimiser steps to train (see data.epochs for a length in passes over the data)."""
     batch_size: int = 64
     """Per-process batch size."""
     seed: int = 0
+    """Seeds model initialisation, data order and augmentations: the same seed gives the same loss curve on the same
+    machine."""
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """auto: bf16 on GPU, fp32 on CPU."""
     log_every: int = 10
-    """Refresh the progress bar's figures and count skipped data every N steps (0: at the first and last step);
-    metrics.jsonl gets every step."""
+    """Show loss and samples/s on the progress bar (and data fault counts in the metrics) every N steps (0: at the
+    first and last step only); the metrics get a record every step."""
     save_first_batch: bool = False
     """Save each rank's first batch next to the outputs (to check multi-process runs against one process)."""
     accum_steps: int = 1
@@ -235,8 +251,16 @@ class TrainConfig:
     global_stream: bool = False
     """Verification mode: every process reads the same seeded stream of global batches and trains on its
     rank's slice, so each step's global batch is identical for any number of processes and micro-batches."""
+    report_to: str = "tensorboard"
+    """Where metrics go besides metrics.jsonl, through accelerate's trackers: tensorboard (offline, in the run
+    directory), wandb, mlflow, comet_ml, aim, clearml, dvclive, swanlab, trackio; comma-separated for several, or
+    none."""
 
     def __post_init__(self) -> None:
+        bad = [t for t in self.report_to.split(",") if t.strip() not in TRACKERS]
+        if bad:
+            raise ConfigError(f"train.report_to: unknown tracker {bad[0].strip()!r}; valid: {', '.join(TRACKERS)} "
+                              "(comma-separated for several)")
         if self.steps < 1:
             raise ConfigError(f"train.steps must be >= 1, got {self.steps}")
         if self.batch_size < 1:
@@ -306,7 +330,10 @@ class EvalConfig:
     """Evaluation during and at the end of training."""
 
     zeroshot: bool = True
+    """Zero-shot classification of the held-out images (each class family of the synthetic set, with prompt
+    ensembles) at the end of training and every eval.every steps."""
     batch_size: int = 256
+    """Images per forward pass during evaluation."""
     every: int = 0
     """Run held-out zero-shot classification and retrieval every N steps (0: only at the end)."""
     retrieval: bool = True
@@ -325,7 +352,8 @@ class EvalConfig:
 
 @dataclass
 class PretrainConfig:
-    """Everything `scripts/pretrain.py` needs."""
+    """Pretrain a CLIP/SigLIP dual tower (or a self-supervised image objective) on WebDataset shards or the embedded
+    synthetic set: `accelerate launch scripts/pretrain.py --loss siglip`. Everything below is a flag."""
 
     objective: str = "contrastive"
     """What to train: contrastive (the image-text loss --loss names), or any registered objective: clip, siglip,
@@ -365,6 +393,7 @@ PRETRAIN_ALIASES: dict[str, str] = {
     "output-dir": "output_dir",
     "accum-steps": "train.accum_steps",
     "deepspeed": "train.deepspeed",
+    "report-to": "train.report_to",
     "resume": "checkpoint.resume",
     "checkpoint-every": "checkpoint.every",
     "keep-checkpoints": "checkpoint.keep",
@@ -431,6 +460,79 @@ ZEROSHOT_ALIASES: dict[str, str] = {
     "templates": "data.templates",
     "task-name": "data.name",
 }
+
+
+@dataclass
+class ExportConfig:
+    """Export a trained run to transformers / open_clip, or import a local transformers CLIP/SigLIP folder."""
+
+    checkpoint: str | None = None
+    """Run directory or checkpoint file (for import-hf: the transformers model folder)."""
+    output: str | None = None
+    """Folder to write (must be empty or absent unless --overwrite)."""
+    format: Literal["hf-vision", "hf-full", "open_clip", "import-hf"] = "hf-full"
+    """hf-vision: image tower (CLIPVisionModelWithProjection / SiglipVisionModel); hf-full: CLIPModel / SiglipModel
+    with tokenizer and processor; open_clip: open_clip local-dir folder; import-hf: transformers folder -> vlp run."""
+    overwrite: bool = False
+    preset: str | None = None
+    """import-hf: preset to check the folder against (required for a vision-only folder: it gives the text tower)."""
+    loss: Literal["clip", "siglip"] | None = None
+    """import-hf: the loss to fine-tune with (default: clip for CLIPModel, siglip for SiglipModel)."""
+    vision_only: bool = False
+    """import-hf: take only the image tower from the folder (e.g. a SigLIP checkpoint with a SentencePiece text
+    tower); the text tower is the preset's, freshly initialised."""
+
+
+@dataclass
+class MakeShardsConfig:
+    """Convert an image folder, a CSV/JSONL file or a Hugging Face dataset into WebDataset tar shards."""
+
+    input: str = ""
+    """Image folder, .csv/.tsv/.jsonl file, Hugging Face dataset folder; with --index: a shard spec (braces ok)."""
+    output_dir: str = ""
+    """Where shards go (with --index: where the metadata goes; default the shards' folder)."""
+    input_type: Literal["auto", "folder", "csv", "jsonl", "hf"] = "auto"
+    prefix: str = "shard"
+    """Shards are named PREFIX-000000.tar, PREFIX-000001.tar, ..."""
+    samples_per_shard: int = 10000
+    image_column: str = "image"
+    """CSV/JSONL: column with the image path (relative to the file's folder); HF: the image column."""
+    caption_column: str = "caption"
+    """CSV/JSONL/HF: the caption column (a list of captions is kept whole in the json member)."""
+    csv_separator: str | None = None
+    """Default: tab for .tsv, comma otherwise."""
+    hf_split: str = "train"
+    hf_builder: str | None = None
+    """Use load_dataset(HF_BUILDER, data_dir=INPUT), e.g. imagefolder, json, parquet; default: load_from_disk
+    when INPUT is a save_to_disk folder, else load_dataset(INPUT)."""
+    max_side: int | None = None
+    """Downscale images whose longer side exceeds this (re-encodes as JPEG)."""
+    jpeg_quality: int | None = None
+    """Re-encode every image as JPEG at this quality (1-100; >= 90 keeps full-resolution colour); with only
+    --max-side, resized images use 95."""
+    workers: int = 0
+    """Processes for decoding/encoding; 0: one per CPU core."""
+    overwrite: bool = False
+    """Replace existing PREFIX-*.tar shards in the output folder."""
+    index: bool = False
+    """Write metadata (sample counts) for existing shards given by --input, e.g. LAION/DataComp/CC3M tars."""
+
+    def __post_init__(self) -> None:
+        if not self.input:
+            raise ConfigError("--input is required (an image folder, a .csv/.jsonl file, a Hugging Face dataset, "
+                              "or with --index a shard spec)")
+        if not self.index and not self.output_dir:
+            raise ConfigError("--output-dir is required")
+        if self.samples_per_shard < 1:
+            raise ConfigError(f"--samples-per-shard must be >= 1, got {self.samples_per_shard}")
+        if self.max_side is not None and self.max_side < 1:
+            raise ConfigError(f"--max-side must be >= 1, got {self.max_side}")
+        if self.jpeg_quality is not None and not 1 <= self.jpeg_quality <= 100:
+            raise ConfigError(f"--jpeg-quality must be in 1..100, got {self.jpeg_quality}")
+        if self.workers < 0:
+            raise ConfigError(f"--workers must be >= 0, got {self.workers}")
+        if not re.fullmatch(r"[A-Za-z0-9_\-]+", self.prefix):
+            raise ConfigError(f"--prefix {self.prefix!r} may only hold letters, digits, '-' and '_'")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -565,82 +667,14 @@ def save_yaml(cfg: Any, path: str | Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Command line
+# Command line: generated from these dataclasses in vlp.cli (tyro)
 # --------------------------------------------------------------------------------------------------------------
-
-
-def _dotted_fields(cls: type, prefix: str = "") -> list[tuple[str, Any, str]]:
-    """(dotted name, type, doc) for every leaf field."""
-    out = []
-    hints = get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        tp = hints[f.name]
-        _, inner = _is_optional(tp)
-        if dataclasses.is_dataclass(inner):
-            out.extend(_dotted_fields(inner, f"{prefix}{f.name}."))
-        else:
-            out.append((f"{prefix}{f.name}", tp, ""))
-    return out
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> typing.NoReturn:  # one line, no usage dump
-        raise ConfigError(message + " (see --help)")
-
-
-def _type_label(tp: Any) -> str:
-    optional, inner = _is_optional(tp)
-    if get_origin(inner) is Literal:
-        label = "|".join(map(str, get_args(inner)))
-    else:
-        label = getattr(inner, "__name__", str(inner))
-    return label + ("|null" if optional else "")
 
 
 def parse_cli(
     cls: type[T], argv: Sequence[str], aliases: Mapping[str, str] | None = None, prog: str | None = None
 ) -> T:
-    """Parse ``argv`` into ``cls``: ``--config FILE`` (repeatable) then ``--a.b VALUE`` overrides and aliases."""
-    aliases = dict(aliases or {})
-    leaves = _dotted_fields(cls)
-    leaf_names = {name for name, _, _ in leaves}
-    parser = _Parser(prog=prog, description=(cls.__doc__ or "").strip(), allow_abbrev=False)
-    parser.add_argument("--config", action="append", default=[], metavar="FILE", help="YAML config (repeatable)")
-    for alias, target in aliases.items():
-        if target not in leaf_names:
-            raise AssertionError(f"alias --{alias} targets unknown key {target}")
-        tp = next(t for n, t, _ in leaves if n == target)
-        parser.add_argument(f"--{alias}", dest=target, metavar=_type_label(tp), default=argparse.SUPPRESS,
-                            help=f"alias of --{target}")
-    for name, tp, _ in leaves:
-        flags = [f"--{name}"]
-        dashed = f"--{name.replace('_', '-')}"
-        if dashed != flags[0] and dashed[2:] not in aliases:
-            flags.append(dashed)
-        flags = [f for f in flags if f[2:] not in aliases]
-        if not flags:  # reachable only through its alias
-            continue
-        parser.add_argument(*flags, dest=name, metavar=_type_label(tp), default=argparse.SUPPRESS)
-    ns, unknown = parser.parse_known_args(list(argv))
-    if unknown:
-        bad = unknown[0]
-        valid = sorted({"--" + n for n in leaf_names} | {"--" + a for a in aliases})
-        close = difflib.get_close_matches(bad.split("=")[0], valid, n=1)
-        hint = f"; did you mean {close[0]}?" if close else ""
-        raise ConfigError(f"unrecognised argument {bad}{hint} (see --help for all options)")
-    data: dict[str, Any] = {}
-    for cfg_file in ns.config:
-        data = _deep_merge(data, load_yaml(cfg_file))
-    for name, raw in vars(ns).items():
-        if name == "config":
-            continue
-        try:
-            value = yaml.safe_load(raw) if isinstance(raw, str) else raw
-        except yaml.YAMLError:
-            value = raw
-        tp = next(t for n, t, _ in leaves if n == name)
-        _, inner = _is_optional(tp)
-        if inner is str and value is not None and not isinstance(value, str):
-            value = raw  # keep '0001' or 'true' as written when a string is wanted
-        _set_dotted(data, name, value)
-    return from_dict(cls, data)
+    """See :func:`vlp.cli.parse_cli` (kept here for callers that import it from vlp.config)."""
+    from vlp.cli import parse_cli as _parse_cli
+
+    return _parse_cli(cls, argv, aliases, prog)

@@ -16,6 +16,29 @@ log = logging.getLogger(__name__)
 
 DEEPSPEED_CONFIG_NAMES = ("zero0", "zero1", "zero2", "zero3", "zero3_offload")
 
+#: DeepSpeed releases whose private methods vlp.train.engine.apply_deepspeed_patches replaces, as tested (>=, <)
+DEEPSPEED_TESTED = ("0.19", "0.20")
+
+
+def check_deepspeed_version(version: str | None = None) -> None:
+    """Raise ConfigError, in one line naming the working range, when the installed DeepSpeed (or ``version``) is
+    outside the tested range: the patches replace private methods that other releases may not have or use alike."""
+    from packaging.version import Version
+
+    if version is None:
+        from importlib.metadata import PackageNotFoundError
+        from importlib.metadata import version as installed
+
+        try:
+            version = installed("deepspeed")
+        except PackageNotFoundError:
+            raise ConfigError(f"DeepSpeed is not installed; pip install 'deepspeed>={DEEPSPEED_TESTED[0]},"
+                              f"<{DEEPSPEED_TESTED[1]}'") from None
+    low, high = DEEPSPEED_TESTED
+    if not Version(low) <= Version(version) < Version(high):
+        raise ConfigError(f"DeepSpeed {version} is installed, but vlp patches DeepSpeed internals tested only with "
+                          f"deepspeed>={low},<{high}; pip install 'deepspeed>={low},<{high}'")
+
 
 def resolve_deepspeed_config(spec: str) -> Path:
     """A DeepSpeed JSON given as a path or as a name in configs/deepspeed/ (zero2, zero3, ...)."""
@@ -44,6 +67,15 @@ def check_shards_exist(spec: str) -> None:
             log.warning("%d of %d shards of %s are missing (first: %s)", len(missing), len(local), source, missing[0])
 
 
+def check_trackers_installed(report_to: str) -> None:
+    """Fail early when a tracker named in ``--report-to`` is not installed (its Python package is missing)."""
+    import importlib.util
+
+    for name in (t.strip() for t in report_to.split(",")):
+        if name and name != "none" and importlib.util.find_spec(name) is None:
+            raise ConfigError(f"--report-to {name}: the {name} package is not installed (pip install {name})")
+
+
 def check_pretrain_inputs(cfg: PretrainConfig) -> None:
     """Raise ConfigError for an unknown objective, loss or preset, shards that do not exist or a DeepSpeed config
     not found."""
@@ -53,7 +85,9 @@ def check_pretrain_inputs(cfg: PretrainConfig) -> None:
     if cfg.aux_ssl:
         registry.auxiliary_term(cfg.aux_ssl)
     load_preset(cfg.model.name)
+    check_trackers_installed(cfg.train.report_to)
     if cfg.data.train_shards:
         check_shards_exist(cfg.data.train_shards)
     if cfg.train.deepspeed:
         resolve_deepspeed_config(cfg.train.deepspeed)
+        check_deepspeed_version()

@@ -7,18 +7,32 @@ model from a preset is vlp.model's job.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import importlib.resources
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from vlp.config import ConfigError, load_yaml
 
 
 def configs_dir() -> Path:
-    """The repository's configs/ folder (override with VLP_CONFIG_DIR)."""
+    """The shipped configs: models/, ssl/, adapter/, deepspeed/, accelerate/ (override with VLP_CONFIG_DIR).
+
+    They live once, in the top-level ``configs/`` of the source tree; an installed package carries the same files as
+    package data ``vlp/configs`` (pyproject.toml maps the one onto the other). Running from a checkout (editable
+    install, or the checkout on PYTHONPATH) reads the checkout's folder, an installed wheel its package data.
+    """
     env = os.environ.get("VLP_CONFIG_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[1] / "configs"
+    if env:
+        return Path(env)
+    checkout = Path(__file__).resolve().parents[1]
+    if (checkout / "pyproject.toml").is_file() and (checkout / "configs" / "models").is_dir():
+        return checkout / "configs"
+    return Path(str(importlib.resources.files("vlp") / "configs"))
 
 
 def available_presets() -> list[str]:
@@ -58,20 +72,54 @@ class ModelPreset:
         return cfg
 
 
+PRESET_FILE = "preset.yaml"
+_PRESET_KEYS = ("name", "embed_dim", "vision_cfg", "text_cfg", "custom_text", "quick_gelu", "preprocess")
+
+
+def preset_from_dict(data: dict[str, Any], source: str, default_name: str) -> ModelPreset:
+    """A preset from its YAML mapping (``name`` optional); unknown or missing keys are a ConfigError naming
+    ``source``."""
+    unknown = set(data) - set(_PRESET_KEYS)
+    if unknown:
+        raise ConfigError(f"{source}: unknown preset keys {sorted(unknown)}; valid: {sorted(_PRESET_KEYS)}")
+    for key in ("embed_dim", "vision_cfg", "text_cfg"):
+        if key not in data:
+            raise ConfigError(f"{source}: preset is missing {key!r}")
+    return ModelPreset(**{"name": default_name, **copy.deepcopy(data)})
+
+
+def preset_to_dict(preset: ModelPreset) -> dict[str, Any]:
+    """The preset as plain data (YAML, and torch.load(weights_only=True) in checkpoints)."""
+    return copy.deepcopy(dataclasses.asdict(preset))
+
+
 def load_preset(name_or_path: str) -> ModelPreset:
-    """Read a preset by name (configs/models/NAME.yaml) or from a YAML path."""
+    """Read a preset by name (configs/models/NAME.yaml) or from a YAML path (a run's preset.yaml too)."""
     path = Path(name_or_path)
     if not (path.suffix in (".yaml", ".yml") and path.is_file()):
         path = configs_dir() / "models" / f"{name_or_path}.yaml"
     if not path.is_file():
         raise ConfigError(f"unknown model preset {name_or_path!r}; valid: {', '.join(available_presets())} "
                           "(or a path to a preset .yaml)")
-    data = load_yaml(path)
-    known = {"embed_dim", "vision_cfg", "text_cfg", "custom_text", "quick_gelu", "preprocess"}
-    unknown = set(data) - known
-    if unknown:
-        raise ConfigError(f"{path}: unknown preset keys {sorted(unknown)}; valid: {sorted(known)}")
-    for key in ("embed_dim", "vision_cfg", "text_cfg"):
-        if key not in data:
-            raise ConfigError(f"{path}: preset is missing {key!r}")
-    return ModelPreset(name=path.stem, **data)
+    return preset_from_dict(load_yaml(path), str(path), path.stem)
+
+
+def save_run_preset(preset: ModelPreset, run_dir: str | Path) -> Path:
+    """Write the resolved preset (architecture and preprocessing) as ``run_dir/preset.yaml``, so that the run
+    reloads as it was trained whatever configs/models/ holds later. Atomic (temp file, then rename)."""
+    path = Path(run_dir) / PRESET_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{PRESET_FILE}.tmp-{os.getpid()}")
+    tmp.write_text(yaml.safe_dump(preset_to_dict(preset), sort_keys=False))
+    os.replace(tmp, path)
+    return path
+
+
+def load_run_preset(path: str | Path) -> ModelPreset:
+    """The preset a run was trained with: ``path`` is its preset.yaml or the run directory holding it."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / PRESET_FILE
+    if not p.is_file():
+        raise ConfigError(f"{p}: no run preset (a run directory written by this project holds {PRESET_FILE})")
+    return preset_from_dict(load_yaml(p), str(p), p.parent.name if p.name == PRESET_FILE else p.stem)

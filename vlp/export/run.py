@@ -3,36 +3,13 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
-from vlp.config import ConfigError
+from vlp.config import ConfigError, ExportConfig
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("hf-vision", "hf-full", "open_clip", "import-hf")
-
-
-@dataclass
-class ExportConfig:
-    """Export a trained run to transformers / open_clip, or import a local transformers CLIP/SigLIP folder."""
-
-    checkpoint: str | None = None
-    """Run directory or checkpoint file (for import-hf: the transformers model folder)."""
-    output: str | None = None
-    """Folder to write (must be empty or absent unless --overwrite true)."""
-    format: Literal["hf-vision", "hf-full", "open_clip", "import-hf"] = "hf-full"
-    """hf-vision: image tower (CLIPVisionModelWithProjection / SiglipVisionModel); hf-full: CLIPModel / SiglipModel
-    with tokenizer and processor; open_clip: open_clip local-dir folder; import-hf: transformers folder -> vlp run."""
-    overwrite: bool = False
-    preset: str | None = None
-    """import-hf: preset to check the folder against (required for a vision-only folder: it gives the text tower)."""
-    loss: Literal["clip", "siglip"] | None = None
-    """import-hf: the loss to fine-tune with (default: clip for CLIPModel, siglip for SiglipModel)."""
-    vision_only: bool = False
-    """import-hf: take only the image tower from the folder (e.g. a SigLIP checkpoint with a SentencePiece text
-    tower); the text tower is the preset's, freshly initialised."""
 
 
 def run_export(cfg: ExportConfig) -> Path:

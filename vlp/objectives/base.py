@@ -201,9 +201,10 @@ def lock_towers(model: DualTower, cfg: Any) -> None:
                  trainable, total)
 
 
-def build_dual_tower(cfg: Any) -> tuple[DualTower, ModelPreset]:
-    """The run's DualTower: preset, gradient checkpointing, ``--model.pretrained`` weights, locked towers."""
-    preset = load_preset(cfg.model.name)
+def build_dual_tower(cfg: Any, preset: ModelPreset | None = None) -> tuple[DualTower, ModelPreset]:
+    """The run's DualTower: preset (``preset``, e.g. a resumed run's own, else ``cfg.model.name``'s), gradient
+    checkpointing, ``--model.pretrained`` weights, locked towers."""
+    preset = preset or load_preset(cfg.model.name)
     model = build_model(preset, cfg.loss)
     if cfg.model.grad_checkpointing:
         model.set_grad_checkpointing(True)

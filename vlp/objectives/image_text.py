@@ -109,7 +109,7 @@ def build_image_text(cfg: Any, loss_factory: Callable[[Any], ContrastiveLoss], m
     from vlp.objectives.registry import auxiliary_term
 
     if model is None:
-        model, preset = build_dual_tower(cfg)
+        model, preset = build_dual_tower(cfg, preset)
     aux = None
     if getattr(cfg, "aux_ssl", None):
         aux = auxiliary_term(cfg.aux_ssl)(cfg, model, preset)

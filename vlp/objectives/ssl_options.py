@@ -84,7 +84,7 @@ def register_ssl_objective(name: str, config_cls: type, method: MethodBuilder, d
         from vlp.objectives.ssl_standalone import SSLObjective
 
         if model is None:
-            model, preset = build_dual_tower(cfg)
+            model, preset = build_dual_tower(cfg, preset)
         obj = SSLObjective(model, method(cfg, model.visual, preset))
         obj.attach(cfg, model, preset)
         return obj

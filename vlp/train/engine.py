@@ -27,7 +27,7 @@ from accelerate import Accelerator
 from vlp.config import ConfigError
 from vlp.distributed import WorldInfo, world_info
 from vlp.objectives.base import Objective
-from vlp.preflight import DEEPSPEED_CONFIG_NAMES, resolve_deepspeed_config  # noqa: F401 - re-exported
+from vlp.preflight import DEEPSPEED_CONFIG_NAMES, check_deepspeed_version, resolve_deepspeed_config  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +137,7 @@ def apply_deepspeed_patches() -> None:
     global _PATCHED
     if _PATCHED:
         return
+    check_deepspeed_version()  # outside the tested releases the private methods below may differ: stop at start
     from deepspeed import comm as ds_comm
     from deepspeed.runtime.engine import DeepSpeedEngine
     from deepspeed.runtime.zero import partition_parameters

@@ -10,6 +10,7 @@ with a non-finite loss or gradient is skipped and counted (vlp.train.guards); ch
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import time
@@ -26,6 +27,7 @@ from data_pipelines.synthetic import ensure_synthetic_data
 from vlp.checkpointing import (
     TRAINER_STATE,
     consolidated_state_dict,
+    preset_for_training,
     resolve_resume,
     rng_state,
     run_dir_of,
@@ -36,6 +38,7 @@ from vlp.distributed import barrier, broadcast_object, world_info
 from vlp.objectives import registry
 from vlp.objectives.base import Objective, RunData
 from vlp.preflight import check_shards_exist
+from vlp.presets import preset_to_dict, save_run_preset
 from vlp.train.checkpoint import CheckpointManager
 from vlp.train.engine import StepOutcome, TrainEngine, build_accelerator, build_engine
 from vlp.train.gradcache import accumulate_step
@@ -124,13 +127,20 @@ class Trainer:
         self.resume_from = resolve_resume(resume, out_dir) if resume else None
         if resume == "latest" and self.resume_from is None:
             log.info("--resume latest: no checkpoint in %s yet, starting a fresh run", out_dir)
+        # the dual tower's preset (a resumed run keeps its own), for objectives whose builder takes one
+        takes_preset = "preset" in inspect.signature(spec.build).parameters
+        self.preset = preset = preset_for_training(cfg, self.resume_from) if takes_preset else None
         if world.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
             save_yaml(cfg, out_dir / "config.yaml")
+            if preset is not None:  # preset.yaml: the run reloads as trained, whatever configs/ says later
+                save_run_preset(preset, out_dir)
 
         self.data = data = resolve_data(cfg)
         check_shards_exist(data.train_shards)
-        self.objective: Objective = objective if objective is not None else spec.build(cfg, world)
+        if objective is None:
+            objective = spec.build(cfg, world, preset=preset) if preset is not None else spec.build(cfg, world)
+        self.objective: Objective = objective
         exact = cfg.train.accumulation == "gradcache"
         if cfg.train.accum_steps > 1 and exact and not self.objective.supports_gradcache:
             aux = " with --aux-ssl" if getattr(cfg, "aux_ssl", None) else ""
@@ -152,7 +162,7 @@ class Trainer:
         self.faults = FaultInjector()
         self.checkpoints = CheckpointManager(out_dir, cfg.checkpoint.keep, world.rank, barrier,
                                              before_commit=lambda s: self.faults.maybe_kill("sigkill-checkpoint", s))
-        self.metrics = MetricsWriter(out_dir, enabled=world.is_main)
+        self.metrics = MetricsWriter(out_dir, enabled=world.is_main, report_to=cfg.train.report_to)
         self.step = 0
         self.losses: list[float] = []
         self.last_checkpoint: Path | None = None
@@ -288,7 +298,7 @@ class Trainer:
             "scaler": self.engine.scaler_state(), "world_size": world.world_size, "engine": self.engine.kind,
             "zero_stage": getattr(self.engine, "stage", None), "accum_steps": cfg.train.accum_steps,
             "batch_size": cfg.train.batch_size, "global_stream": cfg.train.global_stream, "data": data_all,
-            "config": to_dict(cfg),
+            "config": to_dict(cfg), "preset": preset_to_dict(self.preset) if self.preset is not None else None,
         }
         rank_state = {"rank": world.rank, "rng": rng_state(), "data": self.loader.state_dict()}
         self.last_checkpoint = self.checkpoints.save(step, self.engine.save, rank_state, trainer_state)
