@@ -113,7 +113,7 @@ def test_two_process_zero2_equals_one_process(tmp_path, synthetic_data, tiny_llm
     init = build_projector("mlp2x_gelu", 128, 64).state_dict()
     moved = max((a[k] - init[k]).abs().max().item() for k in a)
     print(f"projector max |1 process - 2 processes ZeRO-2| after 4 steps: {diff:.3g} (moved {moved:.3g} from init)")
-    assert diff < 1e-5 and moved > 1e-3
+    assert diff <= 1e-6 and moved > 1e-3
     s1 = json.loads((tmp_path / "one" / "summary.json").read_text())
     s2 = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert s1["world_size"] == 1 and s2["world_size"] == 2 and s1["global_batch"] == s2["global_batch"] == 8
@@ -126,7 +126,7 @@ def test_two_process_zero2_equals_one_process(tmp_path, synthetic_data, tiny_llm
     assert e2["model"] == "DeepSpeedEngine" and e2["zero_stage"] == 2
     assert e2["optimizer"] == "DeepSpeedZeroOptimizer"
     assert numel // 2 <= e2["fp32_partition_numel"] < numel
-    assert s1["final_loss"] == pytest.approx(s2["final_loss"], abs=1e-5)
+    assert s1["final_loss"] == pytest.approx(s2["final_loss"], rel=1e-6)
     assert s1["eval_caption_loss"][-1][1] == pytest.approx(s2["eval_caption_loss"][-1][1], abs=1e-5)
     # the 2-process run also exported a LLaVA folder holding the trained projector
     from transformers import LlavaForConditionalGeneration
