@@ -80,16 +80,39 @@ class DualTower(nn.Module):
 
 
 def build_open_clip_model(preset: ModelPreset, init_logit_scale: float, init_logit_bias: float | None) -> nn.Module:
-    """Instantiate open_clip's CLIP or CustomTextCLIP for a preset (random init)."""
+    """Instantiate open_clip's CLIP or CustomTextCLIP for a preset (random init).
+
+    ``vision_cfg.timm_model_kwargs`` (not an open_clip option) are extra ``timm.create_model`` arguments for a timm
+    image tower, e.g. ``{act_layer: gelu_tanh, embed_dim: 1152, ...}`` for an imported SigLIP whose activation or
+    shape no registered timm model has: open_clip's TimmModel is built as usual and its trunk rebuilt with them.
+    """
     cls = open_clip.CustomTextCLIP if preset.custom_text else open_clip.CLIP
-    return cls(
+    vision_cfg = copy.deepcopy(preset.vision_cfg)
+    timm_kwargs = vision_cfg.pop("timm_model_kwargs", None)
+    text_cfg = copy.deepcopy(preset.text_cfg)
+    clip = cls(
         embed_dim=preset.embed_dim,
-        vision_cfg=copy.deepcopy(preset.vision_cfg),
-        text_cfg=copy.deepcopy(preset.text_cfg),
+        vision_cfg=vision_cfg,
+        text_cfg=text_cfg,
         quick_gelu=preset.quick_gelu,
         init_logit_scale=init_logit_scale,
         init_logit_bias=init_logit_bias,
     )
+    if timm_kwargs:
+        clip.visual.trunk = build_timm_trunk(vision_cfg, timm_kwargs)
+    return clip
+
+
+def build_timm_trunk(vision_cfg: dict, timm_kwargs: dict) -> nn.Module:
+    """The trunk open_clip's TimmModel builds for ``vision_cfg``, with extra ``timm.create_model`` arguments."""
+    import timm
+
+    name, pool, proj = vision_cfg["timm_model_name"], vision_cfg.get("timm_pool", "avg"), vision_cfg.get("timm_proj")
+    if pool in ("abs_attn", "rot_attn") or proj in ("linear", "mlp"):
+        trunk = timm.create_model(name, pretrained=False, **timm_kwargs)
+        trunk.reset_classifier(0, **({"global_pool": pool} if pool else {}))
+        return trunk
+    return timm.create_model(name, pretrained=False, num_classes=0, global_pool=pool, **timm_kwargs)
 
 
 def build_model(preset: ModelPreset | str, loss: LossConfig | None = None) -> DualTower:
@@ -101,8 +124,31 @@ def build_model(preset: ModelPreset | str, loss: LossConfig | None = None) -> Du
     return DualTower(clip, preset)
 
 
-def build_tokenizer(preset: ModelPreset) -> SimpleTokenizer:
-    """open_clip's BPE tokenizer (its vocabulary ships with the package), at the preset's context length."""
+class HFTextTokenizer:
+    """A transformers tokenizer called as the checkpoint's own processor calls it: padded to the context length
+    (``padding="max_length"``, truncated), returning the ``[N, context_length]`` ids open_clip tokenizers return.
+
+    Used for imported text towers whose vocabulary is not open_clip's BPE (SigLIP's SentencePiece, SigLIP 2's Gemma).
+    """
+
+    def __init__(self, folder: str, context_length: int) -> None:
+        from transformers import AutoTokenizer
+
+        self.folder = folder
+        self.context_length = context_length
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+
+    def __call__(self, texts: str | list[str], context_length: int | None = None) -> torch.Tensor:
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        return self.tokenizer(texts, padding="max_length", max_length=context_length or self.context_length,
+                              truncation=True, return_tensors="pt")["input_ids"]
+
+
+def build_tokenizer(preset: ModelPreset) -> SimpleTokenizer | HFTextTokenizer:
+    """open_clip's BPE tokenizer (its vocabulary ships with the package), at the preset's context length; or the
+    preset's own transformers tokenizer (``tokenizer: {hf: FOLDER}``)."""
+    if preset.tokenizer:
+        return HFTextTokenizer(preset.tokenizer["hf"], preset.context_length)
     return SimpleTokenizer(context_length=preset.context_length)
 
 

@@ -37,6 +37,10 @@ class ModelPreset:
     custom_text: bool = False
     quick_gelu: bool = False
     preprocess: dict[str, Any] = field(default_factory=dict)
+    tokenizer: dict[str, Any] | None = None
+    """None: open_clip's BPE tokenizer. ``{"hf": FOLDER}``: the transformers tokenizer saved in FOLDER (an imported
+    checkpoint's own, e.g. SigLIP's SentencePiece or SigLIP 2's Gemma tokenizer); a relative FOLDER is relative to
+    the preset file."""
 
     @property
     def image_size(self) -> int:
@@ -67,11 +71,17 @@ def load_preset(name_or_path: str) -> ModelPreset:
         raise ConfigError(f"unknown model preset {name_or_path!r}; valid: {', '.join(available_presets())} "
                           "(or a path to a preset .yaml)")
     data = load_yaml(path)
-    known = {"embed_dim", "vision_cfg", "text_cfg", "custom_text", "quick_gelu", "preprocess"}
+    known = {"embed_dim", "vision_cfg", "text_cfg", "custom_text", "quick_gelu", "preprocess", "tokenizer"}
     unknown = set(data) - known
     if unknown:
         raise ConfigError(f"{path}: unknown preset keys {sorted(unknown)}; valid: {sorted(known)}")
     for key in ("embed_dim", "vision_cfg", "text_cfg"):
         if key not in data:
             raise ConfigError(f"{path}: preset is missing {key!r}")
+    tok = data.get("tokenizer")
+    if tok is not None:
+        if not (isinstance(tok, dict) and set(tok) == {"hf"} and isinstance(tok["hf"], str)):
+            raise ConfigError(f"{path}: tokenizer {tok!r}; valid: omit it (open_clip BPE) or {{hf: FOLDER}}")
+        folder = Path(tok["hf"])
+        data["tokenizer"] = {"hf": str(folder if folder.is_absolute() else (path.parent / folder).resolve())}
     return ModelPreset(name=path.stem, **data)
