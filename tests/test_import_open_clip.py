@@ -26,7 +26,7 @@ TIMM_RESNET = {"embed_dim": 64, "vision_cfg": {"image_size": 64, "timm_model_nam
                "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
 
 
-def vit_b_32(layers: int | None = 2) -> dict:
+def vit_b_32(layers: int | None = 1) -> dict:
     """open_clip's own ViT-B-32 config (shrunk to ``layers`` blocks per tower for CPU numbers)."""
     cfg = copy.deepcopy(open_clip.get_model_config("ViT-B-32"))
     if layers:

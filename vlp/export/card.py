@@ -44,7 +44,7 @@ def run_info(checkpoint: str | Path, cfg: Any = None) -> dict[str, Any]:
         info["preset"] = Path(cfg.model.name).stem if cfg.model.name.endswith((".yaml", ".yml")) else cfg.model.name
         info["loss"] = getattr(cfg, "image_text_loss", None) or cfg.loss.name
         info["steps"] = summary.get("steps", cfg.train.steps)
-        if cfg.model.pretrained:
+        if cfg.model.pretrained and run_dir_of(cfg.model.pretrained).resolve() != run.resolve():
             info["initialised_from"] = str(cfg.model.pretrained)
             source = run_dir_of(cfg.model.pretrained) / "source.json"
             if source.is_file():
@@ -67,7 +67,8 @@ def model_card(fmt: str, family: str, architecture: str, info: dict[str, Any] | 
     name = info.get("run") or architecture
     results = [EvalResult(task_type="zero-shot-image-classification", dataset_type="vlp-eval-shards",
                           dataset_name="held-out evaluation shards of the run", metric_type="accuracy",
-                          metric_name=k, metric_value=v) for k, v in sorted(info.get("zeroshot", {}).items())]
+                          metric_name=k, metric_value=v) for k, v in sorted(info.get("zeroshot", {}).items())
+               if not k.endswith("/chance")]
     extra: dict[str, Any] = {"vlp": {k: info[k] for k in ("run", "preset", "loss", "steps", "initialised_from")
                                      if info.get(k) is not None}}
     if info.get("base_model"):
