@@ -167,8 +167,9 @@ def test_model_card_carries_library_pipeline_tags_run_and_zero_shot(tmp_path):
     torch.manual_seed(0)
     model = build_model(cpu_version("tiny"), LossConfig(name="clip")).eval()
     run = save_imported(model, LossConfig(name="clip"), tmp_path / "run", source="openai/clip-vit-base-patch32")
-    (run / "summary.json").write_text(json.dumps({"steps": 20, "zeroshot/shape/top1": 0.75, "zeroshot/shape/chance": 0.1,
-                                                  "zeroshot/color/top1": 0.5, "zeroshot/num_images": 50}))
+    summary = {"steps": 20, "zeroshot/shape/top1": 0.75, "zeroshot/shape/chance": 0.1, "zeroshot/color/top1": 0.5,
+               "zeroshot/num_images": 50}
+    (run / "summary.json").write_text(json.dumps(summary))
     cards = {}
     for fmt in ("hf-full", "hf-vision", "open_clip"):
         out = run_export(ExportConfig(checkpoint=str(run), output=str(tmp_path / fmt), format=fmt))
