@@ -80,6 +80,11 @@ for key, job in jobs.items():
         if fmt == "hf-vision":
             o = model(pixel_values=x)
             img = o.image_embeds if hasattr(o, "image_embeds") else o.pooler_output
+            proj = d + "/image_projection.safetensors"
+            if cls.__name__ == "TimmWrapperModel":  # the documented projection after the pooled trunk features
+                from safetensors.torch import load_file
+                p = load_file(proj)
+                img = img @ p["weight"].T + p.get("bias", 0)
             out[key] = {"class": cls.__name__, "img": img}
             continue
         tok = transformers.AutoTokenizer.from_pretrained(d)
@@ -129,6 +134,17 @@ def test_every_preset_and_format_loads_without_vlp_or_is_refused(tmp_path):
             jobs[f"{name}|{fmt}"] = {"dir": str(out), "format": fmt, "images": x, "texts": CORPUS[:3],
                                      "context": model.preset.context_length}
             ours[f"{name}|{fmt}"] = ref
+    # a standard timm tower (what open_clip's timm models use): hf-vision through transformers' TimmWrapperModel
+    from tests.test_import_open_clip import TIMM_RESNET
+    from vlp.export.open_clip_format import preset_from_open_clip
+
+    torch.manual_seed(0)
+    model = perturbed(build_model(preset_from_open_clip("resnet10t", TIMM_RESNET, {}, None), LossConfig(name="clip")))
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    export_hf_vision(model, tmp_path / "resnet10t-hf-vision")
+    jobs["resnet10t|hf-vision"] = {"dir": str(tmp_path / "resnet10t-hf-vision"), "format": "hf-vision", "images": x}
+    with torch.no_grad():
+        ours["resnet10t|hf-vision"] = {"img": model.encode_image(x, normalize=False)}
     # SigLIP presets to open_clip at full size: open_clip (without vlp) builds exactly our tensors from the config
     meta_jobs = {}
     for name in ("vit-b-16-siglip", "so400m-14-siglip"):
@@ -146,10 +162,10 @@ def test_every_preset_and_format_loads_without_vlp_or_is_refused(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert "META OK 2" in res.stdout
     got = torch.load(tmp_path / "result.pt")
-    assert set(got) == set(jobs) and len(jobs) == 6 * 3 - 2
+    assert set(got) == set(jobs) and len(jobs) == 6 * 3 - 2 + 1
     for key, out in got.items():
         name, fmt = key.split("|")
-        assert out["class"] == EXPECTED[name][fmt], key
+        assert out["class"] == EXPECTED.get(name, {"hf-vision": "TimmWrapperModel"})[fmt], key
         for what in out.keys() - {"class"}:
             diff = (out[what] - ours[key][what]).abs().max().item()
             assert diff <= TOL, (key, what, diff)

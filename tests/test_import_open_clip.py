@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 
+import numpy as np
 import open_clip
 import pytest
 import torch
@@ -105,18 +106,35 @@ def test_weights_file_with_model_config_and_sigmoid_bias(tmp_path):
         run_export(ExportConfig(checkpoint=str(weights), output=str(tmp_path / "r2"), format="import-open_clip"))
 
 
-def test_timm_tower_model_imports_exactly_and_exports_to_open_clip_only(tmp_path):
+def test_timm_tower_model_imports_exactly_and_exports_to_open_clip_and_timm_wrapper(tmp_path):
+    from PIL import Image
+    from safetensors.torch import load_file
+    from transformers import AutoImageProcessor, AutoModel
+
+    from vlp.model import build_transforms
+
     cfg = TIMM_RESNET
     folder = write_local_dir(random_open_clip(cfg), cfg, tmp_path / "resnet")
     run = run_export(ExportConfig(checkpoint=str(folder), output=str(tmp_path / "run"), format="import-open_clip"))
-    assert_same_as_open_clip(run, folder, 64)
+    ours = assert_same_as_open_clip(run, folder, 64)
     out = run_export(ExportConfig(checkpoint=str(run), output=str(tmp_path / "oc"), format="open_clip"))
     assert_same_as_open_clip(run, out, 64)  # timm registers resnet10t itself: open_clip rebuilds it unaided
-    for fmt in ("hf-vision", "hf-full"):
-        with pytest.raises(ConfigError) as e:
-            run_export(ExportConfig(checkpoint=str(run), output=str(tmp_path / fmt), format=fmt))
-        assert "timm ResNet 'resnet10t'" in str(e.value) and "use --format open_clip" in str(e.value)
-        assert "\n" not in str(e.value) and not (tmp_path / fmt).exists()
+    # hf-vision: transformers' TimmWrapperModel for the trunk, the projection in image_projection.safetensors
+    tw = run_export(ExportConfig(checkpoint=str(run), output=str(tmp_path / "tw"), format="hf-vision"))
+    wrapper = AutoModel.from_pretrained(str(tw)).eval()
+    assert type(wrapper).__name__ == "TimmWrapperModel"
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (131, 97, 3), dtype=np.uint8))
+    pixels = AutoImageProcessor.from_pretrained(str(tw))(img)["pixel_values"]
+    assert torch.equal(pixels, build_transforms(ours.preset, is_train=False)(img)[None])
+    proj = load_file(str(tw / "image_projection.safetensors"))
+    assert set(proj) == {"weight"}  # open_clip's timm_proj linear has no bias
+    with torch.no_grad():
+        emb = wrapper(pixel_values=pixels).pooler_output @ proj["weight"].T
+        assert (emb - ours.encode_image(pixels, normalize=False)).abs().max() <= TOL
+    with pytest.raises(ConfigError) as e:
+        run_export(ExportConfig(checkpoint=str(run), output=str(tmp_path / "full"), format="hf-full"))
+    assert "timm ResNet 'resnet10t'" in str(e.value) and "use --format hf-vision (TimmWrapperModel)" in str(e.value)
+    assert "\n" not in str(e.value) and not (tmp_path / "full").exists()
 
 
 def test_hub_tokenizer_and_coca_are_refused_by_name():

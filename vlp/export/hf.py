@@ -290,7 +290,8 @@ OUTPUT_FILES = {"config.json", "preprocessor_config.json", WEIGHTS_NAME, "tokeni
                 "vocab.json", "merges.txt", "special_tokens_map.json", "open_clip_config.json",
                 "open_clip_model.safetensors", "preset.yaml", "checkpoint.pt", "config.yaml", "added_tokens.json",
                 "processor_config.json", "chat_template.jinja", "spiece.model", "tokenizer.model", "README.md",
-                "open_clip_pytorch_model.bin", "tokenizer", "source.json"}
+                "open_clip_pytorch_model.bin", "tokenizer", "source.json",
+                "image_projection.safetensors"}
 
 
 def prepare_output_dir(out_dir: str | Path, overwrite: bool) -> Path:
@@ -342,8 +343,19 @@ def _config_dict(cfg) -> dict[str, Any]:
 
 def export_hf_vision(model: DualTower, out_dir: str | Path, overwrite: bool = False,
                      info: dict[str, Any] | None = None) -> Path:
-    """Write the vision tower as a transformers folder (config.json, preprocessor_config.json, model.safetensors)."""
-    cfg = hf_vision_config(model)
+    """Write the vision tower as a transformers folder (config.json, preprocessor_config.json, model.safetensors).
+
+    A timm tower that is not a SigLIP ViT becomes a ``TimmWrapperModel`` (vlp/export/timm_wrapper.py)."""
+    import open_clip
+
+    try:
+        cfg = hf_vision_config(model)
+    except NotRepresentableError:
+        if not isinstance(model.visual, open_clip.timm_model.TimmModel):
+            raise
+        from vlp.export.timm_wrapper import export_timm_wrapper
+
+        return export_timm_wrapper(model, out_dir, overwrite=overwrite, info=info)
     state = hf_vision_state(model)
     family = towers.tower_family(model.clip)
     processor = image_processor_dict(model.preset, family)

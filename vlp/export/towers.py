@@ -143,6 +143,14 @@ def registered_outside_timm(name: str) -> str | None:
     return None if module.startswith("timm.") else module
 
 
+def outside_timm_error(visual: nn.Module, name: str, owner: str) -> NotRepresentableError:
+    """The refusal for a timm tower that only a process importing ``owner`` can build."""
+    return NotRepresentableError(
+        f"the image tower is timm {type(visual.trunk).__name__} {name!r}, registered by {owner} and not by timm, so "
+        "neither transformers (CLIP/SigLIP hold ViTs; TimmWrapperModel builds timm's own models) nor open_clip can "
+        "build it without vlp; no export format works for it: load the run with vlp")
+
+
 def tower_family_name(clip: nn.Module) -> str:
     """'clip', 'siglip' or, for any other timm tower, its timm name (what a model card tags)."""
     try:
@@ -165,13 +173,10 @@ def tower_family(clip: nn.Module) -> Family:
         name = timm_tower_name(visual)
         owner = registered_outside_timm(name)
         if owner:
-            raise NotRepresentableError(
-                f"the image tower is timm {type(visual.trunk).__name__} {name!r}, registered by {owner} and not by "
-                "timm, so neither transformers (CLIP/SigLIP hold ViTs; TimmWrapperModel builds timm's own models) nor "
-                "open_clip can build it without vlp; no export format works for it: load the run with vlp")
+            raise outside_timm_error(visual, name, owner)
         raise NotRepresentableError(
             f"the image tower is timm {type(visual.trunk).__name__} {name!r}; transformers' CLIP/SigLIP classes hold "
-            "only ViTs: use --format open_clip")
+            "only ViTs: use --format hf-vision (TimmWrapperModel) or --format open_clip")
     raise NotRepresentableError(f"vision tower {type(visual).__name__} has no transformers CLIP/SigLIP equivalent "
                                 "(supported: open_clip VisionTransformer, timm ViT with MAP pooling)")
 
