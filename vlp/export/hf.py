@@ -350,11 +350,19 @@ def export_hf_vision(model: DualTower, out_dir: str | Path, overwrite: bool = Fa
 
     try:
         cfg = hf_vision_config(model)
-    except NotRepresentableError:
+    except NotRepresentableError as siglip_error:
         if not isinstance(model.visual, open_clip.timm_model.TimmModel):
             raise
-        from vlp.export.timm_wrapper import export_timm_wrapper
+        from timm.models.vision_transformer import VisionTransformer as TimmViT
 
+        from vlp.export.timm_wrapper import export_timm_wrapper, timm_wrapper_parts
+
+        try:
+            timm_wrapper_parts(model)
+        except NotRepresentableError:
+            if isinstance(model.visual.trunk, TimmViT):  # a ViT: why SiglipVisionModel cannot hold it is the news
+                raise siglip_error from None
+            raise
         return export_timm_wrapper(model, out_dir, overwrite=overwrite, info=info)
     state = hf_vision_state(model)
     family = towers.tower_family(model.clip)

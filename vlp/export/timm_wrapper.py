@@ -48,7 +48,7 @@ def timm_wrapper_parts(model) -> tuple[dict[str, Any], dict[str, torch.Tensor], 
     visual = model.visual
     if not isinstance(visual, open_clip.timm_model.TimmModel):
         raise NotRepresentableError(f"TimmWrapperModel holds timm towers; this one is {type(visual).__name__}")
-    name = timm_tower_name(visual)
+    name = model.preset.vision_cfg.get("timm_model_name") or timm_tower_name(visual)  # the name timm was asked for
     owner = registered_outside_timm(name)
     if owner:
         raise outside_timm_error(visual, name, owner)
