@@ -23,7 +23,7 @@ from vlp.config import ConfigError
 from vlp.export import ExportConfig, run_export
 from vlp.export.hf import build_hf_tokenizer, check_structure, full_rules, preset_from_hf, read_hf_state
 from vlp.export.keymaps import hf_to_ours
-from vlp.model import build_model, build_tokenizer
+from vlp.model import build_model, build_tokenizer, load_preset
 
 TOL = 1e-5
 ALL = [*CLIP_CONFIGS, *SIGLIP_CONFIGS]
@@ -173,3 +173,24 @@ def test_imported_siglip_reexports_to_transformers_bit_exactly(tmp_path):
     with pytest.raises(ConfigError, match="open_clip's TimmModel does not pass.*use --format hf-full"):
         run_export(ExportConfig(checkpoint=str(run), output=str(tmp_path / "oc"), format="open_clip"))
     assert not (tmp_path / "oc").exists()
+
+
+def test_google_siglip_vision_tower_alone_imports_exactly_with_a_preset_text_tower(tmp_path):
+    """A SiglipVisionModel folder (tanh-GELU, no tokenizer, as LLaVA-style models ship it): the image tower comes
+    from the folder, the text tower from --preset."""
+    from transformers import SiglipVisionModel
+
+    cfg = shrunk(SIGLIP_CONFIGS["google/siglip-so400m-patch14-384"], vocab_size=64, image_size=42)
+    torch.manual_seed(0)
+    tower = SiglipVisionModel(build_hf("siglip", cfg).config.vision_config).eval()
+    tower.save_pretrained(str(tmp_path / "vision"))
+    run = run_export(ExportConfig(checkpoint=str(tmp_path / "vision"), output=str(tmp_path / "run"),
+                                  format="import-hf", preset="tiny"))
+    model, _ = load_trained_model(run)
+    model.eval()
+    assert model.preset.vision_cfg["timm_model_kwargs"]["act_layer"] == "gelu_tanh"
+    assert model.preset.text_cfg == load_preset("tiny").text_cfg
+    x = torch.randn(2, 3, 42, 42, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = tower(pixel_values=x).pooler_output
+        assert (model.encode_image(x, normalize=False) - ref).abs().max() <= TOL

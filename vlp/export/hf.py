@@ -577,10 +577,11 @@ def _siglip_vision_signature(vc: Mapping[str, Any]) -> tuple:
                                      "image_size", "patch_size", "hidden_act", "layer_norm_eps"))
 
 
-def preset_from_hf(folder: str | Path, text_preset: ModelPreset | None = None) -> ModelPreset:
+def preset_from_hf(folder: str | Path, text_preset: ModelPreset | None = None,
+                   vision_only: bool = False) -> ModelPreset:
     """A model preset with exactly the structure of an HF CLIP/SigLIP folder.
 
-    A vision-only folder takes its text tower from ``text_preset`` (required then).
+    A vision-only folder (or ``vision_only``) takes its text tower from ``text_preset`` (required then).
     """
     import open_clip  # noqa: F401  (timm_model registration side effects)
 
@@ -588,7 +589,7 @@ def preset_from_hf(folder: str | Path, text_preset: ModelPreset | None = None) -
     cfg = read_hf_config(folder)
     mt = cfg["model_type"]
     vc = cfg if mt in VISION_ONLY else cfg["vision_config"]
-    tc = None if mt in VISION_ONLY else cfg["text_config"]
+    tc = None if mt in VISION_ONLY or vision_only else cfg["text_config"]
     if tc is None and text_preset is None:
         raise ConfigError(f"{folder} holds only a vision tower; pass --preset NAME for the text tower")
     v_norm, v_act, v_quick = _norm_act(vc, "vision")
@@ -698,16 +699,20 @@ def import_hf(folder: str | Path, preset: ModelPreset | str | None = None, loss:
               vision_only: bool = False) -> tuple[DualTower, LossConfig]:
     """Build our model from a local HF CLIP/SigLIP folder (for fine-tuning here).
 
-    Without ``preset`` the structure is derived from the folder; with one, it must match the folder (the preset
-    then also supplies the text tower of a vision-only folder or with ``vision_only``). ``loss`` defaults to the
-    folder's family (clip for CLIPModel, siglip for SiglipModel) and decides whether the model has a logit bias.
+    Without ``preset`` the structure is derived from the folder. With one, a whole-model import must match it; for a
+    vision-only folder or with ``vision_only``, the image tower is derived from the folder (activation included, e.g.
+    Google SigLIP's tanh-GELU) and the preset supplies only the text tower. ``loss`` defaults to the folder's
+    family (clip for CLIPModel, siglip for SiglipModel) and decides whether the model has a logit bias.
     """
     from vlp.model import load_preset
 
     folder = Path(folder)
     cfg = read_hf_config(folder)
     given = load_preset(preset) if isinstance(preset, str) else preset
-    use = given if given is not None else preset_from_hf(folder)
+    if given is not None and (vision_only or cfg["model_type"] in VISION_ONLY):
+        use = preset_from_hf(folder, text_preset=given, vision_only=True)
+    else:
+        use = given if given is not None else preset_from_hf(folder)
     if loss is None:
         loss = "siglip" if cfg["model_type"].startswith("siglip") else "clip"
     if loss not in ("clip", "siglip"):
