@@ -257,6 +257,15 @@ def write_own_tokenizer(out_dir: Path, folder: str, context_length: int) -> None
     tok = AutoTokenizer.from_pretrained(folder)
     tok.model_max_length = context_length
     tok.save_pretrained(str(out_dir))
+    # transformers 4.x reads extra_special_tokens as a dict and fails on the empty list 5.x writes; the loading
+    # flags 5.x records describe this machine, not the model
+    cfg_path = out_dir / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    if cfg.get("extra_special_tokens") in ([], {}):
+        cfg.pop("extra_special_tokens")
+    for key in ("is_local", "local_files_only"):
+        cfg.pop(key, None)
+    cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
 
 
 def write_tokenizer(out_dir: Path, context_length: int, family: str) -> None:
