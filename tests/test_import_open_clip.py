@@ -144,3 +144,33 @@ def test_hub_tokenizer_and_coca_are_refused_by_name():
         preset_from_open_clip("x", cfg, {}, None)
     with pytest.raises(ConfigError, match="multimodal_cfg"):
         preset_from_open_clip("x", dict(vit_b_32(), multimodal_cfg={"width": 8}), {}, None)
+
+
+def test_siglip_style_model_with_its_own_hf_tokenizer_round_trips_through_open_clip(tmp_path):
+    """open_clip's SigLIP models (e.g. the timm/ViT-B-16-SigLIP folders) ship a transformers tokenizer that open_clip
+    calls through its HFTokenizer with text cleaning (tokenizer_kwargs): the import tokenizes the same way, and the
+    open_clip export carries the tokenizer so that open_clip loads it back."""
+    from transformers import AutoTokenizer
+
+    from tests.hf_fixtures import gemma_tokenizer
+
+    tok_dir = gemma_tokenizer(tmp_path)  # case- and punctuation-sensitive: open_clip's cleaning changes its ids
+    vocab = len(AutoTokenizer.from_pretrained(str(tok_dir)))
+    cfg = {"embed_dim": 64, "custom_text": True, "init_logit_bias": -10.0,
+           "vision_cfg": {"image_size": 32, "patch_size": 16, "width": 64, "head_width": 32, "layers": 2},
+           "text_cfg": {"context_length": 64, "vocab_size": vocab, "hf_tokenizer_name": "timm/ViT-B-16-SigLIP",
+                        "tokenizer_kwargs": {"clean": "canonicalize"}, "width": 64, "heads": 2, "layers": 2,
+                        "no_causal_mask": True, "proj_bias": True, "pool_type": "last", "norm_kwargs": {"eps": 1e-6}}}
+    folder = write_local_dir(random_open_clip(cfg), cfg, tmp_path / "siglip-oc")
+    for f in tok_dir.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    run = run_export(ExportConfig(checkpoint=str(folder), output=str(tmp_path / "run"), format="import-open_clip"))
+    ours = assert_same_as_open_clip(run, folder, 32)
+    text = ["A Photo, of a RED circle!"]
+    ids = build_tokenizer(ours.preset)(text)
+    assert torch.equal(ids, open_clip.get_tokenizer(f"local-dir:{folder}")(text))
+    plain = AutoTokenizer.from_pretrained(str(tok_dir))(text, padding="max_length", max_length=64,
+                                                        return_tensors="pt")["input_ids"]
+    assert not torch.equal(ids, plain)  # the cleaning (canonicalize) was applied, as open_clip applies it
+    out = run_export(ExportConfig(checkpoint=str(run), output=str(tmp_path / "oc"), format="open_clip"))
+    assert_same_as_open_clip(run, out, 32)

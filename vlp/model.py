@@ -144,9 +144,15 @@ class HFTextTokenizer:
                               truncation=True, return_tensors="pt")["input_ids"]
 
 
-def build_tokenizer(preset: ModelPreset) -> SimpleTokenizer | HFTextTokenizer:
+def build_tokenizer(preset: ModelPreset):
     """open_clip's BPE tokenizer (its vocabulary ships with the package), at the preset's context length; or the
-    preset's own transformers tokenizer (``tokenizer: {hf: FOLDER}``)."""
+    preset's own transformers tokenizer (``tokenizer: {hf: FOLDER}``), through open_clip's HFTokenizer for an
+    imported open_clip model (``tokenizer: {hf: FOLDER, open_clip: {...}}``)."""
+    if preset.tokenizer and "open_clip" in preset.tokenizer:
+        from open_clip.tokenizer import HFTokenizer
+
+        return HFTokenizer(preset.tokenizer["hf"], context_length=preset.context_length,
+                           **preset.tokenizer["open_clip"])
     if preset.tokenizer:
         return HFTextTokenizer(preset.tokenizer["hf"], preset.context_length)
     return SimpleTokenizer(context_length=preset.context_length)

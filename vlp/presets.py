@@ -40,7 +40,8 @@ class ModelPreset:
     tokenizer: dict[str, Any] | None = None
     """None: open_clip's BPE tokenizer. ``{"hf": FOLDER}``: the transformers tokenizer saved in FOLDER (an imported
     checkpoint's own, e.g. SigLIP's SentencePiece or SigLIP 2's Gemma tokenizer); a relative FOLDER is relative to
-    the preset file."""
+    the preset file. ``open_clip: {...}`` (an imported open_clip model's ``text_cfg.tokenizer_kwargs``): call it
+    through open_clip's HFTokenizer with those arguments (its text cleaning), as open_clip does."""
 
     @property
     def image_size(self) -> int:
@@ -80,8 +81,10 @@ def load_preset(name_or_path: str) -> ModelPreset:
             raise ConfigError(f"{path}: preset is missing {key!r}")
     tok = data.get("tokenizer")
     if tok is not None:
-        if not (isinstance(tok, dict) and set(tok) == {"hf"} and isinstance(tok["hf"], str)):
-            raise ConfigError(f"{path}: tokenizer {tok!r}; valid: omit it (open_clip BPE) or {{hf: FOLDER}}")
+        if not (isinstance(tok, dict) and "hf" in tok and set(tok) <= {"hf", "open_clip"} and isinstance(tok["hf"], str)
+                and isinstance(tok.get("open_clip", {}), dict)):
+            raise ConfigError(f"{path}: tokenizer {tok!r}; valid: omit it (open_clip BPE), {{hf: FOLDER}} or "
+                              "{hf: FOLDER, open_clip: {HFTokenizer kwargs}}")
         folder = Path(tok["hf"])
-        data["tokenizer"] = {"hf": str(folder if folder.is_absolute() else (path.parent / folder).resolve())}
+        data["tokenizer"] = {**tok, "hf": str(folder if folder.is_absolute() else (path.parent / folder).resolve())}
     return ModelPreset(name=path.stem, **data)

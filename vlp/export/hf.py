@@ -781,7 +781,7 @@ def save_imported(model: DualTower, loss: LossConfig, out_dir: str | Path, overw
         from transformers import AutoTokenizer
 
         AutoTokenizer.from_pretrained(preset.tokenizer["hf"]).save_pretrained(str(out / "tokenizer"))
-        preset_data["tokenizer"] = {"hf": "tokenizer"}
+        preset_data["tokenizer"] = {**preset.tokenizer, "hf": "tokenizer"}
     (out / "preset.yaml").write_text(yaml.safe_dump(preset_data, sort_keys=False))
     model_cfg = ModelConfig(name=str(out / "preset.yaml"), pretrained=str(out / "checkpoint.pt"))
     loss_data = {"name": loss.name}

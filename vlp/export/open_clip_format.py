@@ -38,7 +38,7 @@ def check_open_clip_buildable(model: DualTower) -> None:
                 f"cannot export to open_clip: the image tower is timm {type(model.visual.trunk).__name__} {name!r}, "
                 f"registered by {owner} and not by timm, so open_clip builds it only with vlp imported; no export "
                 "format works for it: load the run with vlp")
-    if preset.tokenizer:
+    if preset.tokenizer and "open_clip" not in preset.tokenizer:
         raise NotRepresentableError("cannot export to open_clip: the text tower uses its own transformers tokenizer "
                                     f"({preset.tokenizer['hf']}), not open_clip's BPE; use --format hf-full")
 
@@ -78,6 +78,10 @@ def export_open_clip(model: DualTower, out_dir: str | Path, overwrite: bool = Fa
     out = prepare_output_dir(out_dir, overwrite)
     (out / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
     save_weights(model.clip.state_dict(), out / WEIGHTS_NAME)
+    if model.preset.tokenizer:  # an imported open_clip model's HF tokenizer: open_clip reads it from the folder
+        from vlp.export.hf import write_own_tokenizer
+
+        write_own_tokenizer(out, model.preset.tokenizer["hf"], model.preset.context_length)
     arch = "CustomTextCLIP" if model.preset.custom_text else "CLIP"
     write_model_card(out, "open_clip", tower_family_name(model.clip), f"open_clip {arch}",
                      info or {"preset": model.preset.name})
@@ -159,7 +163,10 @@ def preset_from_open_clip(name: str, model_cfg: dict, preprocess_cfg: dict, fold
         if not (source.is_dir() and any((source / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))):
             raise ConfigError(f"{name}: text_cfg.hf_tokenizer_name {tc['hf_tokenizer_name']!r} names a hub tokenizer; "
                               "nothing can be downloaded here: use a local-dir folder holding the tokenizer files")
-        tokenizer = {"hf": str(source.resolve())}
+        kwargs = dict(tc.get("tokenizer_kwargs") or {})
+        if tc.get("tokenizer_mode"):
+            kwargs["tokenizer_mode"] = tc["tokenizer_mode"]
+        tokenizer = {"hf": str(source.resolve()), "open_clip": kwargs}
     size = vc.get("image_size", 224)
     size = size if isinstance(size, int) else int(size[0])
     if int(preprocess_cfg.get("size", size) if not isinstance(preprocess_cfg.get("size"), list)
