@@ -194,3 +194,22 @@ def test_google_siglip_vision_tower_alone_imports_exactly_with_a_preset_text_tow
     with torch.no_grad():
         ref = tower(pixel_values=x).pooler_output
         assert (model.encode_image(x, normalize=False) - ref).abs().max() <= TOL
+
+
+def test_openai_clip_vision_tower_alone_imports_exactly_with_a_gelu_preset_text_tower(tmp_path):
+    """OpenAI's QuickGELU image tower with --preset tiny (GELU): open_clip has one quick_gelu flag, so the fresh
+    text tower follows the image tower's activation rather than refusing."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    cfg = shrunk(CLIP_CONFIGS["openai/clip-vit-base-patch32"], image_size=64)
+    torch.manual_seed(0)
+    tower = CLIPVisionModelWithProjection(CLIPVisionConfig(**cfg["vision_config"], projection_dim=48)).eval()
+    tower.save_pretrained(str(tmp_path / "vision"))
+    run = run_export(ExportConfig(checkpoint=str(tmp_path / "vision"), output=str(tmp_path / "run"),
+                                  format="import-hf", preset="tiny"))
+    model, _ = load_trained_model(run)
+    model.eval()
+    assert model.preset.quick_gelu and model.preset.embed_dim == 48
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (model.encode_image(x, normalize=False) - tower(pixel_values=x).image_embeds).abs().max() <= TOL

@@ -655,8 +655,9 @@ def preset_from_hf(folder: str | Path, text_preset: ModelPreset | None = None,
         raise NotRepresentableError("CLIP towers with different activations (open_clip has one quick_gelu flag)")
     quick = v_quick if mt.startswith("clip") else t_quick
     if tc is None and mt.startswith("clip") and v_quick != text_preset.quick_gelu:
-        raise NotRepresentableError(f"vision hidden_act {vc.get('hidden_act')!r} disagrees with preset "
-                                    f"{text_preset.name!r} quick_gelu={text_preset.quick_gelu} (one flag for both)")
+        log.warning("the text tower of preset %r is built with %s to match the image tower (open_clip has one "
+                    "quick_gelu flag for both); it is freshly initialised", text_preset.name,
+                    "QuickGELU" if v_quick else "GELU")
     return ModelPreset(name=folder.name, embed_dim=embed_dim, vision_cfg=vision_cfg, text_cfg=text_cfg,
                        custom_text=custom_text, quick_gelu=quick, preprocess=preprocess, tokenizer=tokenizer)
 
