@@ -4,7 +4,6 @@ there: equal to vlp's trained model within 1e-5."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from tests.helpers import reset_accelerate
@@ -17,7 +16,6 @@ from vlp.model import build_tokenizer
 TOL = 1e-5
 
 
-@pytest.mark.slow
 def test_import_train_export_round_trip(tmp_path):
     from transformers import AutoTokenizer, SiglipModel
 
