@@ -174,3 +174,23 @@ def test_siglip_style_model_with_its_own_hf_tokenizer_round_trips_through_open_c
     assert not torch.equal(ids, plain)  # the cleaning (canonicalize) was applied, as open_clip applies it
     out = run_export(ExportConfig(checkpoint=str(run), output=str(tmp_path / "oc"), format="open_clip"))
     assert_same_as_open_clip(run, out, 32)
+
+
+def test_convnext_tower_as_open_clip_configures_it_exports_through_timm_wrapper(tmp_path):
+    """open_clip's ConvNeXt models pool with timm's own head (timm_pool ''): TimmWrapperModel pools the same way."""
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    cfg = {"embed_dim": 64, "vision_cfg": {"image_size": 64, "timm_model_name": "convnext_atto",
+                                           "timm_model_pretrained": False, "timm_pool": "", "timm_proj": "linear",
+                                           "timm_drop": 0.0, "timm_drop_path": 0.1},
+           "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
+    folder = write_local_dir(random_open_clip(cfg), cfg, tmp_path / "convnext")
+    run = run_export(ExportConfig(checkpoint=str(folder), output=str(tmp_path / "run"), format="import-open_clip"))
+    ours = assert_same_as_open_clip(run, folder, 64)
+    out = run_export(ExportConfig(checkpoint=str(run), output=str(tmp_path / "tw"), format="hf-vision"))
+    wrapper, proj = AutoModel.from_pretrained(str(out)).eval(), load_file(str(out / "image_projection.safetensors"))
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        emb = wrapper(pixel_values=x).pooler_output @ proj["weight"].T
+        assert (emb - ours.encode_image(x, normalize=False)).abs().max() <= TOL
