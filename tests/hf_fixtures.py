@@ -14,49 +14,133 @@ from pathlib import Path
 import torch
 
 CORPUS = [
-    "a photo of a red circle", "a photo of a blue square", "a small green triangle on the left",
-    "a large yellow star at the top", "two cats sitting on a sofa", "a dog running in the park",
-    "an image of a purple hexagon", "a drawing of an orange diamond", "the quick brown fox jumps over the lazy dog",
-    "a picture of a white cross in the middle", "a black ring at the bottom right", "a cyan ellipse, very small!",
+    "a photo of a red circle",
+    "a photo of a blue square",
+    "a small green triangle on the left",
+    "a large yellow star at the top",
+    "two cats sitting on a sofa",
+    "a dog running in the park",
+    "an image of a purple hexagon",
+    "a drawing of an orange diamond",
+    "the quick brown fox jumps over the lazy dog",
+    "a picture of a white cross in the middle",
+    "a black ring at the bottom right",
+    "a cyan ellipse, very small!",
 ]
 
 # transformers config.json contents of the published checkpoints (the fields that decide the structure).
-OPENAI_CLIP_TEXT = dict(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
-                        num_attention_heads=8, max_position_embeddings=77, hidden_act="quick_gelu",
-                        layer_norm_eps=1e-5, bos_token_id=49406, eos_token_id=49407, pad_token_id=1)
+OPENAI_CLIP_TEXT = dict(
+    vocab_size=49408,
+    hidden_size=512,
+    intermediate_size=2048,
+    num_hidden_layers=12,
+    num_attention_heads=8,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+    bos_token_id=49406,
+    eos_token_id=49407,
+    pad_token_id=1,
+)
 CLIP_CONFIGS = {
     "openai/clip-vit-base-patch32": dict(
-        projection_dim=512, text_config=OPENAI_CLIP_TEXT,
-        vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                           image_size=224, patch_size=32, hidden_act="quick_gelu", layer_norm_eps=1e-5)),
+        projection_dim=512,
+        text_config=OPENAI_CLIP_TEXT,
+        vision_config=dict(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            image_size=224,
+            patch_size=32,
+            hidden_act="quick_gelu",
+            layer_norm_eps=1e-5,
+        ),
+    ),
     "openai/clip-vit-base-patch16": dict(
-        projection_dim=512, text_config=OPENAI_CLIP_TEXT,
-        vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                           image_size=224, patch_size=16, hidden_act="quick_gelu", layer_norm_eps=1e-5)),
+        projection_dim=512,
+        text_config=OPENAI_CLIP_TEXT,
+        vision_config=dict(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            image_size=224,
+            patch_size=16,
+            hidden_act="quick_gelu",
+            layer_norm_eps=1e-5,
+        ),
+    ),
     "openai/clip-vit-large-patch14-336": dict(
-        projection_dim=768, text_config=dict(OPENAI_CLIP_TEXT, hidden_size=768, intermediate_size=3072,
-                                             num_attention_heads=12),
-        vision_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                           image_size=336, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5)),
+        projection_dim=768,
+        text_config=dict(OPENAI_CLIP_TEXT, hidden_size=768, intermediate_size=3072, num_attention_heads=12),
+        vision_config=dict(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            image_size=336,
+            patch_size=14,
+            hidden_act="quick_gelu",
+            layer_norm_eps=1e-5,
+        ),
+    ),
 }
-_SIGLIP_BASE_TEXT = dict(vocab_size=32000, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                         num_attention_heads=12, max_position_embeddings=64, hidden_act="gelu_pytorch_tanh",
-                         layer_norm_eps=1e-6, pad_token_id=1, eos_token_id=1)
+_SIGLIP_BASE_TEXT = dict(
+    vocab_size=32000,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=64,
+    hidden_act="gelu_pytorch_tanh",
+    layer_norm_eps=1e-6,
+    pad_token_id=1,
+    eos_token_id=1,
+)
 SIGLIP_CONFIGS = {
     "google/siglip-base-patch16-224": dict(
         text_config=_SIGLIP_BASE_TEXT,
-        vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                           image_size=224, patch_size=16, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)),
+        vision_config=dict(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            image_size=224,
+            patch_size=16,
+            hidden_act="gelu_pytorch_tanh",
+            layer_norm_eps=1e-6,
+        ),
+    ),
     "google/siglip-so400m-patch14-384": dict(
-        text_config=dict(_SIGLIP_BASE_TEXT, hidden_size=1152, intermediate_size=4304, num_hidden_layers=27,
-                         num_attention_heads=16),
-        vision_config=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
-                           image_size=384, patch_size=14, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)),
+        text_config=dict(
+            _SIGLIP_BASE_TEXT, hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16
+        ),
+        vision_config=dict(
+            hidden_size=1152,
+            intermediate_size=4304,
+            num_hidden_layers=27,
+            num_attention_heads=16,
+            image_size=384,
+            patch_size=14,
+            hidden_act="gelu_pytorch_tanh",
+            layer_norm_eps=1e-6,
+        ),
+    ),
     # SigLIP 2 fixed-resolution releases are SiglipModel checkpoints with the Gemma tokenizer (256k vocabulary).
     "google/siglip2-base-patch16-224": dict(
         text_config=dict(_SIGLIP_BASE_TEXT, vocab_size=256000, pad_token_id=0, eos_token_id=1, bos_token_id=2),
-        vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                           image_size=224, patch_size=16, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)),
+        vision_config=dict(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            image_size=224,
+            patch_size=16,
+            hidden_act="gelu_pytorch_tanh",
+            layer_norm_eps=1e-6,
+        ),
+    ),
 }
 
 
@@ -98,9 +182,20 @@ def sentencepiece_tokenizer(out: Path, vocab_size: int = 64):
     out.mkdir(parents=True, exist_ok=True)
     text = out / "corpus.txt"
     text.write_text("\n".join(CORPUS * 4) + "\n")
-    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(out / "sp"), vocab_size=vocab_size,
-                                   model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
-                                   pad_piece="<pad>", eos_piece="</s>", unk_piece="<unk>", minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        input=str(text),
+        model_prefix=str(out / "sp"),
+        vocab_size=vocab_size,
+        model_type="unigram",
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        pad_piece="<pad>",
+        eos_piece="</s>",
+        unk_piece="<unk>",
+        minloglevel=2,
+    )
     tok = SiglipTokenizer(vocab_file=str(out / "sp.model"), model_max_length=64)
     folder = out / "tokenizer"
     tok.save_pretrained(str(folder))
@@ -113,11 +208,19 @@ def gemma_tokenizer(out: Path, vocab_size: int = 160):
     from transformers import GemmaTokenizer
 
     sp = SentencePieceBPETokenizer()
-    sp.train_from_iterator(CORPUS * 4, vocab_size=vocab_size, min_frequency=1,
-                           special_tokens=["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"], show_progress=False)
+    sp.train_from_iterator(
+        CORPUS * 4,
+        vocab_size=vocab_size,
+        min_frequency=1,
+        special_tokens=["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"],
+        show_progress=False,
+    )
     model = json.loads(sp.to_str())["model"]
-    tok = GemmaTokenizer(vocab=model["vocab"], merges=[tuple(m.split()) if isinstance(m, str) else tuple(m)
-                                                       for m in model["merges"]], model_max_length=64)
+    tok = GemmaTokenizer(
+        vocab=model["vocab"],
+        merges=[tuple(m.split()) if isinstance(m, str) else tuple(m) for m in model["merges"]],
+        model_max_length=64,
+    )
     folder = out / "gemma"
     tok.save_pretrained(str(folder))
     return folder
@@ -160,7 +263,11 @@ def run_without_vlp(code: str, timeout: int = 300) -> subprocess.CompletedProces
     root = str(Path(__file__).resolve().parents[1])
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    full = NO_VLP_PRELUDE.format(cwd=root) + code + (
-        "\nassert not [m for m in sys.modules if m.split('.')[0] in ('vlp', 'data_pipelines', 'adapters')]\n")
-    return subprocess.run([sys.executable, "-c", full], capture_output=True, text=True, env=env, timeout=timeout,
-                          cwd="/")
+    full = (
+        NO_VLP_PRELUDE.format(cwd=root)
+        + code
+        + ("\nassert not [m for m in sys.modules if m.split('.')[0] in ('vlp', 'data_pipelines', 'adapters')]\n")
+    )
+    return subprocess.run(
+        [sys.executable, "-c", full], capture_output=True, text=True, env=env, timeout=timeout, cwd="/"
+    )

@@ -131,8 +131,13 @@ def test_every_preset_and_format_loads_without_vlp_or_is_refused(tmp_path):
             if fmt == "open_clip" and model.preset.vision_cfg.get("timm_model_kwargs"):
                 continue  # the narrowed SigLIP needs timm arguments open_clip cannot pass: checked at full size below
             export(model, out)
-            jobs[f"{name}|{fmt}"] = {"dir": str(out), "format": fmt, "images": x, "texts": CORPUS[:3],
-                                     "context": model.preset.context_length}
+            jobs[f"{name}|{fmt}"] = {
+                "dir": str(out),
+                "format": fmt,
+                "images": x,
+                "texts": CORPUS[:3],
+                "context": model.preset.context_length,
+            }
             ours[f"{name}|{fmt}"] = ref
     # a standard timm tower (what open_clip's timm models use): hf-vision through transformers' TimmWrapperModel
     from tests.test_import_open_clip import TIMM_RESNET
@@ -152,12 +157,16 @@ def test_every_preset_and_format_loads_without_vlp_or_is_refused(tmp_path):
             model = build_model(load_preset(name), LossConfig(name="siglip"))
         cfg_file = tmp_path / f"{name}-open_clip_config.json"
         cfg_file.write_text(json.dumps(open_clip_config(model)))
-        meta_jobs[name] = {"config": str(cfg_file),
-                           "shapes": {k: tuple(v.shape) for k, v in model.clip.state_dict().items()}}
+        meta_jobs[name] = {
+            "config": str(cfg_file),
+            "shapes": {k: tuple(v.shape) for k, v in model.clip.state_dict().items()},
+        }
     torch.save(jobs, tmp_path / "jobs.pt")
     torch.save(meta_jobs, tmp_path / "meta_jobs.pt")
-    code = (f"JOBS, RESULT, META_JOBS = {str(tmp_path / 'jobs.pt')!r}, {str(tmp_path / 'result.pt')!r}, "
-            f"{str(tmp_path / 'meta_jobs.pt')!r}\n" + LOADER + META_LOADER)
+    code = (
+        f"JOBS, RESULT, META_JOBS = {str(tmp_path / 'jobs.pt')!r}, {str(tmp_path / 'result.pt')!r}, "
+        f"{str(tmp_path / 'meta_jobs.pt')!r}\n" + LOADER + META_LOADER
+    )
     res = run_without_vlp(code, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "META OK 2" in res.stdout
@@ -183,8 +192,13 @@ def test_model_card_carries_library_pipeline_tags_run_and_zero_shot(tmp_path):
     torch.manual_seed(0)
     model = build_model(cpu_version("tiny"), LossConfig(name="clip")).eval()
     run = save_imported(model, LossConfig(name="clip"), tmp_path / "run", source="openai/clip-vit-base-patch32")
-    summary = {"steps": 20, "zeroshot/shape/top1": 0.75, "zeroshot/shape/chance": 0.1, "zeroshot/color/top1": 0.5,
-               "zeroshot/num_images": 50}
+    summary = {
+        "steps": 20,
+        "zeroshot/shape/top1": 0.75,
+        "zeroshot/shape/chance": 0.1,
+        "zeroshot/color/top1": 0.5,
+        "zeroshot/num_images": 50,
+    }
     (run / "summary.json").write_text(json.dumps(summary))
     cards = {}
     for fmt in ("hf-full", "hf-vision", "open_clip"):

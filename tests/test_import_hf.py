@@ -49,10 +49,21 @@ def tokenizer_for(name: str, tmp_path):
 
 def processor_for(name: str, size: int) -> dict:
     if kind_of(name) == "clip":
-        return {"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": size},
-                "crop_size": {"height": size, "width": size}, "do_center_crop": True, "resample": 3}
-    return {"image_processor_type": "SiglipImageProcessor", "size": {"height": size, "width": size},
-            "do_center_crop": False, "resample": 3, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+        return {
+            "image_processor_type": "CLIPImageProcessor",
+            "size": {"shortest_edge": size},
+            "crop_size": {"height": size, "width": size},
+            "do_center_crop": True,
+            "resample": 3,
+        }
+    return {
+        "image_processor_type": "SiglipImageProcessor",
+        "size": {"height": size, "width": size},
+        "do_center_crop": False,
+        "resample": 3,
+        "image_mean": [0.5] * 3,
+        "image_std": [0.5] * 3,
+    }
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -83,8 +94,9 @@ def test_full_size_published_configs_cover_every_key_on_meta(name, tmp_path):
     assert all(tuple(mapped[k].shape) == tuple(target[k].shape) for k in target)
     check_structure(ours, json.loads((folder / "config.json").read_text()), vision_only=False, what=name)
     vc = cfg["vision_config"]
-    assert preset.image_size == vc["image_size"] and preset.context_length == cfg["text_config"][
-        "max_position_embeddings"]
+    assert (
+        preset.image_size == vc["image_size"] and preset.context_length == cfg["text_config"]["max_position_embeddings"]
+    )
     if kind == "siglip":  # Google's towers use tanh-GELU, which timm's SigLIP registrations do not
         assert preset.vision_cfg["timm_model_kwargs"]["act_layer"] == "gelu_tanh"
         assert preset.text_cfg["act_kwargs"] == {"approximate": "tanh"} and preset.tokenizer is not None
@@ -117,8 +129,9 @@ def test_shrunk_checkpoint_imports_exactly(name, tmp_path):
     assert run_cfg.loss.name == kind
     context = model.preset.context_length
     ids = build_tokenizer(model.preset)(CORPUS)
-    ref_ids = source_tok(CORPUS, padding="max_length", max_length=context, truncation=True,
-                         return_tensors="pt")["input_ids"]
+    ref_ids = source_tok(CORPUS, padding="max_length", max_length=context, truncation=True, return_tensors="pt")[
+        "input_ids"
+    ]
     if kind == "clip":  # open_clip pads with 0 after <|endoftext|>; the causal tower never looks past it
         eot = (ids == 49407).int().argmax(1)
         assert all(torch.equal(ids[i, : eot[i] + 1], ref_ids[i, : eot[i] + 1]) for i in range(len(CORPUS)))
@@ -184,8 +197,11 @@ def test_google_siglip_vision_tower_alone_imports_exactly_with_a_preset_text_tow
     torch.manual_seed(0)
     tower = SiglipVisionModel(build_hf("siglip", cfg).config.vision_config).eval()
     tower.save_pretrained(str(tmp_path / "vision"))
-    run = run_export(ExportConfig(checkpoint=str(tmp_path / "vision"), output=str(tmp_path / "run"),
-                                  format="import-hf", preset="tiny"))
+    run = run_export(
+        ExportConfig(
+            checkpoint=str(tmp_path / "vision"), output=str(tmp_path / "run"), format="import-hf", preset="tiny"
+        )
+    )
     model, _ = load_trained_model(run)
     model.eval()
     assert model.preset.vision_cfg["timm_model_kwargs"]["act_layer"] == "gelu_tanh"
@@ -205,8 +221,11 @@ def test_openai_clip_vision_tower_alone_imports_exactly_with_a_gelu_preset_text_
     torch.manual_seed(0)
     tower = CLIPVisionModelWithProjection(CLIPVisionConfig(**cfg["vision_config"], projection_dim=48)).eval()
     tower.save_pretrained(str(tmp_path / "vision"))
-    run = run_export(ExportConfig(checkpoint=str(tmp_path / "vision"), output=str(tmp_path / "run"),
-                                  format="import-hf", preset="tiny"))
+    run = run_export(
+        ExportConfig(
+            checkpoint=str(tmp_path / "vision"), output=str(tmp_path / "run"), format="import-hf", preset="tiny"
+        )
+    )
     model, _ = load_trained_model(run)
     model.eval()
     assert model.preset.quick_gelu and model.preset.embed_dim == 48

@@ -21,10 +21,17 @@ from vlp.model import build_model, build_tokenizer
 
 TOL = 1e-5
 
-TIMM_RESNET = {"embed_dim": 64, "vision_cfg": {"image_size": 64, "timm_model_name": "resnet10t",
-                                               "timm_model_pretrained": False, "timm_pool": "avg",
-                                               "timm_proj": "linear"},
-               "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
+TIMM_RESNET = {
+    "embed_dim": 64,
+    "vision_cfg": {
+        "image_size": 64,
+        "timm_model_name": "resnet10t",
+        "timm_model_pretrained": False,
+        "timm_pool": "avg",
+        "timm_proj": "linear",
+    },
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
 
 
 def vit_b_32(layers: int | None = 1) -> dict:
@@ -49,8 +56,9 @@ def random_open_clip(model_cfg: dict, seed: int = 0) -> torch.nn.Module:
 def write_local_dir(model: torch.nn.Module, model_cfg: dict, folder, preprocess: dict | None = None):
     folder.mkdir(parents=True)
     size = model_cfg["vision_cfg"]["image_size"]
-    (folder / "open_clip_config.json").write_text(json.dumps(
-        {"model_cfg": model_cfg, "preprocess_cfg": preprocess or {"size": size}}))
+    (folder / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess or {"size": size}})
+    )
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
     return folder
 
@@ -98,8 +106,14 @@ def test_weights_file_with_model_config_and_sigmoid_bias(tmp_path):
     weights = tmp_path / "weights.bin"
     torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, weights)
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
-    run = run_export(ExportConfig(checkpoint=str(weights), output=str(tmp_path / "run"), format="import-open_clip",
-                                  model_config=str(tmp_path / "cfg.json")))
+    run = run_export(
+        ExportConfig(
+            checkpoint=str(weights),
+            output=str(tmp_path / "run"),
+            format="import-open_clip",
+            model_config=str(tmp_path / "cfg.json"),
+        )
+    )
     ours = assert_same_as_open_clip(run, folder, 64)
     assert torch.equal(ours.logit_bias, model.logit_bias)
     with pytest.raises(ConfigError, match="pass --model-config"):
@@ -156,11 +170,25 @@ def test_siglip_style_model_with_its_own_hf_tokenizer_round_trips_through_open_c
 
     tok_dir = gemma_tokenizer(tmp_path)  # case- and punctuation-sensitive: open_clip's cleaning changes its ids
     vocab = len(AutoTokenizer.from_pretrained(str(tok_dir)))
-    cfg = {"embed_dim": 64, "custom_text": True, "init_logit_bias": -10.0,
-           "vision_cfg": {"image_size": 32, "patch_size": 16, "width": 64, "head_width": 32, "layers": 2},
-           "text_cfg": {"context_length": 64, "vocab_size": vocab, "hf_tokenizer_name": "timm/ViT-B-16-SigLIP",
-                        "tokenizer_kwargs": {"clean": "canonicalize"}, "width": 64, "heads": 2, "layers": 2,
-                        "no_causal_mask": True, "proj_bias": True, "pool_type": "last", "norm_kwargs": {"eps": 1e-6}}}
+    cfg = {
+        "embed_dim": 64,
+        "custom_text": True,
+        "init_logit_bias": -10.0,
+        "vision_cfg": {"image_size": 32, "patch_size": 16, "width": 64, "head_width": 32, "layers": 2},
+        "text_cfg": {
+            "context_length": 64,
+            "vocab_size": vocab,
+            "hf_tokenizer_name": "timm/ViT-B-16-SigLIP",
+            "tokenizer_kwargs": {"clean": "canonicalize"},
+            "width": 64,
+            "heads": 2,
+            "layers": 2,
+            "no_causal_mask": True,
+            "proj_bias": True,
+            "pool_type": "last",
+            "norm_kwargs": {"eps": 1e-6},
+        },
+    }
     folder = write_local_dir(random_open_clip(cfg), cfg, tmp_path / "siglip-oc")
     for f in tok_dir.iterdir():
         (folder / f.name).write_bytes(f.read_bytes())
@@ -169,8 +197,9 @@ def test_siglip_style_model_with_its_own_hf_tokenizer_round_trips_through_open_c
     text = ["A Photo, of a RED circle!"]
     ids = build_tokenizer(ours.preset)(text)
     assert torch.equal(ids, open_clip.get_tokenizer(f"local-dir:{folder}")(text))
-    plain = AutoTokenizer.from_pretrained(str(tok_dir))(text, padding="max_length", max_length=64,
-                                                        return_tensors="pt")["input_ids"]
+    plain = AutoTokenizer.from_pretrained(str(tok_dir))(text, padding="max_length", max_length=64, return_tensors="pt")[
+        "input_ids"
+    ]
     assert not torch.equal(ids, plain)  # the cleaning (canonicalize) was applied, as open_clip applies it
     out = run_export(ExportConfig(checkpoint=str(run), output=str(tmp_path / "oc"), format="open_clip"))
     assert_same_as_open_clip(run, out, 32)
@@ -181,10 +210,19 @@ def test_convnext_tower_as_open_clip_configures_it_exports_through_timm_wrapper(
     from safetensors.torch import load_file
     from transformers import AutoModel
 
-    cfg = {"embed_dim": 64, "vision_cfg": {"image_size": 64, "timm_model_name": "convnext_atto",
-                                           "timm_model_pretrained": False, "timm_pool": "", "timm_proj": "linear",
-                                           "timm_drop": 0.0, "timm_drop_path": 0.1},
-           "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}}
+    cfg = {
+        "embed_dim": 64,
+        "vision_cfg": {
+            "image_size": 64,
+            "timm_model_name": "convnext_atto",
+            "timm_model_pretrained": False,
+            "timm_pool": "",
+            "timm_proj": "linear",
+            "timm_drop": 0.0,
+            "timm_drop_path": 0.1,
+        },
+        "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+    }
     folder = write_local_dir(random_open_clip(cfg), cfg, tmp_path / "convnext")
     run = run_export(ExportConfig(checkpoint=str(folder), output=str(tmp_path / "run"), format="import-open_clip"))
     ours = assert_same_as_open_clip(run, folder, 64)

@@ -23,17 +23,32 @@ def test_import_train_export_round_trip(tmp_path):
 
     tok_dir = sentencepiece_tokenizer(tmp_path)
     hf = build_hf("siglip", shrunk(SIGLIP_CONFIGS["google/siglip-base-patch16-224"], vocab_size=64, image_size=32))
-    processor = {"image_processor_type": "SiglipImageProcessor", "size": {"height": 32, "width": 32},
-                 "do_center_crop": False, "resample": 3, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+    processor = {
+        "image_processor_type": "SiglipImageProcessor",
+        "size": {"height": 32, "width": 32},
+        "do_center_crop": False,
+        "resample": 3,
+        "image_mean": [0.5] * 3,
+        "image_std": [0.5] * 3,
+    }
     folder = save_hf(hf, tmp_path / "siglip", tok_dir, processor)
     imported = run_export(ExportConfig(checkpoint=str(folder), output=str(tmp_path / "imported"), format="import-hf"))
-    cfg = from_dict(PretrainConfig, {
-        "model": {"name": str(imported / "preset.yaml"), "pretrained": str(imported)},
-        "loss": {"name": "siglip"}, "output_dir": str(tmp_path / "run"),
-        "train": {"steps": 20, "batch_size": 8}, "optim": {"warmup_steps": 1},
-        "data": {"synthetic_dir": str(tmp_path / "syn"), "synthetic_train_samples": 200,
-                 "synthetic_eval_samples": 50, "workers": 0},
-    })
+    cfg = from_dict(
+        PretrainConfig,
+        {
+            "model": {"name": str(imported / "preset.yaml"), "pretrained": str(imported)},
+            "loss": {"name": "siglip"},
+            "output_dir": str(tmp_path / "run"),
+            "train": {"steps": 20, "batch_size": 8},
+            "optim": {"warmup_steps": 1},
+            "data": {
+                "synthetic_dir": str(tmp_path / "syn"),
+                "synthetic_train_samples": 200,
+                "synthetic_eval_samples": 50,
+                "workers": 0,
+            },
+        },
+    )
     reset_accelerate()
     summary = run_pretraining(cfg)
     reset_accelerate()
@@ -41,14 +56,16 @@ def test_import_train_export_round_trip(tmp_path):
     trained, _ = load_trained_model(tmp_path / "run")
     trained.eval()
     start, _ = load_trained_model(imported)
-    moved = max((a - b).abs().max().item() for a, b in zip(trained.state_dict().values(),
-                                                            start.state_dict().values(), strict=True))
+    moved = max(
+        (a - b).abs().max().item()
+        for a, b in zip(trained.state_dict().values(), start.state_dict().values(), strict=True)
+    )
     assert moved > 1e-3  # the 20 steps changed the weights
-    out = run_export(ExportConfig(checkpoint=str(tmp_path / "run"), output=str(tmp_path / "export"),
-                                  format="hf-full"))
+    out = run_export(ExportConfig(checkpoint=str(tmp_path / "run"), output=str(tmp_path / "export"), format="hf-full"))
     loaded = SiglipModel.from_pretrained(str(out)).eval()
-    ids = AutoTokenizer.from_pretrained(str(out))(CORPUS, padding="max_length", max_length=64,
-                                                  return_tensors="pt")["input_ids"]
+    ids = AutoTokenizer.from_pretrained(str(out))(CORPUS, padding="max_length", max_length=64, return_tensors="pt")[
+        "input_ids"
+    ]
     assert torch.equal(ids, build_tokenizer(trained.preset)(CORPUS))  # the trained run's tokenizer, exported
     x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

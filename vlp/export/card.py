@@ -11,16 +11,19 @@ import json
 from pathlib import Path
 from typing import Any
 
-PIPELINE = {"hf-full": "zero-shot-image-classification", "hf-vision": "image-feature-extraction",
-            "open_clip": "zero-shot-image-classification"}
+PIPELINE = {
+    "hf-full": "zero-shot-image-classification",
+    "hf-vision": "image-feature-extraction",
+    "open_clip": "zero-shot-image-classification",
+}
 LIBRARY = {"hf-full": "transformers", "hf-vision": "transformers", "open_clip": "open_clip"}
 LOAD = {
     "hf-full": 'from transformers import pipeline\n\nclassify = pipeline("zero-shot-image-classification", '
-               'model="{dir}")',
-    "hf-vision": 'from transformers import AutoImageProcessor, AutoModel\n\n'
-                 'tower = AutoModel.from_pretrained("{dir}")\nprocessor = AutoImageProcessor.from_pretrained("{dir}")',
+    'model="{dir}")',
+    "hf-vision": "from transformers import AutoImageProcessor, AutoModel\n\n"
+    'tower = AutoModel.from_pretrained("{dir}")\nprocessor = AutoImageProcessor.from_pretrained("{dir}")',
     "open_clip": 'import open_clip\n\nmodel, _, preprocess = open_clip.create_model_and_transforms("local-dir:{dir}")\n'
-                 'tokenizer = open_clip.get_tokenizer("local-dir:{dir}")',
+    'tokenizer = open_clip.get_tokenizer("local-dir:{dir}")',
 }
 
 
@@ -52,8 +55,11 @@ def run_info(checkpoint: str | Path, cfg: Any = None) -> dict[str, Any]:
     source = run / "source.json"
     if source.is_file():  # an imported run exported unchanged
         info.setdefault("base_model", json.loads(source.read_text()).get("source"))
-    info["zeroshot"] = {k.removeprefix("zeroshot/"): float(v) for k, v in summary.items()
-                        if k.startswith("zeroshot/") and isinstance(v, (int, float)) and k != "zeroshot/num_images"}
+    info["zeroshot"] = {
+        k.removeprefix("zeroshot/"): float(v)
+        for k, v in summary.items()
+        if k.startswith("zeroshot/") and isinstance(v, (int, float)) and k != "zeroshot/num_images"
+    }
     if "zeroshot/num_images" in summary:
         info["zeroshot_images"] = int(summary["zeroshot/num_images"])
     return info
@@ -65,35 +71,63 @@ def model_card(fmt: str, family: str, architecture: str, info: dict[str, Any] | 
 
     info = dict(info or {})
     name = info.get("run") or architecture
-    results = [EvalResult(task_type="zero-shot-image-classification", dataset_type="vlp-eval-shards",
-                          dataset_name="held-out evaluation shards of the run", metric_type="accuracy",
-                          metric_name=k, metric_value=v) for k, v in sorted(info.get("zeroshot", {}).items())
-               if not k.endswith("/chance")]
-    extra: dict[str, Any] = {"vlp": {k: info[k] for k in ("run", "preset", "loss", "steps", "initialised_from")
-                                     if info.get(k) is not None}}
+    results = [
+        EvalResult(
+            task_type="zero-shot-image-classification",
+            dataset_type="vlp-eval-shards",
+            dataset_name="held-out evaluation shards of the run",
+            metric_type="accuracy",
+            metric_name=k,
+            metric_value=v,
+        )
+        for k, v in sorted(info.get("zeroshot", {}).items())
+        if not k.endswith("/chance")
+    ]
+    extra: dict[str, Any] = {
+        "vlp": {k: info[k] for k in ("run", "preset", "loss", "steps", "initialised_from") if info.get(k) is not None}
+    }
     if info.get("base_model"):
         extra["base_model"] = str(info["base_model"])
-    data = ModelCardData(library_name=LIBRARY[fmt], pipeline_tag=PIPELINE[fmt],
-                         tags=["vlp", family, "vision", "contrastive-image-text", LIBRARY[fmt]],
-                         model_name=name if results else None, eval_results=results or None, **extra)
-    lines = [f"# {name}", "", f"A {family.upper()} {'image tower' if fmt == 'hf-vision' else 'dual tower'} "
-             f"({architecture}) trained and exported with vlp (`scripts/export_hf.py --format {fmt}`); it loads "
-             f"with {LIBRARY[fmt]} alone.", ""]
-    facts = [(k.replace("_", " "), info[k]) for k in ("preset", "loss", "steps", "initialised_from", "base_model")
-             if info.get(k) is not None]
+    data = ModelCardData(
+        library_name=LIBRARY[fmt],
+        pipeline_tag=PIPELINE[fmt],
+        tags=["vlp", family, "vision", "contrastive-image-text", LIBRARY[fmt]],
+        model_name=name if results else None,
+        eval_results=results or None,
+        **extra,
+    )
+    lines = [
+        f"# {name}",
+        "",
+        f"A {family.upper()} {'image tower' if fmt == 'hf-vision' else 'dual tower'} "
+        f"({architecture}) trained and exported with vlp (`scripts/export_hf.py --format {fmt}`); it loads "
+        f"with {LIBRARY[fmt]} alone.",
+        "",
+    ]
+    facts = [
+        (k.replace("_", " "), info[k])
+        for k in ("preset", "loss", "steps", "initialised_from", "base_model")
+        if info.get(k) is not None
+    ]
     if facts:
         lines += ["| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in facts], ""]
     if info.get("zeroshot"):
         n = info.get("zeroshot_images")
-        lines += [f"Zero-shot top-1 on the run's held-out evaluation shards{f' ({n} images)' if n else ''}:", "",
-                  "| metric | value |", "|---|---|",
-                  *[f"| {k} | {v:.4f} |" for k, v in sorted(info["zeroshot"].items())], ""]
+        lines += [
+            f"Zero-shot top-1 on the run's held-out evaluation shards{f' ({n} images)' if n else ''}:",
+            "",
+            "| metric | value |",
+            "|---|---|",
+            *[f"| {k} | {v:.4f} |" for k, v in sorted(info["zeroshot"].items())],
+            "",
+        ]
     lines += ["```python", LOAD[fmt].format(dir="PATH/TO/THIS/FOLDER"), "```", ""]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines))
 
 
-def write_model_card(out_dir: Path, fmt: str, family: str, architecture: str,
-                     info: dict[str, Any] | None = None) -> Path:
+def write_model_card(
+    out_dir: Path, fmt: str, family: str, architecture: str, info: dict[str, Any] | None = None
+) -> Path:
     """README.md in ``out_dir``."""
     path = Path(out_dir) / "README.md"
     model_card(fmt, family, architecture, info).save(str(path))

@@ -30,8 +30,10 @@ def _projection(visual: nn.Module) -> tuple[nn.Linear | None, list[str]]:
     names = [n for n, _ in head.named_children()]
     bad = [n for n in names if n not in ("drop", "proj")]
     if bad:
-        raise NotRepresentableError(f"cannot export to TimmWrapperModel: open_clip head {bad} (attention pooling or "
-                                    "an MLP projection; only a linear projection after timm's pooling maps)")
+        raise NotRepresentableError(
+            f"cannot export to TimmWrapperModel: open_clip head {bad} (attention pooling or "
+            "an MLP projection; only a linear projection after timm's pooling maps)"
+        )
     if "proj" in names:
         return head.proj, []
     classifier = visual.trunk.get_classifier() if hasattr(visual.trunk, "get_classifier") else None
@@ -61,13 +63,20 @@ def timm_wrapper_parts(model) -> tuple[dict[str, Any], dict[str, torch.Tensor], 
     pp = model.preset.preprocess or {}
     mode = pp.get("resize_mode") or "shortest"
     if mode not in ("shortest", "squash"):
-        raise NotRepresentableError(f"preprocess.resize_mode={mode!r} has no timm eval transform; valid: shortest, "
-                                    "squash")
+        raise NotRepresentableError(
+            f"preprocess.resize_mode={mode!r} has no timm eval transform; valid: shortest, squash"
+        )
     size = model.preset.image_size
-    pretrained_cfg = {"architecture": name, "input_size": [3, size, size], "interpolation": pp.get("interpolation")
-                      or "bicubic", "mean": list(pp.get("mean") or open_clip.OPENAI_DATASET_MEAN),
-                      "std": list(pp.get("std") or open_clip.OPENAI_DATASET_STD), "crop_pct": 1.0,
-                      "crop_mode": "center" if mode == "shortest" else "squash", "num_classes": 0}
+    pretrained_cfg = {
+        "architecture": name,
+        "input_size": [3, size, size],
+        "interpolation": pp.get("interpolation") or "bicubic",
+        "mean": list(pp.get("mean") or open_clip.OPENAI_DATASET_MEAN),
+        "std": list(pp.get("std") or open_clip.OPENAI_DATASET_STD),
+        "crop_pct": 1.0,
+        "crop_mode": "center" if mode == "shortest" else "squash",
+        "num_classes": 0,
+    }
     cfg = TimmWrapperConfig(architecture=name, model_args=model_args or None, num_labels=0)
     cfg.architectures = ["TimmWrapperModel"]
     data = cfg.to_dict()
@@ -95,6 +104,5 @@ def export_timm_wrapper(model, out_dir: str | Path, overwrite: bool = False, inf
     save_weights(state, out / WEIGHTS_NAME)
     if projection:
         save_weights(projection, out / PROJECTION_NAME)
-    write_model_card(out, "hf-vision", data["architecture"], "TimmWrapperModel",
-                     info or {"preset": model.preset.name})
+    write_model_card(out, "hf-vision", data["architecture"], "TimmWrapperModel", info or {"preset": model.preset.name})
     return out
