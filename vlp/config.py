@@ -470,9 +470,10 @@ class ExportConfig:
     """Run directory or checkpoint file (for import-hf: the transformers model folder)."""
     output: str | None = None
     """Folder to write (must be empty or absent unless --overwrite)."""
-    format: Literal["hf-vision", "hf-full", "open_clip", "import-hf"] = "hf-full"
+    format: Literal["hf-vision", "hf-full", "open_clip", "import-hf", "import-open_clip"] = "hf-full"
     """hf-vision: image tower (CLIPVisionModelWithProjection / SiglipVisionModel); hf-full: CLIPModel / SiglipModel
-    with tokenizer and processor; open_clip: open_clip local-dir folder; import-hf: transformers folder -> vlp run."""
+    with tokenizer and processor; open_clip: open_clip local-dir folder; import-hf: transformers folder -> vlp run;
+    import-open_clip: open_clip checkpoint (local-dir folder, or weights file with --model-config) -> vlp run."""
     overwrite: bool = False
     preset: str | None = None
     """import-hf: preset to check the folder against (required for a vision-only folder: it gives the text tower)."""
@@ -481,6 +482,9 @@ class ExportConfig:
     vision_only: bool = False
     """import-hf: take only the image tower from the folder (e.g. a SigLIP checkpoint with a SentencePiece text
     tower); the text tower is the preset's, freshly initialised."""
+    model_config: str | None = None
+    """import-open_clip with a weights file: its model config (a JSON file or an open_clip model name, e.g.
+    ViT-B-32)."""
 
 
 @dataclass

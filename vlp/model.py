@@ -80,16 +80,66 @@ class DualTower(nn.Module):
 
 
 def build_open_clip_model(preset: ModelPreset, init_logit_scale: float, init_logit_bias: float | None) -> nn.Module:
-    """Instantiate open_clip's CLIP or CustomTextCLIP for a preset (random init)."""
+    """Instantiate open_clip's CLIP or CustomTextCLIP for a preset (random init).
+
+    ``vision_cfg.timm_model_kwargs`` (not an open_clip option) are extra ``timm.create_model`` arguments for a timm
+    image tower, e.g. ``{act_layer: gelu_tanh, embed_dim: 1152, ...}`` for an imported SigLIP whose activation or
+    shape no registered timm model has: the tower is open_clip's TimmModel around a trunk built with them.
+    """
     cls = open_clip.CustomTextCLIP if preset.custom_text else open_clip.CLIP
-    return cls(
+    vision_cfg = copy.deepcopy(preset.vision_cfg)
+    timm_kwargs = vision_cfg.pop("timm_model_kwargs", None)
+    clip = cls(
         embed_dim=preset.embed_dim,
-        vision_cfg=copy.deepcopy(preset.vision_cfg),
+        vision_cfg=_PLACEHOLDER_VISION if timm_kwargs else vision_cfg,  # cheap: replaced right below
         text_cfg=copy.deepcopy(preset.text_cfg),
         quick_gelu=preset.quick_gelu,
         init_logit_scale=init_logit_scale,
         init_logit_bias=init_logit_bias,
     )
+    if timm_kwargs:
+        clip.visual = build_timm_tower(preset.embed_dim, vision_cfg, timm_kwargs)
+    return clip
+
+
+_PLACEHOLDER_VISION = {"image_size": 8, "patch_size": 8, "width": 8, "head_width": 8, "layers": 1}
+
+
+def build_timm_tower(embed_dim: int, vision_cfg: dict, timm_kwargs: dict) -> nn.Module:
+    """open_clip's TimmModel for ``vision_cfg`` (as open_clip builds it) whose trunk is built by timm with the extra
+    ``timm_kwargs``; the default trunk is only ever built on the meta device."""
+    import timm
+    from open_clip.timm_model import TimmModel
+
+    name, pool = vision_cfg["timm_model_name"], vision_cfg.get("timm_pool", "avg")
+    proj = vision_cfg.get("timm_proj", "linear")
+    drop_path, patch_drop = vision_cfg.get("timm_drop_path"), vision_cfg.get("patch_dropout", 0.0)
+    with torch.device("meta"):
+        visual = TimmModel(name, embed_dim, image_size=vision_cfg.get("image_size", 224), pool=pool, proj=proj,
+                           proj_bias=vision_cfg.get("timm_proj_bias", False), drop=vision_cfg.get("timm_drop", 0.0),
+                           drop_path=drop_path, patch_drop=patch_drop if patch_drop > 0 else None, pretrained=False)
+    kwargs = dict(timm_kwargs)
+    if drop_path is not None:
+        kwargs["drop_path_rate"] = drop_path
+    if patch_drop > 0:
+        kwargs["patch_drop_rate"] = patch_drop
+    if pool in ("abs_attn", "rot_attn"):
+        raise ValueError(f"vision_cfg.timm_model_kwargs with timm_pool={pool!r} is not supported; valid: avg, token, "
+                         "map, ''")
+    if proj in ("linear", "mlp"):
+        trunk = timm.create_model(name, pretrained=False, **kwargs)
+        trunk.reset_classifier(0, **({"global_pool": pool} if pool else {}))
+    else:
+        trunk = timm.create_model(name, pretrained=False, num_classes=0 if proj == "none" else embed_dim,
+                                  global_pool=pool, **kwargs)
+    visual.trunk = trunk
+    if any(True for _ in visual.head.parameters()):  # the projection after the trunk: materialise and initialise
+        device = next(trunk.parameters()).device
+        visual.head.to_empty(device=device)
+        for m in visual.head.modules():
+            if hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+    return visual
 
 
 def build_model(preset: ModelPreset | str, loss: LossConfig | None = None) -> DualTower:
@@ -101,8 +151,37 @@ def build_model(preset: ModelPreset | str, loss: LossConfig | None = None) -> Du
     return DualTower(clip, preset)
 
 
-def build_tokenizer(preset: ModelPreset) -> SimpleTokenizer:
-    """open_clip's BPE tokenizer (its vocabulary ships with the package), at the preset's context length."""
+class HFTextTokenizer:
+    """A transformers tokenizer called as the checkpoint's own processor calls it: padded to the context length
+    (``padding="max_length"``, truncated), returning the ``[N, context_length]`` ids open_clip tokenizers return.
+
+    Used for imported text towers whose vocabulary is not open_clip's BPE (SigLIP's SentencePiece, SigLIP 2's Gemma).
+    """
+
+    def __init__(self, folder: str, context_length: int) -> None:
+        from transformers import AutoTokenizer
+
+        self.folder = folder
+        self.context_length = context_length
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+
+    def __call__(self, texts: str | list[str], context_length: int | None = None) -> torch.Tensor:
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        return self.tokenizer(texts, padding="max_length", max_length=context_length or self.context_length,
+                              truncation=True, return_tensors="pt")["input_ids"]
+
+
+def build_tokenizer(preset: ModelPreset):
+    """open_clip's BPE tokenizer (its vocabulary ships with the package), at the preset's context length; or the
+    preset's own transformers tokenizer (``tokenizer: {hf: FOLDER}``), through open_clip's HFTokenizer for an
+    imported open_clip model (``tokenizer: {hf: FOLDER, open_clip: {...}}``)."""
+    if preset.tokenizer and "open_clip" in preset.tokenizer:
+        from open_clip.tokenizer import HFTokenizer
+
+        return HFTokenizer(preset.tokenizer["hf"], context_length=preset.context_length,
+                           **preset.tokenizer["open_clip"])
+    if preset.tokenizer:
+        return HFTextTokenizer(preset.tokenizer["hf"], preset.context_length)
     return SimpleTokenizer(context_length=preset.context_length)
 
 

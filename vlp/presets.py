@@ -51,6 +51,11 @@ class ModelPreset:
     custom_text: bool = False
     quick_gelu: bool = False
     preprocess: dict[str, Any] = field(default_factory=dict)
+    tokenizer: dict[str, Any] | None = None
+    """None: open_clip's BPE tokenizer. ``{"hf": FOLDER}``: the transformers tokenizer saved in FOLDER (an imported
+    checkpoint's own, e.g. SigLIP's SentencePiece or SigLIP 2's Gemma tokenizer); a relative FOLDER is relative to
+    the preset file. ``open_clip: {...}`` (an imported open_clip model's ``text_cfg.tokenizer_kwargs``): call it
+    through open_clip's HFTokenizer with those arguments (its text cleaning), as open_clip does."""
 
     @property
     def image_size(self) -> int:
@@ -73,19 +78,30 @@ class ModelPreset:
 
 
 PRESET_FILE = "preset.yaml"
-_PRESET_KEYS = ("name", "embed_dim", "vision_cfg", "text_cfg", "custom_text", "quick_gelu", "preprocess")
+_PRESET_KEYS = ("name", "embed_dim", "vision_cfg", "text_cfg", "custom_text", "quick_gelu", "preprocess", "tokenizer")
 
 
-def preset_from_dict(data: dict[str, Any], source: str, default_name: str) -> ModelPreset:
+def preset_from_dict(data: dict[str, Any], source: str, default_name: str, base_dir: str | Path | None = None
+                     ) -> ModelPreset:
     """A preset from its YAML mapping (``name`` optional); unknown or missing keys are a ConfigError naming
-    ``source``."""
+    ``source``. A relative tokenizer folder is taken relative to ``base_dir`` (the preset file's folder)."""
     unknown = set(data) - set(_PRESET_KEYS)
     if unknown:
         raise ConfigError(f"{source}: unknown preset keys {sorted(unknown)}; valid: {sorted(_PRESET_KEYS)}")
     for key in ("embed_dim", "vision_cfg", "text_cfg"):
         if key not in data:
             raise ConfigError(f"{source}: preset is missing {key!r}")
-    return ModelPreset(**{"name": default_name, **copy.deepcopy(data)})
+    data = copy.deepcopy(data)
+    tok = data.get("tokenizer")
+    if tok is not None:
+        if not (isinstance(tok, dict) and "hf" in tok and set(tok) <= {"hf", "open_clip"} and isinstance(tok["hf"], str)
+                and isinstance(tok.get("open_clip", {}), dict)):
+            raise ConfigError(f"{source}: tokenizer {tok!r}; valid: omit it (open_clip BPE), {{hf: FOLDER}} or "
+                              "{hf: FOLDER, open_clip: {HFTokenizer kwargs}}")
+        folder = Path(tok["hf"])
+        if not folder.is_absolute() and base_dir is not None:  # relative to the preset file
+            data["tokenizer"] = {**tok, "hf": str((Path(base_dir) / folder).resolve())}
+    return ModelPreset(**{"name": default_name, **data})
 
 
 def preset_to_dict(preset: ModelPreset) -> dict[str, Any]:
@@ -101,7 +117,7 @@ def load_preset(name_or_path: str) -> ModelPreset:
     if not path.is_file():
         raise ConfigError(f"unknown model preset {name_or_path!r}; valid: {', '.join(available_presets())} "
                           "(or a path to a preset .yaml)")
-    return preset_from_dict(load_yaml(path), str(path), path.stem)
+    return preset_from_dict(load_yaml(path), str(path), path.stem, path.parent)
 
 
 def save_run_preset(preset: ModelPreset, run_dir: str | Path) -> Path:
@@ -122,4 +138,4 @@ def load_run_preset(path: str | Path) -> ModelPreset:
         p = p / PRESET_FILE
     if not p.is_file():
         raise ConfigError(f"{p}: no run preset (a run directory written by this project holds {PRESET_FILE})")
-    return preset_from_dict(load_yaml(p), str(p), p.parent.name if p.name == PRESET_FILE else p.stem)
+    return preset_from_dict(load_yaml(p), str(p), p.parent.name if p.name == PRESET_FILE else p.stem, p.parent)

@@ -18,6 +18,7 @@ import gzip
 import json
 import logging
 import math
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from torch import nn
 from vlp.config import ConfigError, LossConfig
 from vlp.export import keymaps as km
 from vlp.export import towers
+from vlp.export.card import write_model_card
 from vlp.export.towers import BPE_VOCAB_SIZE, EOT_ID, NotRepresentableError
 from vlp.model import DualTower, ModelPreset, build_model
 
@@ -63,14 +65,22 @@ def vision_rules(clip: nn.Module) -> list[km.Rule]:
     return km.siglip_vision_rules(layers)
 
 
-def full_rules(clip: nn.Module) -> list[km.Rule]:
+def own_tokenizer(model: DualTower | nn.Module) -> str | None:
+    """The folder of the model's own transformers tokenizer (an imported SigLIP's), or None for open_clip's BPE."""
+    preset = getattr(model, "preset", None)
+    return preset.tokenizer["hf"] if preset is not None and preset.tokenizer else None
+
+
+def full_rules(model: DualTower | nn.Module) -> list[km.Rule]:
     """The whole-model key map (vision, text, logit scale/bias) for this model's family and depths."""
+    clip = _clip_module(model)
     family = towers.tower_family(clip)
     layers = towers.num_text_layers(clip)
     if family == "clip":
         return vision_rules(clip) + km.clip_text_rules(layers) + km.logit_rules(siglip=False, bias=False)
     has_bias = getattr(clip, "logit_bias", None) is not None
-    return vision_rules(clip) + km.siglip_text_rules(layers) + km.logit_rules(siglip=True, bias=has_bias)
+    bpe = own_tokenizer(model) is None
+    return vision_rules(clip) + km.siglip_text_rules(layers, bpe=bpe) + km.logit_rules(siglip=True, bias=has_bias)
 
 
 def hf_vision_config(model: DualTower | nn.Module):
@@ -105,7 +115,10 @@ def hf_full_config(model: DualTower | nn.Module):
         cfg.architectures = ["CLIPModel"]
     else:
         vision = towers.siglip_vision_config(clip.visual)
-        text = towers.siglip_text_config(clip)
+        tok_dir = own_tokenizer(model)
+        text = towers.siglip_text_config(clip, own_tokenizer=tok_dir is not None)
+        if tok_dir is not None:
+            text.update(_special_ids(tok_dir))
         if text["projection_size"] != vision["hidden_size"]:
             raise NotRepresentableError(
                 f"text embedding width {text['projection_size']} differs from the image embedding width "
@@ -126,15 +139,25 @@ def hf_vision_state(model: DualTower | nn.Module) -> dict[str, torch.Tensor]:
 def hf_full_state(model: DualTower | nn.Module) -> dict[str, torch.Tensor]:
     """HF state dict of the whole dual tower (CLIPModel / SiglipModel key layout)."""
     clip = _clip_module(model)
-    hf_full_config(clip)
+    hf_full_config(model)
     state = _our_state(clip)
     siglip = towers.tower_family(clip) == "siglip"
     if not siglip:
         state.pop("logit_bias", None)  # CLIPModel has no bias: it travels in config.json (softmax ignores it)
-    out = km.ours_to_hf(state, full_rules(clip), what="export")
+    out = km.ours_to_hf(state, full_rules(model), what="export")
     if siglip and "logit_bias" not in out:
         out["logit_bias"] = torch.zeros(1, dtype=out["logit_scale"].dtype, device=out["logit_scale"].device)
     return out
+
+
+@functools.lru_cache(maxsize=8)
+def _special_ids(folder: str) -> dict[str, int]:
+    """bos/eos/pad ids of a transformers tokenizer folder (what SiglipTextConfig records)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    ids = {"bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+    return {k: v for k, v in ids.items() if v is not None}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -171,6 +194,20 @@ def image_processor_dict(preset: ModelPreset, family: str) -> dict[str, Any]:
                 "size": {"height": size, "width": size}, "do_center_crop": False}
     raise NotRepresentableError(f"preprocess.resize_mode={mode!r} (resize the longer side and pad) has no "
                                 "transformers image processor; valid for export: shortest, squash")
+
+
+def image_processor(processor: Mapping[str, Any]):
+    """The transformers image processor (CLIPImageProcessor / SiglipImageProcessor) an image_processor_dict names."""
+    from transformers import CLIPImageProcessor, SiglipImageProcessor
+
+    kwargs = {k: v for k, v in processor.items() if k not in ("image_processor_type", "processor_class")}
+    cls = {"CLIPImageProcessor": CLIPImageProcessor, "SiglipImageProcessor": SiglipImageProcessor}
+    return cls[processor["image_processor_type"]](**kwargs)
+
+
+def write_image_processor(out_dir: Path, processor: Mapping[str, Any]) -> None:
+    """preprocessor_config.json, written by the transformers processor class itself (``save_pretrained``)."""
+    image_processor(processor).save_pretrained(str(out_dir))
 
 
 def bpe_vocab_and_merges() -> tuple[dict[str, int], list[str]]:
@@ -213,6 +250,24 @@ def build_hf_tokenizer(context_length: int, pad_token: str = "<|endoftext|>", at
                          model_max_length=context_length, model_input_names=names)
 
 
+def write_own_tokenizer(out_dir: Path, folder: str, context_length: int) -> None:
+    """The model's own transformers tokenizer (an imported SigLIP's), saved by transformers, padding to the context."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.model_max_length = context_length
+    tok.save_pretrained(str(out_dir))
+    # transformers 4.x reads extra_special_tokens as a dict and fails on the empty list 5.x writes; the loading
+    # flags 5.x records describe this machine, not the model
+    cfg_path = out_dir / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    if cfg.get("extra_special_tokens") in ([], {}):
+        cfg.pop("extra_special_tokens")
+    for key in ("is_local", "local_files_only"):
+        cfg.pop(key, None)
+    cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n")
+
+
 def write_tokenizer(out_dir: Path, context_length: int, family: str) -> None:
     """tokenizer.json + tokenizer_config.json (5.x and 4.x fast), vocab.json + merges.txt (4.x slow)."""
     siglip = family == "siglip"
@@ -243,7 +298,9 @@ def write_tokenizer(out_dir: Path, context_length: int, family: str) -> None:
 OUTPUT_FILES = {"config.json", "preprocessor_config.json", WEIGHTS_NAME, "tokenizer.json", "tokenizer_config.json",
                 "vocab.json", "merges.txt", "special_tokens_map.json", "open_clip_config.json",
                 "open_clip_model.safetensors", "preset.yaml", "checkpoint.pt", "config.yaml", "added_tokens.json",
-                "processor_config.json", "chat_template.jinja"}
+                "processor_config.json", "chat_template.jinja", "spiece.model", "tokenizer.model", "README.md",
+                "open_clip_pytorch_model.bin", "tokenizer", "source.json",
+                "image_projection.safetensors"}
 
 
 def prepare_output_dir(out_dir: str | Path, overwrite: bool) -> Path:
@@ -255,12 +312,16 @@ def prepare_output_dir(out_dir: str | Path, overwrite: bool) -> Path:
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise ConfigError(f"--output {out} is not empty; pass --overwrite true to replace its contents")
-        foreign = sorted(p.name for p in out.iterdir() if p.name not in OUTPUT_FILES or not p.is_file())
+        foreign = sorted(p.name for p in out.iterdir()
+                         if p.name not in OUTPUT_FILES or not (p.is_file() or p.name == "tokenizer"))
         if foreign:
             raise ConfigError(f"--output {out} holds files an export does not write ({', '.join(foreign[:5])}); "
                               "refusing to overwrite it, choose an empty folder")
         for p in out.iterdir():
-            p.unlink()
+            if p.is_dir():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -289,21 +350,43 @@ def _config_dict(cfg) -> dict[str, Any]:
     return data
 
 
-def export_hf_vision(model: DualTower, out_dir: str | Path, overwrite: bool = False) -> Path:
-    """Write the vision tower as a transformers folder (config.json, preprocessor_config.json, model.safetensors)."""
-    cfg = hf_vision_config(model)
+def export_hf_vision(model: DualTower, out_dir: str | Path, overwrite: bool = False,
+                     info: dict[str, Any] | None = None) -> Path:
+    """Write the vision tower as a transformers folder (config.json, preprocessor_config.json, model.safetensors).
+
+    A timm tower that is not a SigLIP ViT becomes a ``TimmWrapperModel`` (vlp/export/timm_wrapper.py)."""
+    import open_clip
+
+    try:
+        cfg = hf_vision_config(model)
+    except NotRepresentableError as siglip_error:
+        if not isinstance(model.visual, open_clip.timm_model.TimmModel):
+            raise
+        from timm.models.vision_transformer import VisionTransformer as TimmViT
+
+        from vlp.export.timm_wrapper import export_timm_wrapper, timm_wrapper_parts
+
+        try:
+            timm_wrapper_parts(model)
+        except NotRepresentableError:
+            if isinstance(model.visual.trunk, TimmViT):  # a ViT: why SiglipVisionModel cannot hold it is the news
+                raise siglip_error from None
+            raise
+        return export_timm_wrapper(model, out_dir, overwrite=overwrite, info=info)
     state = hf_vision_state(model)
     family = towers.tower_family(model.clip)
     processor = image_processor_dict(model.preset, family)
     out = prepare_output_dir(out_dir, overwrite)
     _write_json(out / "config.json", _config_dict(cfg))
-    _write_json(out / "preprocessor_config.json", processor)
+    write_image_processor(out, processor)
     save_weights(state, out / WEIGHTS_NAME)
+    write_model_card(out, "hf-vision", family, cfg.architectures[0], info or {"preset": model.preset.name})
     log.info("wrote %s (%s, %d tensors) to %s", cfg.architectures[0], family, len(state), out)
     return out
 
 
-def export_hf_full(model: DualTower, out_dir: str | Path, overwrite: bool = False) -> Path:
+def export_hf_full(model: DualTower, out_dir: str | Path, overwrite: bool = False,
+                   info: dict[str, Any] | None = None) -> Path:
     """Write both towers as CLIPModel / SiglipModel with tokenizer and image processor files."""
     cfg = hf_full_config(model)
     state = hf_full_state(model)
@@ -318,10 +401,14 @@ def export_hf_full(model: DualTower, out_dir: str | Path, overwrite: bool = Fals
                     "zero-shot pipeline will report sigmoid scores, not the softmax this model was trained for")
     out = prepare_output_dir(out_dir, overwrite)
     _write_json(out / "config.json", _config_dict(cfg))
-    _write_json(out / "preprocessor_config.json", processor)
+    write_image_processor(out, processor)
     context = model.preset.context_length
-    write_tokenizer(out, context, family)
+    if own_tokenizer(model):
+        write_own_tokenizer(out, own_tokenizer(model), context)
+    else:
+        write_tokenizer(out, context, family)
     save_weights(state, out / WEIGHTS_NAME)
+    write_model_card(out, "hf-full", family, cfg.architectures[0], info or {"preset": model.preset.name})
     log.info("wrote %s (%d tensors) to %s", cfg.architectures[0], len(state), out)
     return out
 
@@ -420,6 +507,60 @@ def _preprocess_from_hf(folder: Path, image_size: int) -> dict[str, Any]:
             "interpolation": interp, "resize_mode": mode}
 
 
+SIGLIP_TIMM_BASE = "vit_base_patch16_siglip_224"  # timm's SigLIP ViT: no class token, MAP pooling, LayerNorm eps 1e-6
+_TIMM_ACT = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh",
+             "quick_gelu": "quick_gelu"}
+
+
+def siglip_vision_cfg(vc: Mapping[str, Any]) -> dict[str, Any]:
+    """The preset vision_cfg of a timm ViT that computes exactly what an HF SiglipVisionConfig computes.
+
+    A registered timm SigLIP model of the same structure is named as it is (open_clip can then build it too);
+    otherwise (Google's checkpoints use tanh-GELU, timm's registrations exact GELU; shrunk or new shapes) timm's
+    SigLIP ViT is built with the config's own shape and activation through ``timm_model_kwargs``.
+    """
+    image_size = int(vc["image_size"])
+    base = {"image_size": image_size, "timm_model_pretrained": False, "timm_pool": "map", "timm_proj": "none"}
+    if not vc.get("vision_use_head", True):
+        raise NotRepresentableError("SigLIP vision_use_head=false (no attention-pooling head) is not importable; "
+                                    "valid: a SiglipVisionModel with its MAP head")
+    eps = float(vc.get("layer_norm_eps", 1e-6))
+    if not math.isclose(eps, 1e-6):
+        raise NotRepresentableError(f"SigLIP vision layer_norm_eps={eps}: timm's SigLIP ViT uses 1e-6; valid: 1e-6")
+    act = vc.get("hidden_act", "gelu_pytorch_tanh")
+    if act not in _TIMM_ACT:
+        raise NotRepresentableError(f"SigLIP vision hidden_act={act!r}; valid: {', '.join(_TIMM_ACT)}")
+    if act == "gelu":
+        try:
+            return {**base, "timm_model_name": _siglip_timm_name(vc)}
+        except NotRepresentableError:
+            pass
+    width = int(vc["hidden_size"])
+    kwargs = {"img_size": image_size, "patch_size": int(vc["patch_size"]), "embed_dim": width,
+              "depth": int(vc["num_hidden_layers"]), "num_heads": int(vc["num_attention_heads"]),
+              "mlp_ratio": _mlp_ratio(width, int(vc["intermediate_size"])), "act_layer": _TIMM_ACT[act]}
+    if int(vc.get("num_channels", 3)) != 3:
+        kwargs["in_chans"] = int(vc["num_channels"])
+    return {**base, "timm_model_name": SIGLIP_TIMM_BASE, "timm_model_kwargs": kwargs}
+
+
+def _hf_tokenizer_check(folder: Path, vocab_size: int) -> None:
+    """Refuse a folder whose own tokenizer transformers cannot load, or whose ids exceed the embedding table."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(folder))
+    except Exception as e:  # noqa: BLE001 - any loading failure means: no usable tokenizer
+        raise NotRepresentableError(
+            f"{folder}: text vocab_size {vocab_size} is not open_clip's BPE and transformers cannot load the folder's "
+            f"tokenizer ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); add its tokenizer files "
+            "(sentencepiece is needed for SigLIP's) or import the vision tower alone (--vision-only true "
+            "--preset NAME)") from None
+    if len(tok) > vocab_size:
+        raise NotRepresentableError(f"{folder}: the tokenizer has {len(tok)} tokens but the text embedding table "
+                                    f"{vocab_size} rows")
+
+
 def _siglip_timm_name(vc: Mapping[str, Any]) -> str:
     """The registered timm SigLIP ViT whose structure matches an HF SiglipVisionConfig exactly (checked on meta)."""
     import timm
@@ -445,10 +586,11 @@ def _siglip_vision_signature(vc: Mapping[str, Any]) -> tuple:
                                      "image_size", "patch_size", "hidden_act", "layer_norm_eps"))
 
 
-def preset_from_hf(folder: str | Path, text_preset: ModelPreset | None = None) -> ModelPreset:
+def preset_from_hf(folder: str | Path, text_preset: ModelPreset | None = None,
+                   vision_only: bool = False) -> ModelPreset:
     """A model preset with exactly the structure of an HF CLIP/SigLIP folder.
 
-    A vision-only folder takes its text tower from ``text_preset`` (required then).
+    A vision-only folder (or ``vision_only``) takes its text tower from ``text_preset`` (required then).
     """
     import open_clip  # noqa: F401  (timm_model registration side effects)
 
@@ -456,7 +598,7 @@ def preset_from_hf(folder: str | Path, text_preset: ModelPreset | None = None) -
     cfg = read_hf_config(folder)
     mt = cfg["model_type"]
     vc = cfg if mt in VISION_ONLY else cfg["vision_config"]
-    tc = None if mt in VISION_ONLY else cfg["text_config"]
+    tc = None if mt in VISION_ONLY or vision_only else cfg["text_config"]
     if tc is None and text_preset is None:
         raise ConfigError(f"{folder} holds only a vision tower; pass --preset NAME for the text tower")
     v_norm, v_act, v_quick = _norm_act(vc, "vision")
@@ -471,17 +613,18 @@ def preset_from_hf(folder: str | Path, text_preset: ModelPreset | None = None) -
         }
         embed_dim = int(cfg.get("projection_dim") or vc.get("projection_dim"))
     else:
-        vision_cfg = {"image_size": image_size, "timm_model_name": _siglip_timm_name(vc),
-                      "timm_model_pretrained": False, "timm_pool": "map", "timm_proj": "none"}
+        vision_cfg = siglip_vision_cfg(vc)
         embed_dim = int(vc["hidden_size"])
         v_quick, v_act, v_norm = False, None, {}  # the timm trunk carries its own activation and eps
     if v_norm:
         vision_cfg["norm_kwargs"] = v_norm
     if v_act:
         vision_cfg["act_kwargs"] = v_act
+    tokenizer = None
     if tc is None:
         text_cfg = dict(text_preset.text_cfg)
         custom_text, t_quick = text_preset.custom_text, text_preset.quick_gelu
+        tokenizer = text_preset.tokenizer
     else:
         t_norm, t_act, t_quick = _norm_act(tc, "text")
         width = int(tc["hidden_size"])
@@ -496,12 +639,12 @@ def preset_from_hf(folder: str | Path, text_preset: ModelPreset | None = None) -
             text_cfg["act_kwargs"] = t_act
         custom_text = mt == "siglip"
         if custom_text:
-            if text_cfg["vocab_size"] != BPE_VOCAB_SIZE + 1:
-                raise NotRepresentableError(
-                    f"SigLIP text vocab_size {text_cfg['vocab_size']}: only the open_clip BPE vocabulary "
-                    f"({BPE_VOCAB_SIZE} + a padding token) can be tokenized here; import the vision tower alone "
-                    "(--vision-only true --preset NAME)")
-            text_cfg.update(vocab_size=BPE_VOCAB_SIZE, no_causal_mask=True, proj_bias=True, pool_type="last")
+            if text_cfg["vocab_size"] == BPE_VOCAB_SIZE + 1:  # our own BPE export: open_clip's tokenizer
+                text_cfg.update(vocab_size=BPE_VOCAB_SIZE)
+            else:  # the checkpoint's own tokenizer (SentencePiece, Gemma, ...), through transformers
+                _hf_tokenizer_check(folder, text_cfg["vocab_size"])
+                tokenizer = {"hf": str(folder.resolve())}
+            text_cfg.update(no_causal_mask=True, proj_bias=True, pool_type="last")
             if int(tc.get("projection_size", width)) != embed_dim:
                 raise NotRepresentableError(f"SigLIP text projection_size {tc.get('projection_size')} != vision "
                                             f"width {embed_dim}")
@@ -512,10 +655,11 @@ def preset_from_hf(folder: str | Path, text_preset: ModelPreset | None = None) -
         raise NotRepresentableError("CLIP towers with different activations (open_clip has one quick_gelu flag)")
     quick = v_quick if mt.startswith("clip") else t_quick
     if tc is None and mt.startswith("clip") and v_quick != text_preset.quick_gelu:
-        raise NotRepresentableError(f"vision hidden_act {vc.get('hidden_act')!r} disagrees with preset "
-                                    f"{text_preset.name!r} quick_gelu={text_preset.quick_gelu} (one flag for both)")
+        log.warning("the text tower of preset %r is built with %s to match the image tower (open_clip has one "
+                    "quick_gelu flag for both); it is freshly initialised", text_preset.name,
+                    "QuickGELU" if v_quick else "GELU")
     return ModelPreset(name=folder.name, embed_dim=embed_dim, vision_cfg=vision_cfg, text_cfg=text_cfg,
-                       custom_text=custom_text, quick_gelu=quick, preprocess=preprocess)
+                       custom_text=custom_text, quick_gelu=quick, preprocess=preprocess, tokenizer=tokenizer)
 
 
 def load_hf_weights(model: DualTower | nn.Module, folder: str | Path, vision_only: bool = False) -> dict[str, Any]:
@@ -538,7 +682,7 @@ def load_hf_weights(model: DualTower | nn.Module, folder: str | Path, vision_onl
         ours = km.hf_to_ours({k: v for k, v in hf_state.items() if k.startswith(keep)}, rules, what=f"{folder}")
         target = {k: v for k, v in clip.state_dict().items() if k.startswith("visual.")}
     else:
-        rules = full_rules(clip)
+        rules = full_rules(model)
         hf_state = dict(hf_state)
         has_bias = getattr(clip, "logit_bias", None) is not None
         if family == "siglip" and not has_bias:
@@ -565,16 +709,20 @@ def import_hf(folder: str | Path, preset: ModelPreset | str | None = None, loss:
               vision_only: bool = False) -> tuple[DualTower, LossConfig]:
     """Build our model from a local HF CLIP/SigLIP folder (for fine-tuning here).
 
-    Without ``preset`` the structure is derived from the folder; with one, it must match the folder (the preset
-    then also supplies the text tower of a vision-only folder or with ``vision_only``). ``loss`` defaults to the
-    folder's family (clip for CLIPModel, siglip for SiglipModel) and decides whether the model has a logit bias.
+    Without ``preset`` the structure is derived from the folder. With one, a whole-model import must match it; for a
+    vision-only folder or with ``vision_only``, the image tower is derived from the folder (activation included, e.g.
+    Google SigLIP's tanh-GELU) and the preset supplies only the text tower. ``loss`` defaults to the folder's
+    family (clip for CLIPModel, siglip for SiglipModel) and decides whether the model has a logit bias.
     """
     from vlp.model import load_preset
 
     folder = Path(folder)
     cfg = read_hf_config(folder)
     given = load_preset(preset) if isinstance(preset, str) else preset
-    use = given if given is not None else preset_from_hf(folder)
+    if given is not None and (vision_only or cfg["model_type"] in VISION_ONLY):
+        use = preset_from_hf(folder, text_preset=given, vision_only=True)
+    else:
+        use = given if given is not None else preset_from_hf(folder)
     if loss is None:
         loss = "siglip" if cfg["model_type"].startswith("siglip") else "clip"
     if loss not in ("clip", "siglip"):
@@ -617,7 +765,8 @@ def check_structure(model: DualTower, hf_cfg: Mapping[str, Any], vision_only: bo
         raise ConfigError(f"{what}: different structure ({'; '.join(bad)})")
 
 
-def save_imported(model: DualTower, loss: LossConfig, out_dir: str | Path, overwrite: bool = False) -> Path:
+def save_imported(model: DualTower, loss: LossConfig, out_dir: str | Path, overwrite: bool = False,
+                  source: str | Path | None = None, source_format: str = "transformers") -> Path:
     """A run directory for an imported model: preset.yaml, checkpoint.pt ({model, config}) and config.yaml, so that
     ``scripts/pretrain.py --config DIR/config.yaml`` fine-tunes it and ``load_trained_model(DIR)`` reloads it."""
     import yaml
@@ -629,6 +778,11 @@ def save_imported(model: DualTower, loss: LossConfig, out_dir: str | Path, overw
     preset = model.preset
     preset_data = {"embed_dim": preset.embed_dim, "custom_text": preset.custom_text, "quick_gelu": preset.quick_gelu,
                    "vision_cfg": preset.vision_cfg, "text_cfg": preset.text_cfg, "preprocess": preset.preprocess}
+    if preset.tokenizer:  # the checkpoint's own tokenizer travels with the run
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(preset.tokenizer["hf"]).save_pretrained(str(out / "tokenizer"))
+        preset_data["tokenizer"] = {**preset.tokenizer, "hf": "tokenizer"}
     (out / "preset.yaml").write_text(yaml.safe_dump(preset_data, sort_keys=False))
     model_cfg = ModelConfig(name=str(out / "preset.yaml"), pretrained=str(out / "checkpoint.pt"))
     loss_data = {"name": loss.name}
@@ -636,6 +790,8 @@ def save_imported(model: DualTower, loss: LossConfig, out_dir: str | Path, overw
         loss_data["init_logit_scale"] = loss.init_logit_scale
     cfg = PretrainConfig(model=model_cfg, loss=loss)
     atomic_save({"model": model.state_dict(), "config": to_dict(cfg)}, out / "checkpoint.pt")
+    if source is not None:  # what the model cards of later exports name as base_model
+        (out / "source.json").write_text(json.dumps({"source": str(source), "format": source_format}) + "\n")
     (out / "config.yaml").write_text(yaml.safe_dump({"model": {"name": model_cfg.name,
                                                                 "pretrained": model_cfg.pretrained},
                                                       "loss": loss_data}, sort_keys=False))

@@ -239,13 +239,15 @@ def siglip_vision_rules(layers: int, o: str = "visual.trunk", h: str = "vision_m
     return rules
 
 
-def siglip_text_rules(layers: int, o: str = "text", h: str = "text_model") -> list[Rule]:
+def siglip_text_rules(layers: int, o: str = "text", h: str = "text_model", bpe: bool = True) -> list[Rule]:
     """open_clip TextTransformer (bidirectional, last-token pooled) <-> HF SiglipTextModel.
 
-    The HF embedding table has one extra row, the padding token, equal to row 0 (what open_clip pads with).
+    With open_clip's BPE vocabulary (``bpe``), the HF embedding table has one extra row, the padding token, equal
+    to row 0 (what open_clip pads with); a tower with its own transformers tokenizer keeps its table as it is.
     """
     rules = [
-        Rule((f"{o}.token_embedding.weight",), (f"{h}.embeddings.token_embedding.weight",), "pad_row"),
+        Rule((f"{o}.token_embedding.weight",), (f"{h}.embeddings.token_embedding.weight",),
+             "pad_row" if bpe else "copy"),
         Rule((f"{o}.positional_embedding",), (f"{h}.embeddings.position_embedding.weight",)),
     ]
     for i in range(layers):

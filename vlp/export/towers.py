@@ -125,13 +125,58 @@ def _open_clip_blocks(blocks: nn.ModuleList, where: str,
 # --------------------------------------------------------------------------------------------------------------
 
 
+def timm_tower_name(visual: nn.Module) -> str:
+    """The timm model name of an open_clip TimmModel's trunk."""
+    cfg = getattr(visual.trunk, "pretrained_cfg", None) or {}
+    return str(cfg.get("architecture") or type(visual.trunk).__name__)
+
+
+def registered_outside_timm(name: str) -> str | None:
+    """The module that registered timm model ``name`` when it is not timm itself (e.g. ``vlp.towers``), else None:
+    such a model is built by ``timm.create_model`` only in a process that imported that module."""
+    import timm
+
+    try:
+        module = timm.models.model_entrypoint(name).__module__
+    except (RuntimeError, KeyError):
+        return "an unknown module"
+    return None if module.startswith("timm.") else module
+
+
+def outside_timm_error(visual: nn.Module, name: str, owner: str) -> NotRepresentableError:
+    """The refusal for a timm tower that only a process importing ``owner`` can build."""
+    return NotRepresentableError(
+        f"the image tower is timm {type(visual.trunk).__name__} {name!r}, registered by {owner} and not by timm, so "
+        "neither transformers (CLIP/SigLIP hold ViTs; TimmWrapperModel builds timm's own models) nor open_clip can "
+        "build it without vlp; no export format works for it: load the run with vlp")
+
+
+def tower_family_name(clip: nn.Module) -> str:
+    """'clip', 'siglip' or, for any other timm tower, its timm name (what a model card tags)."""
+    try:
+        return tower_family(clip)
+    except NotRepresentableError:
+        return timm_tower_name(clip.visual) if isinstance(clip.visual, open_clip.timm_model.TimmModel) else "vlp"
+
+
 def tower_family(clip: nn.Module) -> Family:
-    """'clip' for open_clip's own ViT (class token, ln_pre), 'siglip' for a timm MAP-pooled trunk; else refuse."""
+    """'clip' for open_clip's own ViT (class token, ln_pre), 'siglip' for a timm ViT trunk; else refuse, naming the
+    tower family actually used."""
+    from timm.models.vision_transformer import VisionTransformer as TimmViT
+
     visual = clip.visual
     if isinstance(visual, VisionTransformer):
         return "clip"
     if isinstance(visual, open_clip.timm_model.TimmModel):
-        return "siglip"
+        if isinstance(visual.trunk, TimmViT):
+            return "siglip"
+        name = timm_tower_name(visual)
+        owner = registered_outside_timm(name)
+        if owner:
+            raise outside_timm_error(visual, name, owner)
+        raise NotRepresentableError(
+            f"the image tower is timm {type(visual.trunk).__name__} {name!r}; transformers' CLIP/SigLIP classes hold "
+            "only ViTs: use --format hf-vision (TimmWrapperModel) or --format open_clip")
     raise NotRepresentableError(f"vision tower {type(visual).__name__} has no transformers CLIP/SigLIP equivalent "
                                 "(supported: open_clip VisionTransformer, timm ViT with MAP pooling)")
 
@@ -309,12 +354,14 @@ def siglip_trunk_config(trunk: nn.Module, head: nn.Module | None = None) -> dict
     )
 
 
-def siglip_text_config(clip: nn.Module) -> dict[str, Any]:
+def siglip_text_config(clip: nn.Module, own_tokenizer: bool = False) -> dict[str, Any]:
     """SiglipTextConfig kwargs for an open_clip TextTransformer (bidirectional, pooled at the last position).
 
-    The vocabulary gets one extra token, the padding token, whose embedding row is a copy of row 0: open_clip pads
-    with id 0 (the BPE token "!"), and a pad token spelled "!" would also swallow real exclamation marks in the HF
-    tokenizer, so padding needs an id of its own with the same embedding.
+    With open_clip's BPE tokenizer, the vocabulary gets one extra token, the padding token, whose embedding row is a
+    copy of row 0: open_clip pads with id 0 (the BPE token "!"), and a pad token spelled "!" would also swallow real
+    exclamation marks in the HF tokenizer, so padding needs an id of its own with the same embedding. A tower with
+    its own transformers tokenizer (``own_tokenizer``: an imported SigLIP's SentencePiece or Gemma vocabulary) keeps
+    its vocabulary; the caller fills in that tokenizer's special-token ids.
     """
     target = "SiglipTextModel"
     text = getattr(clip, "text", None)
@@ -332,15 +379,19 @@ def siglip_text_config(clip: nn.Module) -> dict[str, Any]:
         problems.append("text use_pad_mask (open_clip masks every id-0 token, including real '!' tokens)")
     if not isinstance(text.text_projection, nn.Linear) or text.text_projection.bias is None:
         problems.append("text projection without bias (SiglipTextModel's head is a biased Linear; proj_bias: true)")
-    if text.vocab_size != BPE_VOCAB_SIZE:
+    if text.vocab_size != BPE_VOCAB_SIZE and not own_tokenizer:
         problems.append(f"text vocab_size {text.vocab_size} (the open_clip BPE tokenizer has {BPE_VOCAB_SIZE})")
     acts, norms = _open_clip_blocks(text.transformer.resblocks, "text", problems)
     act = _single_activation(acts, "text", problems) if acts else "gelu"
     eps = _single_eps([text.ln_final, *norms], "text", problems)
     _refuse(target, problems)
     blk = text.transformer.resblocks[0]
+    if own_tokenizer:
+        ids: dict[str, Any] = {}
+    else:
+        ids = dict(bos_token_id=SOT_ID, eos_token_id=EOT_ID, pad_token_id=BPE_VOCAB_SIZE)
     return dict(
-        vocab_size=text.vocab_size + 1,
+        vocab_size=text.vocab_size + (0 if own_tokenizer else 1),
         hidden_size=text.width,
         intermediate_size=blk.mlp.c_fc.out_features,
         num_hidden_layers=text.transformer.layers,
@@ -349,9 +400,7 @@ def siglip_text_config(clip: nn.Module) -> dict[str, Any]:
         projection_size=text.text_projection.out_features,
         hidden_act=act,
         layer_norm_eps=eps,
-        bos_token_id=SOT_ID,
-        eos_token_id=EOT_ID,
-        pad_token_id=BPE_VOCAB_SIZE,
+        **ids,
     )
 
 
