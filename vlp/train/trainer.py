@@ -222,7 +222,8 @@ class Trainer:
             with self.engine.evaluation_model(self.objective.eval_module(), self.objective.build_plain) as module:
                 if metrics := self.evaluation.begin(module, self.accelerator.device):
                     self.metrics.log(0, metrics)
-        bar = tqdm(total=steps * g, initial=self.step * g, desc="adapter" if self.spec.kind == "adapter" else "pretrain", unit="sample", unit_scale=True,
+        desc = "adapter" if self.spec.kind == "adapter" else "pretrain"
+        bar = tqdm(total=steps * g, initial=self.step * g, desc=desc, unit="sample", unit_scale=True,
                    disable=not world.is_main)  # samples, of a known total
         engine.wrapped.train()
         first = self.step + 1
