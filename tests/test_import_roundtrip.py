@@ -18,6 +18,7 @@ TOL = 1e-5
 
 def test_import_train_export_round_trip(tmp_path):
     from transformers import AutoTokenizer, SiglipModel
+
     from vlp.train.trainer import run_pretraining
 
     tok_dir = sentencepiece_tokenizer(tmp_path)
