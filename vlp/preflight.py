@@ -45,8 +45,13 @@ def check_shards_exist(spec: str) -> None:
 
 
 def check_pretrain_inputs(cfg: PretrainConfig) -> None:
-    """Raise ConfigError for an unknown preset, shards that do not exist or a DeepSpeed config not found."""
-    load_preset(cfg.model.name)
+    """Raise ConfigError for an unknown preset, shards that do not exist, a DeepSpeed config not found, or patch
+    dropout asked of a timm image tower."""
+    preset = load_preset(cfg.model.name)
+    if cfg.model.patch_dropout and "timm_model_name" in preset.vision_cfg:
+        raise ConfigError(f"model.patch_dropout={cfg.model.patch_dropout} needs an open_clip ViT image tower, but "
+                          f"preset {preset.name!r} has a timm tower ({preset.vision_cfg['timm_model_name']}); use 0 "
+                          "or a ViT preset")
     if cfg.data.train_shards:
         check_shards_exist(cfg.data.train_shards)
     if cfg.train.deepspeed:

@@ -420,9 +420,22 @@ class DeepSpeedTrainEngine(TrainEngine):
             raise ConfigError(f"{directory}: DeepSpeed could not load its checkpoint (tag {self.TAG!r})")
 
 
+def apply_speed_features(objective: torch.nn.Module, cfg: PretrainConfig) -> None:
+    """``--model.patch_dropout`` and ``--train.compile`` on the dual tower(s) the objective trains (not on copies
+    made earlier, such as an EMA teacher)."""
+    from vlp.model import DualTower
+
+    for tower in (m for m in objective.modules() if isinstance(m, DualTower)):
+        tower.set_patch_dropout(cfg.model.patch_dropout)
+        if cfg.train.compile:
+            tower.compile_towers()
+            log.info("torch.compile: image trunk and text transformer of %s", tower.preset.name)
+
+
 def build_engine(accelerator: Accelerator, objective: Objective, optimizer: torch.optim.Optimizer,
                  cfg: PretrainConfig, world: WorldInfo, preset: ModelPreset) -> TrainEngine:
     """accelerate.prepare the objective and optimiser, under DeepSpeed when the accelerator uses it."""
+    apply_speed_features(objective, cfg)
     if is_deepspeed(accelerator):
         conf = fill_deepspeed_config(accelerator, cfg, world, preset)
         wrapped, opt = accelerator.prepare(objective, optimizer)
