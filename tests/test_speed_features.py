@@ -69,8 +69,9 @@ def test_patch_dropout_refused_for_timm_towers_and_bad_values():
     cfg = parse_cli(PretrainConfig, ["--model", "tiny-resnet", "--model.patch_dropout", "0.5"], PRETRAIN_ALIASES)
     with pytest.raises(ConfigError, match="resnet_tiny_gn"):
         check_pretrain_inputs(cfg)  # before torch-heavy set-up
-    check_pretrain_inputs(parse_cli(PretrainConfig, ["--model", "tiny", "--model.patch_dropout", "0.5"],
-                                    PRETRAIN_ALIASES))
+    check_pretrain_inputs(
+        parse_cli(PretrainConfig, ["--model", "tiny", "--model.patch_dropout", "0.5"], PRETRAIN_ALIASES)
+    )
     for bad in (1.0, -0.1):
         with pytest.raises(ConfigError, match=r"model.patch_dropout must be in \[0, 1\)"):
             ModelConfig(patch_dropout=bad)
@@ -78,8 +79,20 @@ def test_patch_dropout_refused_for_timm_towers_and_bad_values():
 
 def test_pretrain_command_line_refuses_patch_dropout_on_timm_tower_in_one_line():
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts/pretrain.py"), "--model", "tiny-resnet-hr",
-                           "--model.patch_dropout", "0.5"], capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts/pretrain.py"),
+            "--model",
+            "tiny-resnet-hr",
+            "--model.patch_dropout",
+            "0.5",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "model.patch_dropout=0.5" in lines[0] and "tiny-resnet-hr" in lines[0]
@@ -161,14 +174,26 @@ def _p2p_worker(rank: int, world: int) -> dict:
     original = dist.batch_isend_irecv
 
     def recording(ops):
-        records.append([(op.op.__name__, op.peer, tuple(op.tensor.shape), str(op.tensor.dtype),
-                         op.tensor.device.type, op.tensor.is_contiguous()) for op in ops])
+        records.append(
+            [
+                (
+                    op.op.__name__,
+                    op.peer,
+                    tuple(op.tensor.shape),
+                    str(op.tensor.dtype),
+                    op.tensor.device.type,
+                    op.tensor.is_contiguous(),
+                )
+                for op in ops
+            ]
+        )
         return original(ops)
 
     def forbid(name):
         def f(*a, **k):
             other_calls.append(name)
             raise RuntimeError(f"{name} used outside batch_isend_irecv")
+
         return f
 
     dist.batch_isend_irecv = recording
