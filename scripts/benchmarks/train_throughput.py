@@ -27,7 +27,9 @@ Whole training steps on shards (data loading included): ``--shards`` runs ``scri
 ``train_one_epoch`` over its own WebDataset pipeline (``open_clip_train.data.get_data``, arguments from
 ``open_clip_train.params.parse_args``) on the same shards, preset, batch, loader workers and AdamW settings, each in a
 fresh process, alternating for ``--pairs`` pairs; a step is the wall time between consecutive batches (vlp: its
-``step_time_s``), median over the steps after ``--warmup``::
+``step_time_s``), median over the steps after ``--warmup``. open_clip_train's tar reader
+(``group_by_keys_nothrow``) fails at a shard boundary with webdataset 1.x (it pins webdataset <= 0.2.86), so give
+shards large enough that no run reaches the end of one::
 
     python scripts/benchmarks/train_throughput.py --device cpu --model tiny --loss siglip --batch-size 64 \
         --steps 40 --warmup 5 --shards '/data/shard-{000000..000019}.tar' --train-num-samples 20000 --pairs 3
@@ -96,15 +98,19 @@ def model_flops_per_sample(preset, loss: str, device) -> float:
     return float(flops)
 
 
-def time_steps(step, device, warmup: int, steps: int) -> list[float]:
+def time_steps(step, device, warmup: int, steps: int, cpu_times: list[float] | None = None) -> list[float]:
+    """Wall time of each step after warm-up; this process's CPU time per step into ``cpu_times`` (the steadier
+    figure on a CPU shared with other work)."""
     times = []
     for i in range(warmup + steps):
         _sync(device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step(i)
         _sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
+            if cpu_times is not None:
+                cpu_times.append(time.process_time() - c0)
     return times
 
 
@@ -145,11 +151,13 @@ def run_vlp(args, device) -> dict:
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times = time_steps(step, device, args.warmup, args.steps)
+    cpu_times: list[float] = []
+    times = time_steps(step, device, args.warmup, args.steps, cpu_times)
     kind = f"{engine.kind} ZeRO-{engine.stage}" if engine.kind == "deepspeed" else engine.kind
     out = {"step_time_s": statistics.median(times), "samples_per_s": args.batch_size / statistics.median(times),
            "engine": kind, "precision": cfg.train.precision, "final_loss": losses[-1],
-           "patch_dropout": args.patch_dropout, "compile": args.compile}
+           "patch_dropout": args.patch_dropout, "compile": args.compile,
+           "step_cpu_time_s": statistics.median(cpu_times)}
     if device.type == "cuda":
         out["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
     return out
@@ -222,8 +230,10 @@ def run_sweep(args, device) -> list[dict]:
         if device.type == "cuda":
             torch.cuda.empty_cache()
     base = out[0]["step_time_s"]
+    base_cpu = out[0]["step_cpu_time_s"]
     for r in out:
         r["speedup_vs_first"] = base / r["step_time_s"]
+        r["cpu_time_speedup_vs_first"] = base_cpu / r["step_cpu_time_s"]
     return out
 
 
@@ -295,6 +305,13 @@ def run_open_clip_on_shards(args) -> dict:
     return {**_median_after_warmup(times, args.warmup), "wall_s": wall, "precision": precision}
 
 
+def _threads_env(args) -> dict[str, str]:
+    env = dict(os.environ)
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    return env
+
+
 def run_vlp_on_shards(args, out_dir: Path) -> dict:
     """scripts/pretrain.py on the shards (a fresh process); step times from its metrics.jsonl."""
     cmd = [sys.executable, str(ROOT / "scripts" / "pretrain.py"), "--model", args.model, "--loss", args.loss,
@@ -302,7 +319,7 @@ def run_vlp_on_shards(args, out_dir: Path) -> dict:
            "--train-shards", args.shards, "--train-num-samples", str(args.train_num_samples), "--eval.zeroshot",
            "false", "--checkpoint.export", "false", "--output-dir", str(out_dir), "--train.log_every", "1000"]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=_threads_env(args))
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"pretrain.py failed:\n{proc.stderr[-3000:]}")
@@ -329,7 +346,7 @@ def run_shards_pairs(args) -> dict:
                            str(args.warmup), "--workers", str(args.workers), "--shards", args.shards,
                            "--train-num-samples", str(args.train_num_samples), "--device", args.device]
                     t0 = time.perf_counter()
-                    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+                    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=_threads_env(args))
                     if proc.returncode != 0:
                         raise RuntimeError(f"open_clip_train child failed:\n{proc.stderr[-3000:]}")
                     r = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -399,6 +416,7 @@ def main() -> int:
     p.add_argument("--train-num-samples", type=int, default=None, help="samples in --shards")
     p.add_argument("--workers", type=int, default=1, help="data loader processes per side (--shards)")
     p.add_argument("--pairs", type=int, default=3, help="interleaved vlp/open_clip_train pairs (--shards)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--open-clip-shards-child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -407,6 +425,8 @@ def main() -> int:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         print(json.dumps({"error": "no GPU available; run with --device cpu for a smoke test"}))
         return 1
