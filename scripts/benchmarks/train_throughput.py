@@ -425,7 +425,8 @@ def main() -> int:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import torch
 
-    if args.threads:
+    if args.threads:  # also in the environment, or accelerate resets it to its own default
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
         torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         print(json.dumps({"error": "no GPU available; run with --device cpu for a smoke test"}))
