@@ -81,6 +81,9 @@ def test_gpu_suite_dry_run(tmp_path):
     sweep = sections["d_speed"]["result"]["sweep"]
     assert [(r["patch_dropout"], r["compile"]) for r in sweep] == [(0.0, False), (0.5, False), (0.0, True)]
     assert all(math.isfinite(r["final_loss"]) and r["step_time_s"] > 0 for r in sweep)
+    # torch.compile (inductor) trains as eager does: same seed, same loss after the same steps
+    assert math.isclose(sweep[2]["final_loss"], sweep[0]["final_loss"], rel_tol=1e-4)
+    assert sweep[1]["final_loss"] != sweep[0]["final_loss"]  # patch dropout changed the training
 
     md = (tmp_path / "gpu_suite.md").read_text()
     for heading in ("(a) Training throughput", "(b) Losses", "(c) Smoke run", "(d) Speed features"):

@@ -426,7 +426,8 @@ def apply_speed_features(objective: torch.nn.Module, cfg: PretrainConfig) -> Non
     from vlp.model import DualTower
 
     for tower in (m for m in objective.modules() if isinstance(m, DualTower)):
-        tower.set_patch_dropout(cfg.model.patch_dropout)
+        if cfg.model.patch_dropout:  # 0 leaves the tower as built (a preset may set its own)
+            tower.set_patch_dropout(cfg.model.patch_dropout)
         if cfg.train.compile:
             tower.compile_towers()
             log.info("torch.compile: image trunk and text transformer of %s", tower.preset.name)
