@@ -54,7 +54,8 @@ def _fill(conf: dict, batch=8, accum=4, world=2, clip=1.0) -> dict:
     cfg = PretrainConfig()
     cfg.train.batch_size, cfg.train.accum_steps, cfg.optim.grad_clip = batch, accum, clip
     accelerator = SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin))
-    return fill_deepspeed_config(accelerator, cfg, WorldInfo(rank=0, world_size=world), load_preset("tiny"))
+    hidden = max(load_preset("tiny").embed_dim, 128)  # the tiny preset's widest layer (width 128)
+    return fill_deepspeed_config(accelerator, cfg, WorldInfo(rank=0, world_size=world), hidden)
 
 
 def test_auto_fields_come_from_the_run_and_the_real_world_size():

@@ -77,15 +77,19 @@ def check_trackers_installed(report_to: str) -> None:
 
 
 def check_pretrain_inputs(cfg: PretrainConfig) -> None:
-    """Raise ConfigError for an unknown objective, loss or preset, shards that do not exist or a DeepSpeed config
-    not found."""
+    """Raise ConfigError for an unknown objective, loss or preset, shards that do not exist, a DeepSpeed config not
+    found, a tracker that is not installed, or patch dropout asked of a timm image tower."""
     from vlp.objectives import registry
 
     registry.resolve(cfg)
     if cfg.aux_ssl:
         registry.auxiliary_term(cfg.aux_ssl)
-    load_preset(cfg.model.name)
+    preset = load_preset(cfg.model.name)
     check_trackers_installed(cfg.train.report_to)
+    if cfg.model.patch_dropout and "timm_model_name" in preset.vision_cfg:
+        raise ConfigError(f"model.patch_dropout={cfg.model.patch_dropout} needs an open_clip ViT image tower, but "
+                          f"preset {preset.name!r} has a timm tower ({preset.vision_cfg['timm_model_name']}); use 0 "
+                          "or a ViT preset")
     if cfg.data.train_shards:
         check_shards_exist(cfg.data.train_shards)
     if cfg.train.deepspeed:

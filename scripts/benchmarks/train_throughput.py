@@ -14,7 +14,25 @@ utilisation is FLOPs/s over the GPU's dense bf16 peak. Prints one JSON document.
     python scripts/benchmarks/train_throughput.py --device cpu --model tiny --batch-size 16 --steps 3   # smoke test
 
 ``--batch-size auto`` finds the largest per-device batch at which the vlp ZeRO-2 step fits (fresh subprocess per
-probe: doubling, then bisection to a multiple of 16) and runs both frameworks at it.
+probe: doubling, then bisection to a multiple of 16) and runs both frameworks at it. ``--deepspeed none`` runs vlp
+without DeepSpeed (plain DDP through accelerate when a launcher environment is present, as here).
+
+Speed features (vlp only; one fresh model per setting, same batches): ``--sweep`` takes settings
+``PATCH_DROPOUT:COMPILE`` and reports each one's step time::
+
+    python scripts/benchmarks/train_throughput.py --device cpu --model tiny --batch-size 32 --deepspeed none \
+        --sweep 0:off 0.5:off 0.75:off 0:on
+
+Whole training steps on shards (data loading included): ``--shards`` runs ``scripts/pretrain.py`` and open_clip_train's
+``train_one_epoch`` over its own WebDataset pipeline (``open_clip_train.data.get_data``, arguments from
+``open_clip_train.params.parse_args``) on the same shards, preset, batch, loader workers and AdamW settings, each in a
+fresh process, alternating for ``--pairs`` pairs; a step is the wall time between consecutive batches (vlp: its
+``step_time_s``), median over the steps after ``--warmup``. open_clip_train's tar reader
+(``group_by_keys_nothrow``) fails at a shard boundary with webdataset 1.x (it pins webdataset <= 0.2.86), so give
+shards large enough that no run reaches the end of one::
+
+    python scripts/benchmarks/train_throughput.py --device cpu --model tiny --loss siglip --batch-size 64 \
+        --steps 40 --warmup 5 --shards '/data/shard-{000000..000019}.tar' --train-num-samples 20000 --pairs 3
 """
 
 from __future__ import annotations
@@ -80,15 +98,19 @@ def model_flops_per_sample(preset, loss: str, device) -> float:
     return float(flops)
 
 
-def time_steps(step, device, warmup: int, steps: int) -> list[float]:
+def time_steps(step, device, warmup: int, steps: int, cpu_times: list[float] | None = None) -> list[float]:
+    """Wall time of each step after warm-up; this process's CPU time per step into ``cpu_times`` (the steadier
+    figure on a CPU shared with other work)."""
     times = []
     for i in range(warmup + steps):
         _sync(device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step(i)
         _sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - t0)
+            if cpu_times is not None:
+                cpu_times.append(time.process_time() - c0)
     return times
 
 
@@ -106,9 +128,11 @@ def run_vlp(args, device) -> dict:
 
     cfg = PretrainConfig()
     cfg.model.name, cfg.loss.name, cfg.loss.impl = args.model, args.loss, args.loss_impl
-    cfg.train.batch_size, cfg.train.deepspeed = args.batch_size, args.deepspeed
+    cfg.train.batch_size = args.batch_size
+    cfg.train.deepspeed = None if args.deepspeed == "none" else args.deepspeed
     cfg.train.precision = "bf16" if device.type == "cuda" else "fp32"
     cfg.model.grad_checkpointing = args.grad_checkpointing
+    cfg.model.patch_dropout, cfg.train.compile = args.patch_dropout, args.compile
     preset = load_preset(cfg.model.name)
     torch.manual_seed(0)
     model = build_model(preset, cfg.loss)
@@ -127,10 +151,13 @@ def run_vlp(args, device) -> dict:
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times = time_steps(step, device, args.warmup, args.steps)
+    cpu_times: list[float] = []
+    times = time_steps(step, device, args.warmup, args.steps, cpu_times)
+    kind = f"{engine.kind} ZeRO-{engine.stage}" if engine.kind == "deepspeed" else engine.kind
     out = {"step_time_s": statistics.median(times), "samples_per_s": args.batch_size / statistics.median(times),
-           "engine": f"{engine.kind} ZeRO-{getattr(engine, 'stage', 0)}", "precision": cfg.train.precision,
-           "final_loss": losses[-1]}
+           "engine": kind, "precision": cfg.train.precision, "final_loss": losses[-1],
+           "patch_dropout": args.patch_dropout, "compile": args.compile,
+           "step_cpu_time_s": statistics.median(cpu_times)}
     if device.type == "cuda":
         out["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
     return out
@@ -187,6 +214,154 @@ def run_open_clip(args, device) -> dict:
     return out
 
 
+def run_sweep(args, device) -> list[dict]:
+    """vlp's step at each ``PATCH_DROPOUT:COMPILE`` setting of ``--sweep`` (a fresh model each)."""
+    import torch
+
+    out = []
+    for spec in args.sweep:
+        p, _, c = spec.partition(":")
+        args.patch_dropout, args.compile = float(p), c.lower() in ("on", "true", "1", "yes")
+        torch._dynamo.reset()
+        r = run_vlp(args, device)
+        r["setting"] = spec
+        out.append(r)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    base = out[0]["step_time_s"]
+    base_cpu = out[0]["step_cpu_time_s"]
+    for r in out:
+        r["speedup_vs_first"] = base / r["step_time_s"]
+        r["cpu_time_speedup_vs_first"] = base_cpu / r["step_cpu_time_s"]
+    return out
+
+
+def _median_after_warmup(times: list[float], warmup: int) -> dict:
+    kept = times[warmup:]
+    return {"step_time_s": statistics.median(kept), "steps_timed": len(kept)}
+
+
+def run_open_clip_on_shards(args) -> dict:
+    """open_clip_train: its WebDataset pipeline (get_data) and train_one_epoch, fp32 on CPU / autocast bf16 on GPU."""
+    import torch
+    from open_clip.loss import ClipLoss, SigLipLoss
+    from open_clip_train.data import get_data
+    from open_clip_train.params import parse_args
+    from open_clip_train.scheduler import cosine_lr
+    from open_clip_train.train import train_one_epoch
+
+    from vlp.config import LossConfig, OptimConfig
+    from vlp.model import build_open_clip_model, build_tokenizer, build_transforms, load_preset
+
+    preset, lc, oc_ = load_preset(args.model), LossConfig(name=args.loss), OptimConfig()
+    device = torch.device(args.device)
+    precision = "amp_bf16" if device.type == "cuda" else "fp32"
+    oa = parse_args(["--train-data", args.shards, "--train-num-samples", str(args.train_num_samples),
+                     "--dataset-type", "webdataset", "--batch-size", str(args.batch_size), "--workers",
+                     str(args.workers), "--precision", precision, "--lr", str(oc_.lr), "--wd", str(oc_.weight_decay),
+                     "--beta1", str(oc_.beta1), "--beta2", str(oc_.beta2), "--eps", str(oc_.eps), "--warmup",
+                     str(oc_.warmup_steps), "--grad-clip-norm", str(oc_.grad_clip), "--seed", "0",
+                     "--log-every-n-steps", str(10**9)] + (["--siglip"] if args.loss == "siglip" else []))
+    oa.device, oa.rank, oa.local_rank, oa.world_size, oa.distributed, oa.distill = str(device), 0, 0, 1, False, False
+    oa.wandb = oa.save_logs = False  # set by open_clip_train.main from --report-to / --logs
+    torch.manual_seed(0)
+    model = build_open_clip_model(preset, lc.resolved_init_logit_scale, lc.resolved_init_logit_bias).to(device)
+    model.output_dict = True
+    transform = build_transforms(preset, is_train=True)  # open_clip.image_transform for the preset
+    data = get_data(oa, (transform, transform), epoch=0, tokenizer=build_tokenizer(preset))
+
+    def exclude(n, p):  # open_clip_train.main's weight-decay exclusion
+        return p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n
+
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for n, p in named if exclude(n, p)], "weight_decay": 0.0},
+         {"params": [p for n, p in named if not exclude(n, p)], "weight_decay": oc_.weight_decay}],
+        lr=oc_.lr, betas=(oc_.beta1, oc_.beta2), eps=oc_.eps)
+    scheduler = cosine_lr(optimizer, oc_.lr, oc_.warmup_steps, args.steps)
+    loss = SigLipLoss(rank=0, world_size=1) if args.loss == "siglip" else ClipLoss(rank=0, world_size=1)
+    inner = data["train"].dataloader
+    stamps: list[float] = []
+
+    class Stamped:
+        num_batches = args.steps
+        num_samples = args.steps * args.batch_size
+
+        def __iter__(self):
+            it = iter(inner)
+            for _ in range(args.steps):
+                _sync(device)
+                stamps.append(time.perf_counter())
+                yield next(it)
+            _sync(device)
+            stamps.append(time.perf_counter())
+
+    data["train"].dataloader = Stamped()
+    t0 = time.perf_counter()
+    train_one_epoch(model, data, loss, 0, optimizer, None, scheduler, None, oa, tb_writer=None)
+    wall = time.perf_counter() - t0
+    times = [b - a for a, b in zip(stamps[:-1], stamps[1:])]
+    return {**_median_after_warmup(times, args.warmup), "wall_s": wall, "precision": precision}
+
+
+def _threads_env(args) -> dict[str, str]:
+    env = dict(os.environ)
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)
+    return env
+
+
+def run_vlp_on_shards(args, out_dir: Path) -> dict:
+    """scripts/pretrain.py on the shards (a fresh process); step times from its metrics.jsonl."""
+    cmd = [sys.executable, str(ROOT / "scripts" / "pretrain.py"), "--model", args.model, "--loss", args.loss,
+           "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--workers", str(args.workers),
+           "--train-shards", args.shards, "--train-num-samples", str(args.train_num_samples), "--eval.zeroshot",
+           "false", "--checkpoint.export", "false", "--output-dir", str(out_dir), "--train.log_every", "1000"]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=_threads_env(args))
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"pretrain.py failed:\n{proc.stderr[-3000:]}")
+    records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    times = [r["step_time_s"] for r in records if "step_time_s" in r]
+    return {**_median_after_warmup(times, args.warmup), "wall_s": wall,
+            "final_loss": [r["loss"] for r in records if "loss" in r][-1]}
+
+
+def run_shards_pairs(args) -> dict:
+    """``--pairs`` interleaved pairs (order alternating: vlp first, then open_clip_train first, ...)."""
+    import tempfile
+
+    runs: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="vlp-throughput-") as tmp:
+        for pair in range(args.pairs):
+            order = ("vlp", "open_clip_train") if pair % 2 == 0 else ("open_clip_train", "vlp")
+            for who in order:
+                if who == "vlp":
+                    r = run_vlp_on_shards(args, Path(tmp) / f"vlp-{pair}")
+                else:
+                    cmd = [sys.executable, __file__, "--open-clip-shards-child", "--model", args.model, "--loss",
+                           args.loss, "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup",
+                           str(args.warmup), "--workers", str(args.workers), "--shards", args.shards,
+                           "--train-num-samples", str(args.train_num_samples), "--device", args.device]
+                    t0 = time.perf_counter()
+                    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=_threads_env(args))
+                    if proc.returncode != 0:
+                        raise RuntimeError(f"open_clip_train child failed:\n{proc.stderr[-3000:]}")
+                    r = json.loads(proc.stdout.strip().splitlines()[-1])
+                    r["process_wall_s"] = time.perf_counter() - t0
+                r.update(pair=pair, framework=who, samples_per_s=args.batch_size / r["step_time_s"])
+                runs.append(r)
+                print(json.dumps(r), file=sys.stderr, flush=True)
+    ratios = []
+    for pair in range(args.pairs):
+        v, o = (next(r for r in runs if r["pair"] == pair and r["framework"] == f) for f in ("vlp", "open_clip_train"))
+        ratios.append(v["samples_per_s"] / o["samples_per_s"])
+    return {"runs": runs, "vlp_over_open_clip_per_pair": ratios,
+            "vlp_over_open_clip_median": statistics.median(ratios)}
+
+
 def probe(args) -> int:
     """Exit 0 when the vlp step fits at ``--batch-size``, OOM_EXIT when it runs out of memory."""
     import torch
@@ -233,34 +408,69 @@ def main() -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--grad-checkpointing", action="store_true")
     p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of the GPU (default: by name)")
+    p.add_argument("--skip-open-clip", action="store_true", help="time vlp only")
+    p.add_argument("--patch-dropout", type=float, default=0.0, help="vlp --model.patch_dropout")
+    p.add_argument("--compile", action="store_true", help="vlp --train.compile")
+    p.add_argument("--sweep", nargs="+", metavar="P:on|off", help="vlp step time at each patch dropout:compile")
+    p.add_argument("--shards", help="whole training steps on these WebDataset shards (see the module docstring)")
+    p.add_argument("--train-num-samples", type=int, default=None, help="samples in --shards")
+    p.add_argument("--workers", type=int, default=1, help="data loader processes per side (--shards)")
+    p.add_argument("--pairs", type=int, default=3, help="interleaved vlp/open_clip_train pairs (--shards)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--probe", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--open-clip-shards-child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     _single_process_env()
     if args.device == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import torch
 
+    if args.threads:  # also in the environment, or accelerate resets it to its own default
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+        torch.set_num_threads(args.threads)
     if args.device == "cuda" and not torch.cuda.is_available():
         print(json.dumps({"error": "no GPU available; run with --device cpu for a smoke test"}))
         return 1
     if args.probe:
         args.batch_size = int(args.batch_size)
         return probe(args)
+    if args.open_clip_shards_child:
+        args.batch_size = int(args.batch_size)
+        print(json.dumps(run_open_clip_on_shards(args)))
+        return 0
     args.batch_size = find_max_batch(args) if args.batch_size == "auto" else int(args.batch_size)
     device = torch.device(args.device)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    machine = {"machine": socket.gethostname(), "device": gpu, "cpus": os.cpu_count(), "load_avg": os.getloadavg(),
+               "torch": torch.__version__, "model": args.model, "loss": args.loss, "per_device_batch": args.batch_size}
+    if args.shards:
+        if args.train_num_samples is None:
+            p.error("--shards needs --train-num-samples")
+        doc = {**machine, "mode": "shards", "steps": args.steps, "warmup": args.warmup, "workers": args.workers,
+               **run_shards_pairs(args), "load_avg_end": os.getloadavg()}
+        print(json.dumps(doc, indent=1))
+        return 0
+    if args.sweep:
+        doc = {**machine, "mode": "sweep", "engine": args.deepspeed, "steps_timed": args.steps,
+               "warmup": args.warmup, "sweep": run_sweep(args, device), "load_avg_end": os.getloadavg()}
+        print(json.dumps(doc, indent=1))
+        return 0
     from vlp.model import load_preset
 
     flops = model_flops_per_sample(load_preset(args.model), args.loss, device)
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     peak = args.peak_tflops or next((v for k, v in PEAK_BF16_TFLOPS.items() if k in gpu), None)
-    results = {"vlp": run_vlp(args, device)}
+    try:
+        results = {"vlp": run_vlp(args, device)}
+    except torch.cuda.OutOfMemoryError:
+        results = {"vlp": {"error": f"out of memory at batch {args.batch_size}"}}
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    try:
-        results["open_clip_train"] = run_open_clip(args, device)
-    except torch.cuda.OutOfMemoryError:
-        results["open_clip_train"] = {"error": f"out of memory at batch {args.batch_size}"}
+    if not args.skip_open_clip:
+        try:
+            results["open_clip_train"] = run_open_clip(args, device)
+        except torch.cuda.OutOfMemoryError:
+            results["open_clip_train"] = {"error": f"out of memory at batch {args.batch_size}"}
     for r in results.values():
         if "samples_per_s" in r:
             r["model_tflops_per_s"] = flops * r["samples_per_s"] / 1e12
@@ -269,7 +479,7 @@ def main() -> int:
     doc = {"machine": socket.gethostname(), "device": gpu, "peak_bf16_tflops": peak, "model": args.model,
            "loss": args.loss, "per_device_batch": args.batch_size, "steps_timed": args.steps,
            "model_gflops_per_sample": flops / 1e9, "torch": torch.__version__, "results": results}
-    if all("samples_per_s" in r for r in results.values()):
+    if len(results) == 2 and all("samples_per_s" in r for r in results.values()):
         doc["vlp_over_open_clip_samples_per_s"] = (results["vlp"]["samples_per_s"]
                                                    / results["open_clip_train"]["samples_per_s"])
     print(json.dumps(doc, indent=1, default=lambda x: None if isinstance(x, float) and math.isnan(x) else str(x)))

@@ -458,9 +458,24 @@ class DeepSpeedTrainEngine(TrainEngine):
             raise ConfigError(f"{directory}: DeepSpeed could not load its checkpoint (tag {self.TAG!r})")
 
 
+def apply_speed_features(objective: torch.nn.Module, cfg: Any) -> None:
+    """``--model.patch_dropout`` and ``--train.compile`` on the dual tower(s) the objective trains (not on copies
+    made earlier, such as an EMA teacher)."""
+    from vlp.model import DualTower
+
+    patch_dropout = getattr(getattr(cfg, "model", None), "patch_dropout", 0.0)
+    for tower in (m for m in objective.modules() if isinstance(m, DualTower)):
+        if patch_dropout:  # 0 leaves the tower as built (a preset may set its own)
+            tower.set_patch_dropout(patch_dropout)
+        if cfg.train.compile:
+            tower.compile_towers()
+            log.info("torch.compile: image trunk and text transformer of %s", tower.preset.name)
+
+
 def build_engine(accelerator: Accelerator, objective: Objective, optimizer: torch.optim.Optimizer,
                  cfg: Any, world: WorldInfo, hidden_size: int) -> TrainEngine:
     """accelerate.prepare the objective and optimiser, under DeepSpeed when the accelerator uses it."""
+    apply_speed_features(objective, cfg)
     if is_deepspeed(accelerator):
         conf = fill_deepspeed_config(accelerator, cfg, world, hidden_size)
         wrapped, opt = accelerator.prepare(objective, optimizer)
