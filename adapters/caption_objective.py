@@ -33,13 +33,17 @@ def held_out_loss(model: nn.Module, batches: list[dict[str, torch.Tensor]], devi
     for b in batches:
         if text_only:
             labels = b["text_labels"].to(device)
-            logits = model.llm(input_ids=b["text_input_ids"].to(device),
-                               attention_mask=b["text_attention_mask"].to(device), use_cache=False).logits
+            logits = model.llm(
+                input_ids=b["text_input_ids"].to(device),
+                attention_mask=b["text_attention_mask"].to(device),
+                use_cache=False,
+            ).logits
         else:
             labels = b["labels"].to(device)
             dtype = next(model.vision.parameters()).dtype
-            logits = model(b["pixel_values"].to(device, dtype), b["input_ids"].to(device),
-                           b["attention_mask"].to(device))
+            logits = model(
+                b["pixel_values"].to(device, dtype), b["input_ids"].to(device), b["attention_mask"].to(device)
+            )
         s, n = caption_token_losses(logits, labels)
         total, count = total + float(s), count + float(n)
     model.train(was_training)
@@ -69,8 +73,10 @@ class CaptionEvaluation(RunEvaluation):
     def final(self, module: nn.Module, device: torch.device, step: int | None = None) -> dict[str, Any]:
         if step is not None and not (self.curve and self.curve[-1][0] == step):
             self.evaluate(step, module, device)
-        out: dict[str, Any] = {"eval_caption_loss": [list(x) for x in self.curve],
-                               "eval_text_only_caption_loss": self.text_only}
+        out: dict[str, Any] = {
+            "eval_caption_loss": [list(x) for x in self.curve],
+            "eval_text_only_caption_loss": self.text_only,
+        }
         if len(self.curve) > 1 and self.curve[0][1] > 0:
             out["eval_loss_drop"] = 1.0 - self.curve[-1][1] / self.curve[0][1]
         return out
@@ -104,9 +110,11 @@ class AdapterObjective(Objective):
 
     def describe(self) -> str:
         t = self.parts.tower
-        return (f"a {self.cfg.projector.type} projector from {t.describe()} ({t.num_layers} blocks, layer "
-                f"{t.feature_layer}, {t.select}: {t.num_positions} positions x {t.hidden_size}) into the LLM "
-                f"{self.parts.llm.path} (hidden {self.parts.llm.model.config.hidden_size})")
+        return (
+            f"a {self.cfg.projector.type} projector from {t.describe()} ({t.num_layers} blocks, layer "
+            f"{t.feature_layer}, {t.select}: {t.num_positions} positions x {t.hidden_size}) into the LLM "
+            f"{self.parts.llm.path} (hidden {self.parts.llm.model.config.hidden_size})"
+        )
 
     def hidden_size(self) -> int:
         return max(self.parts.tower.hidden_size, int(self.parts.llm.model.config.hidden_size))
@@ -121,15 +129,23 @@ class AdapterObjective(Objective):
         if not data.eval_shards or cfg.data.eval_samples <= 0:
             return None
         w = world_info()
-        batches = held_out_batches(data.eval_shards, self.transform, self.parts.collator, cfg.data.eval_samples,
-                                   cfg.train.batch_size, w.rank, w.world_size, cfg.data.caption_key)
+        batches = held_out_batches(
+            data.eval_shards,
+            self.transform,
+            self.parts.collator,
+            cfg.data.eval_samples,
+            cfg.train.batch_size,
+            w.rank,
+            w.world_size,
+            cfg.data.caption_key,
+        )
         return CaptionEvaluation(batches, cfg.train.eval_every)
 
     def export(self, run_dir: Path, state: dict[str, torch.Tensor], summary: dict[str, Any]) -> dict[str, Any]:
         """mm_projector.safetensors (+ .json) from the trained projector, and the LLaVA folder if asked for."""
         projector = self.model.projector
         prefix = "model.projector."
-        trained = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        trained = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         if trained:
             projector.load_state_dict(trained)  # the consolidated fp32 weights (equal to the live ones off ZeRO)
         save_projector(projector, projector_meta(self.cfg, self.parts, self.cfg.train.steps), run_dir)
@@ -137,8 +153,16 @@ class AdapterObjective(Objective):
         if self.cfg.export.format == "llava":
             llava_dir = Path(self.cfg.export.dir) if self.cfg.export.dir else Path(run_dir) / "llava"
             llm = self.parts.llm
-            export_llava(self.parts.tower, projector, self.cfg.projector.type, self.model.llm, llm.tokenizer,
-                         llm.image_token, llm.image_token_id, llava_dir)
+            export_llava(
+                self.parts.tower,
+                projector,
+                self.cfg.projector.type,
+                self.model.llm,
+                llm.tokenizer,
+                llm.image_token,
+                llm.image_token_id,
+                llava_dir,
+            )
             out["llava_dir"] = str(llava_dir)
         return out
 

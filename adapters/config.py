@@ -56,8 +56,9 @@ class LLMConfig:
         if not self.image_token:
             raise ConfigError("llm.image_token must not be empty")
         if self.prompt.count(self.image_token) != 1:
-            raise ConfigError(f"llm.prompt must contain llm.image_token {self.image_token!r} exactly once, "
-                              f"got {self.prompt!r}")
+            raise ConfigError(
+                f"llm.prompt must contain llm.image_token {self.image_token!r} exactly once, got {self.prompt!r}"
+            )
 
 
 @dataclass

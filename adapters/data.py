@@ -33,8 +33,15 @@ class EncodedCaption:
 class CaptionCollator:
     """Tokenise prompt + caption, expand the image token, build labels and right-padded batches."""
 
-    def __init__(self, tokenizer, image_token: str, image_token_id: int, num_image_tokens: int,
-                 prompt: str = "<image>\n", max_length: int = 512) -> None:
+    def __init__(
+        self,
+        tokenizer,
+        image_token: str,
+        image_token_id: int,
+        num_image_tokens: int,
+        prompt: str = "<image>\n",
+        max_length: int = 512,
+    ) -> None:
         if prompt.count(image_token) != 1:
             raise ConfigError(f"the prompt must contain {image_token!r} exactly once, got {prompt!r}")
         self.tokenizer = tokenizer
@@ -49,9 +56,11 @@ class CaptionCollator:
             log.warning("the tokenizer has no eos token: captions are learnt without an end token")
         prompt_len = len(self._expand(self._tokenize(prompt)[0]))
         if prompt_len >= max_length:
-            raise ConfigError(f"llm.max_length={max_length} leaves no room for the caption: the prompt with "
-                              f"{num_image_tokens} image positions is already {prompt_len} tokens; raise it above "
-                              f"{prompt_len}")
+            raise ConfigError(
+                f"llm.max_length={max_length} leaves no room for the caption: the prompt with "
+                f"{num_image_tokens} image positions is already {prompt_len} tokens; raise it above "
+                f"{prompt_len}"
+            )
         self.prompt_length = prompt_len
 
     def _tokenize(self, text: str) -> tuple[list[int], list[tuple[int, int]], list[int]]:
@@ -61,18 +70,22 @@ class CaptionCollator:
         separately, with offsets that place every caption token after the prompt.
         """
         try:
-            enc = self.tokenizer(text, add_special_tokens=True, return_offsets_mapping=True,
-                                 return_special_tokens_mask=True)
+            enc = self.tokenizer(
+                text, add_special_tokens=True, return_offsets_mapping=True, return_special_tokens_mask=True
+            )
             return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]], list(enc["special_tokens_mask"])
         except NotImplementedError:
             pass
         if not text.startswith(self.prompt):
             raise AssertionError("text must start with the prompt")
         head = self.tokenizer(self.prompt, add_special_tokens=True, return_special_tokens_mask=True)
-        tail = self.tokenizer(text[len(self.prompt):], add_special_tokens=False)["input_ids"]
+        tail = self.tokenizer(text[len(self.prompt) :], add_special_tokens=False)["input_ids"]
         n = len(self.prompt)
-        return (list(head["input_ids"]) + list(tail), [(0, 0)] * len(head["input_ids"]) + [(n, n + 1)] * len(tail),
-                list(head["special_tokens_mask"]) + [0] * len(tail))
+        return (
+            list(head["input_ids"]) + list(tail),
+            [(0, 0)] * len(head["input_ids"]) + [(n, n + 1)] * len(tail),
+            list(head["special_tokens_mask"]) + [0] * len(tail),
+        )
 
     def _expand(self, ids: list[int]) -> list[int]:
         out: list[int] = []
@@ -104,8 +117,8 @@ class CaptionCollator:
                 labels.append(self.eos_id)
         pos = ids.index(self.image_token_id)
         n = self.num_image_tokens if with_image else 0
-        ids = ids[:pos] + [self.image_token_id] * n + ids[pos + 1:]
-        labels = labels[:pos] + [IGNORE_INDEX] * n + labels[pos + 1:]
+        ids = ids[:pos] + [self.image_token_id] * n + ids[pos + 1 :]
+        labels = labels[:pos] + [IGNORE_INDEX] * n + labels[pos + 1 :]
         return EncodedCaption(ids[: self.max_length], labels[: self.max_length])
 
     def pad(self, encoded: list[EncodedCaption]) -> dict[str, torch.Tensor]:
@@ -132,12 +145,22 @@ class CaptionCollator:
         return self.pad([self.encode(s["text"], with_image=False) for s in samples])
 
 
-def held_out_batches(shards: str, image_transform: Callable, collator: CaptionCollator, num_samples: int,
-                     batch_size: int, rank: int = 0, world_size: int = 1, caption_key: str = "txt"
-                     ) -> list[dict[str, torch.Tensor]]:
+def held_out_batches(
+    shards: str,
+    image_transform: Callable,
+    collator: CaptionCollator,
+    num_samples: int,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    caption_key: str = "txt",
+) -> list[dict[str, torch.Tensor]]:
     """The first ``num_samples`` held-out pairs in order, this rank's share (sample i goes to rank i mod W)."""
-    pipeline = wds.DataPipeline(wds.SimpleShardList(shards), wds.tarfile_to_samples(handler=wds.warn_and_continue),
-                                decode_image_text(caption_key))
+    pipeline = wds.DataPipeline(
+        wds.SimpleShardList(shards),
+        wds.tarfile_to_samples(handler=wds.warn_and_continue),
+        decode_image_text(caption_key),
+    )
     samples = []
     for i, s in enumerate(pipeline):
         if i >= num_samples:
@@ -146,7 +169,7 @@ def held_out_batches(shards: str, image_transform: Callable, collator: CaptionCo
             samples.append({"pixel_values": image_transform(s["image"]), "text": s["text"]})
     batches = []
     for i in range(0, len(samples), batch_size):
-        chunk = samples[i:i + batch_size]
+        chunk = samples[i : i + batch_size]
         batch = collator(chunk)
         batch.update({f"text_{k}": v for k, v in collator.text_only(chunk).items()})
         batches.append(batch)

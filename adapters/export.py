@@ -77,13 +77,20 @@ def hf_projector_state(projector: nn.Module, projector_type: str, text_hidden: i
     depth = projector_depth(projector_type)
     sd = {k: v.detach() for k, v in projector.state_dict().items()}
     if depth == 2:
-        return {"linear_1.weight": sd["0.weight"], "linear_1.bias": sd["0.bias"],
-                "linear_2.weight": sd["2.weight"], "linear_2.bias": sd["2.bias"]}, "gelu"
+        return {
+            "linear_1.weight": sd["0.weight"],
+            "linear_1.bias": sd["0.bias"],
+            "linear_2.weight": sd["2.weight"],
+            "linear_2.bias": sd["2.bias"],
+        }, "gelu"
     if depth == 1:
         w = sd["0.weight"]
-        return {"linear_1.weight": w, "linear_1.bias": sd["0.bias"],
-                "linear_2.weight": torch.eye(text_hidden, dtype=w.dtype),
-                "linear_2.bias": torch.zeros(text_hidden, dtype=w.dtype)}, "linear"
+        return {
+            "linear_1.weight": w,
+            "linear_1.bias": sd["0.bias"],
+            "linear_2.weight": torch.eye(text_hidden, dtype=w.dtype),
+            "linear_2.bias": torch.zeros(text_hidden, dtype=w.dtype),
+        }, "linear"
     check_llava_projector(projector_type)
     raise AssertionError(f"unhandled projector depth {depth}")
 
@@ -116,7 +123,7 @@ def _llm_state_for_llava(llm: nn.Module) -> dict[str, torch.Tensor]:
     out = {}
     for k, v in llm.state_dict().items():
         if k.startswith(prefix + "."):
-            out["model.language_model." + k[len(prefix) + 1:]] = v
+            out["model.language_model." + k[len(prefix) + 1 :]] = v
         elif k.startswith("lm_head."):
             out[k] = v
         else:
@@ -124,8 +131,9 @@ def _llm_state_for_llava(llm: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def build_llava_model(tower: FrozenVisionTower, projector: nn.Module, projector_type: str, llm: nn.Module,
-                      image_token_id: int):
+def build_llava_model(
+    tower: FrozenVisionTower, projector: nn.Module, projector_type: str, llm: nn.Module, image_token_id: int
+):
     """A transformers LlavaForConditionalGeneration holding the adapter's weights, and the vision image processor."""
     from accelerate import init_empty_weights
     from transformers import LlavaConfig, LlavaForConditionalGeneration
@@ -164,8 +172,16 @@ def build_llava_model(tower: FrozenVisionTower, projector: nn.Module, projector_
     return model, image_processor
 
 
-def export_llava(tower: FrozenVisionTower, projector: nn.Module, projector_type: str, llm: nn.Module, tokenizer,
-                 image_token: str, image_token_id: int, out_dir: str | Path) -> Path:
+def export_llava(
+    tower: FrozenVisionTower,
+    projector: nn.Module,
+    projector_type: str,
+    llm: nn.Module,
+    tokenizer,
+    image_token: str,
+    image_token_id: int,
+    out_dir: str | Path,
+) -> Path:
     """Write the LLaVA folder (model + processor); returns its path."""
     from transformers import LlavaProcessor
 
@@ -173,9 +189,14 @@ def export_llava(tower: FrozenVisionTower, projector: nn.Module, projector_type:
     model, image_processor = build_llava_model(tower, projector, projector_type, llm, image_token_id)
     model.save_pretrained(out)
     patch_size = int(model.config.vision_config.patch_size)
-    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
-                               vision_feature_select_strategy=SELECT_TO_HF[tower.select], image_token=image_token,
-                               num_additional_image_tokens=tower.num_prefix_tokens)
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy=SELECT_TO_HF[tower.select],
+        image_token=image_token,
+        num_additional_image_tokens=tower.num_prefix_tokens,
+    )
     processor.save_pretrained(out)
     log.info("wrote a LlavaForConditionalGeneration folder to %s", out)
     return out

@@ -31,8 +31,14 @@ from vlp.config import ConfigError
 log = logging.getLogger(__name__)
 
 TINY_LLAMA_VERSION = "v2"
-TINY_LLAMA_SHAPE = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-                    "num_key_value_heads": 2, "max_position_embeddings": 512}
+TINY_LLAMA_SHAPE = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+}
 TINY_VOCAB_SIZE = 512
 TINY_TEXT_STEPS = 200
 
@@ -57,13 +63,20 @@ def _tiny_corpus(n: int, seed: int) -> list[str]:
     out = []
     for i in range(n):
         template = CAPTION_TEMPLATES[i % len(CAPTION_TEMPLATES)]
-        out.append(template.format(shape=rng.choice(SHAPES), color=rng.choice(list(COLORS)),
-                                   size=rng.choice(list(SIZES)), position=rng.choice(POSITIONS)))
+        out.append(
+            template.format(
+                shape=rng.choice(SHAPES),
+                color=rng.choice(list(COLORS)),
+                size=rng.choice(list(SIZES)),
+                position=rng.choice(POSITIONS),
+            )
+        )
     return out
 
 
-def _train_text_lm(model: nn.Module, tokenizer, texts: list[str], steps: int, batch_size: int = 32,
-                   lr: float = 3e-3) -> float:
+def _train_text_lm(
+    model: nn.Module, tokenizer, texts: list[str], steps: int, batch_size: int = 32, lr: float = 3e-3
+) -> float:
     """Next-token training of ``model`` on ``texts`` (each followed by eos); returns the last batch's loss."""
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
@@ -71,7 +84,7 @@ def _train_text_lm(model: nn.Module, tokenizer, texts: list[str], steps: int, ba
     loss = torch.tensor(float("nan"))
     for step in range(steps):
         start = (step * batch_size) % len(texts)
-        chunk = texts[start:start + batch_size]
+        chunk = texts[start : start + batch_size]
         enc = tokenizer([t + tokenizer.eos_token for t in chunk], padding=True, return_tensors="pt")
         labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
         loss = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], labels=labels).loss
@@ -83,8 +96,13 @@ def _train_text_lm(model: nn.Module, tokenizer, texts: list[str], steps: int, ba
     return float(loss)
 
 
-def build_tiny_llm(folder: str | Path, seed: int = 0, image_token: str = "<image>", text_steps: int = TINY_TEXT_STEPS,
-                   text_prefix: str = "\n") -> Path:
+def build_tiny_llm(
+    folder: str | Path,
+    seed: int = 0,
+    image_token: str = "<image>",
+    text_steps: int = TINY_TEXT_STEPS,
+    text_prefix: str = "\n",
+) -> Path:
     """Write the embedded tiny Llama and its tokenizer to ``folder`` (deterministic for a seed on one machine).
 
     The tokenizer is a byte-level BPE trained on synthetic-style captions, with ``<s>`` (prepended), ``</s>``,
@@ -104,27 +122,47 @@ def build_tiny_llm(folder: str | Path, seed: int = 0, image_token: str = "<image
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=TINY_VOCAB_SIZE, special_tokens=specials, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB_SIZE,
+        special_tokens=specials,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     bpe.train_from_iterator(_tiny_corpus(4000, seed), trainer)
-    bpe.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                       special_tokens=[("<s>", bpe.token_to_id("<s>"))])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                        model_max_length=TINY_LLAMA_SHAPE["max_position_embeddings"])
+    bpe.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", bpe.token_to_id("<s>"))]
+    )
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        model_max_length=TINY_LLAMA_SHAPE["max_position_embeddings"],
+    )
     tokenizer.add_tokens([image_token], special_tokens=True)
     tokenizer.save_pretrained(tmp)
 
-    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         tie_word_embeddings=False, **TINY_LLAMA_SHAPE)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        **TINY_LLAMA_SHAPE,
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
         texts = [text_prefix + c for c in _tiny_corpus(20000, seed + 1)]
         text_loss = _train_text_lm(model, tokenizer, texts, text_steps) if text_steps > 0 else None
     model.save_pretrained(tmp)
-    info = {"version": TINY_LLAMA_VERSION, "fingerprint": corpus_fingerprint(), "seed": seed, "text_steps": text_steps,
-            "text_loss": text_loss}
+    info = {
+        "version": TINY_LLAMA_VERSION,
+        "fingerprint": corpus_fingerprint(),
+        "seed": seed,
+        "text_steps": text_steps,
+        "text_loss": text_loss,
+    }
     (tmp / "vlp_tiny_llm.json").write_text(json.dumps(info))
     if folder.exists():
         shutil.rmtree(folder)
@@ -139,8 +177,17 @@ def corpus_fingerprint() -> str:
 
     from data_pipelines import synthetic
 
-    parts = [TINY_LLAMA_VERSION, TINY_LLAMA_SHAPE, TINY_VOCAB_SIZE, TINY_TEXT_STEPS, synthetic.CAPTION_TEMPLATES,
-             synthetic.SHAPES, list(synthetic.COLORS), list(synthetic.SIZES), synthetic.POSITIONS]
+    parts = [
+        TINY_LLAMA_VERSION,
+        TINY_LLAMA_SHAPE,
+        TINY_VOCAB_SIZE,
+        TINY_TEXT_STEPS,
+        synthetic.CAPTION_TEMPLATES,
+        synthetic.SHAPES,
+        list(synthetic.COLORS),
+        list(synthetic.SIZES),
+        synthetic.POSITIONS,
+    ]
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:10]
 
 
@@ -189,15 +236,18 @@ def add_image_token(model: nn.Module, tokenizer, image_token: str) -> int:
     return ids[0]
 
 
-def load_llm(path: str | Path, image_token: str = "<image>", dtype: torch.dtype | None = None,
-             grad_checkpointing: bool = False) -> LoadedLLM:
+def load_llm(
+    path: str | Path, image_token: str = "<image>", dtype: torch.dtype | None = None, grad_checkpointing: bool = False
+) -> LoadedLLM:
     """A frozen (eval mode, no gradients) causal LM and its tokenizer from a local folder."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
     if not (path / "config.json").is_file():
-        raise ConfigError(f"llm.path {str(path)!r} is not a Hugging Face model folder (no config.json); pass a "
-                          "local folder holding a causal LM and its tokenizer, or leave it unset for the tiny Llama")
+        raise ConfigError(
+            f"llm.path {str(path)!r} is not a Hugging Face model folder (no config.json); pass a "
+            "local folder holding a causal LM and its tokenizer, or leave it unset for the tiny Llama"
+        )
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
     image_token_id = add_image_token(model, tokenizer, image_token)

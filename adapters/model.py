@@ -19,8 +19,15 @@ from adapters.vision import FrozenVisionTower
 class LlavaAdapter(nn.Module):
     """The adapter model; ``forward`` returns next-token logits [B, L, V]."""
 
-    def __init__(self, vision: FrozenVisionTower, projector: nn.Module, llm: nn.Module, image_token_id: int,
-                 projector_type: str = "mlp2x_gelu", llm_checkpointing: bool = False) -> None:
+    def __init__(
+        self,
+        vision: FrozenVisionTower,
+        projector: nn.Module,
+        llm: nn.Module,
+        image_token_id: int,
+        projector_type: str = "mlp2x_gelu",
+        llm_checkpointing: bool = False,
+    ) -> None:
         super().__init__()
         self.vision = vision
         self.projector = projector
@@ -50,13 +57,20 @@ class LlavaAdapter(nn.Module):
         mask = input_ids == self.image_token_id
         n_tokens, n_feats = int(mask.sum()), image_features.shape[0] * image_features.shape[1]
         if n_tokens != n_feats:
-            raise ValueError(f"{n_tokens} image token positions in the batch but {n_feats} image feature "
-                             f"positions ({image_features.shape[0]} images x {image_features.shape[1]}); captions "
-                             "truncated into the image positions or an image token in the text?")
+            raise ValueError(
+                f"{n_tokens} image token positions in the batch but {n_feats} image feature "
+                f"positions ({image_features.shape[0]} images x {image_features.shape[1]}); captions "
+                "truncated into the image positions or an image token in the text?"
+            )
         return embeds.masked_scatter(mask.unsqueeze(-1), image_features.to(embeds.dtype))
 
-    def forward(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         embeds = self.splice(input_ids, self.image_features(pixel_values))
         out = self.llm(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False, return_dict=True)
         return out.logits
@@ -69,8 +83,12 @@ def caption_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[to
     """
     shift_logits = logits[:, :-1].float()
     shift_labels = labels[:, 1:]
-    total = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), shift_labels.reshape(-1),
-                            ignore_index=IGNORE_INDEX, reduction="sum")
+    total = F.cross_entropy(
+        shift_logits.reshape(-1, shift_logits.shape[-1]),
+        shift_labels.reshape(-1),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
     return total, (shift_labels != IGNORE_INDEX).sum()
 
 

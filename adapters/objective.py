@@ -64,8 +64,9 @@ def build_adapter(cfg: Any, frozen_dtype: Any = None) -> AdapterParts:
         barrier()
         llm_path = llm_path or ensure_tiny_llm(cfg.llm.tiny_dir, seed=0)
     llm = load_llm(llm_path, cfg.llm.image_token, dtype=frozen_dtype, grad_checkpointing=cfg.llm.grad_checkpointing)
-    tower = load_vision_tower(cfg.vision.tower, cfg.vision.preset, cfg.vision.feature_layer, cfg.vision.select,
-                              seed=cfg.train.seed)
+    tower = load_vision_tower(
+        cfg.vision.tower, cfg.vision.preset, cfg.vision.feature_layer, cfg.vision.select, seed=cfg.train.seed
+    )
     tower.to(frozen_dtype)
     text_hidden = int(llm.model.config.hidden_size)
     with torch.random.fork_rng(devices=[]):
@@ -74,17 +75,28 @@ def build_adapter(cfg: Any, frozen_dtype: Any = None) -> AdapterParts:
     if cfg.projector.init:
         state, meta = load_projector_state(cfg.projector.init)
         if meta.get("projector_type", cfg.projector.type) != cfg.projector.type:
-            raise ConfigError(f"projector.init {cfg.projector.init} holds a {meta['projector_type']} projector but "
-                              f"projector.type is {cfg.projector.type}")
+            raise ConfigError(
+                f"projector.init {cfg.projector.init} holds a {meta['projector_type']} projector but "
+                f"projector.type is {cfg.projector.type}"
+            )
         try:
             projector.load_state_dict(state)
         except RuntimeError as e:
-            raise ConfigError(f"projector.init {cfg.projector.init} does not fit a {cfg.projector.type} projector "
-                              f"from width {tower.hidden_size} to {text_hidden}: {e}") from e
-    model = LlavaAdapter(tower, projector, llm.model, llm.image_token_id, cfg.projector.type,
-                         llm_checkpointing=cfg.llm.grad_checkpointing)
-    collator = CaptionCollator(llm.tokenizer, cfg.llm.image_token, llm.image_token_id, tower.num_positions,
-                               cfg.llm.prompt, cfg.llm.max_length)
+            raise ConfigError(
+                f"projector.init {cfg.projector.init} does not fit a {cfg.projector.type} projector "
+                f"from width {tower.hidden_size} to {text_hidden}: {e}"
+            ) from e
+    model = LlavaAdapter(
+        tower,
+        projector,
+        llm.model,
+        llm.image_token_id,
+        cfg.projector.type,
+        llm_checkpointing=cfg.llm.grad_checkpointing,
+    )
+    collator = CaptionCollator(
+        llm.tokenizer, cfg.llm.image_token, llm.image_token_id, tower.num_positions, cfg.llm.prompt, cfg.llm.max_length
+    )
     return AdapterParts(model, tower, llm, collator)
 
 
@@ -116,15 +128,21 @@ def check(cfg: Any) -> None:
     from adapters.projector import check_llava_projector
 
     if not hasattr(cfg, "projector"):
-        raise ConfigError("objective llava-projector trains from scripts/train_adapter.py (its config holds the "
-                          "vision tower, LLM and projector sections)")
+        raise ConfigError(
+            "objective llava-projector trains from scripts/train_adapter.py (its config holds the "
+            "vision tower, LLM and projector sections)"
+        )
     if cfg.export.format == "llava":  # a projector HF cannot hold is refused before anything is built
         check_llava_projector(cfg.projector.type)
 
 
-@register_objective("llava-projector", "adapter", check=check,
-                    description="LLaVA stage 1: a projector from a frozen vision tower into a frozen LLM, trained on "
-                                "the caption loss (scripts/train_adapter.py).")
+@register_objective(
+    "llava-projector",
+    "adapter",
+    check=check,
+    description="LLaVA stage 1: a projector from a frozen vision tower into a frozen LLM, trained on "
+    "the caption loss (scripts/train_adapter.py).",
+)
 def build(cfg: Any, world: Any, parts: AdapterParts | None = None):
     """The adapter objective of an :class:`adapters.config.AdapterConfig` (``parts``: already built ones)."""
     from adapters.caption_objective import AdapterObjective

@@ -24,8 +24,10 @@ def projector_depth(projector_type: str) -> int:
         return 1
     m = _MLP.match(projector_type)
     if m is None or int(m.group(1)) < 1:
-        raise ConfigError(f"unknown projector type {projector_type!r}; valid: linear, mlp2x_gelu, mlp3x_gelu, "
-                          "... (mlpNx_gelu with N >= 1)")
+        raise ConfigError(
+            f"unknown projector type {projector_type!r}; valid: linear, mlp2x_gelu, mlp3x_gelu, "
+            "... (mlpNx_gelu with N >= 1)"
+        )
     return int(m.group(1))
 
 
@@ -33,9 +35,11 @@ def check_llava_projector(projector_type: str) -> None:
     """Raise a ConfigError naming ``projector_type`` when ``--format llava`` cannot hold it: transformers'
     LlavaMultiModalProjector is Linear, activation, Linear, which holds linear / mlp1x_gelu and mlp2x_gelu exactly."""
     if projector_depth(projector_type) > 2:
-        raise ConfigError(f"projector type {projector_type!r} cannot be exported to LlavaForConditionalGeneration, "
-                          "whose projector is Linear-act-Linear; train with --projector mlp2x_gelu (or linear), or "
-                          "keep --format projector")
+        raise ConfigError(
+            f"projector type {projector_type!r} cannot be exported to LlavaForConditionalGeneration, "
+            "whose projector is Linear-act-Linear; train with --projector mlp2x_gelu (or linear), or "
+            "keep --format projector"
+        )
 
 
 def build_projector(projector_type: str, in_features: int, out_features: int) -> nn.Sequential:

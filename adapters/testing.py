@@ -13,13 +13,26 @@ import torch
 from adapters.vision import default_image_processor
 
 
-def save_tiny_hf_vision(folder: str | Path, kind: str = "clip", image_size: int = 64, patch_size: int = 16,
-                        hidden_size: int = 32, layers: int = 3, seed: int = 0) -> Path:
+def save_tiny_hf_vision(
+    folder: str | Path,
+    kind: str = "clip",
+    image_size: int = 64,
+    patch_size: int = 16,
+    hidden_size: int = 32,
+    layers: int = 3,
+    seed: int = 0,
+) -> Path:
     """Write a random CLIPVisionModel (``kind='clip'``) or SiglipVisionModel (``'siglip'``) and its processor."""
     from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
 
-    shape = {"hidden_size": hidden_size, "intermediate_size": 2 * hidden_size, "num_hidden_layers": layers,
-             "num_attention_heads": 4, "image_size": image_size, "patch_size": patch_size}
+    shape = {
+        "hidden_size": hidden_size,
+        "intermediate_size": 2 * hidden_size,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 4,
+        "image_size": image_size,
+        "patch_size": patch_size,
+    }
     if kind == "clip":
         config, cls = CLIPVisionConfig(**shape), CLIPVisionModel
     elif kind == "siglip":

@@ -83,19 +83,24 @@ class FrozenVisionTower(nn.Module):
         """``feature_layer`` as a non-negative index into the num_layers + 1 hidden states."""
         n = self.num_layers + 1
         if not -n <= self.feature_layer < n:
-            raise ConfigError(f"vision.feature_layer={self.feature_layer} is out of range for a tower with "
-                              f"{self.num_layers} blocks; valid: {-n}..{n - 1} (0 = embeddings, -1 = last block)")
+            raise ConfigError(
+                f"vision.feature_layer={self.feature_layer} is out of range for a tower with "
+                f"{self.num_layers} blocks; valid: {-n}..{n - 1} (0 = embeddings, -1 = last block)"
+            )
         return self.feature_layer % n
 
     def check_selection(self) -> None:
         if self.select not in SELECT_TO_HF:
             raise ConfigError(f"vision.select={self.select!r} is not valid; valid: {', '.join(SELECT_TO_HF)}")
         if self.num_prefix_tokens > 1:
-            raise ConfigError(f"towers with {self.num_prefix_tokens} prefix tokens (class + register tokens) are "
-                              "not supported; use a tower with at most a class token")
+            raise ConfigError(
+                f"towers with {self.num_prefix_tokens} prefix tokens (class + register tokens) are "
+                "not supported; use a tower with at most a class token"
+            )
         if self.select in ("patch", "cls_patch") and not self.has_cls_token:
-            raise ConfigError(f"vision.select={self.select} needs a class token but this tower has none; "
-                              "use vision.select=full")
+            raise ConfigError(
+                f"vision.select={self.select} needs a class token but this tower has none; use vision.select=full"
+            )
         self.resolved_layer()
 
     @property
@@ -124,15 +129,16 @@ class FrozenVisionTower(nn.Module):
         layer = self.resolved_layer()
         x = self.hidden_states(pixel_values, upto=layer)[layer]
         if self.select == "patch":
-            x = x[:, self.num_prefix_tokens:]
+            x = x[:, self.num_prefix_tokens :]
         return x
 
 
 class OpenClipTower(FrozenVisionTower):
     """open_clip's VisionTransformer (CLIP-style presets): hidden state 0 is ln_pre(patch + class + position)."""
 
-    def __init__(self, visual: nn.Module, preset, source: dict[str, Any], feature_layer: int = -2,
-                 select: str = "patch") -> None:
+    def __init__(
+        self, visual: nn.Module, preset, source: dict[str, Any], feature_layer: int = -2, select: str = "patch"
+    ) -> None:
         super().__init__(feature_layer, select)
         self.visual = visual
         self.preset = preset
@@ -168,8 +174,9 @@ class OpenClipTower(FrozenVisionTower):
 class TimmTower(FrozenVisionTower):
     """A timm ViT trunk (the SigLIP presets): hidden state 0 is norm_pre(patch + position [+ class])."""
 
-    def __init__(self, visual: nn.Module, preset, source: dict[str, Any], feature_layer: int = -2,
-                 select: str = "patch") -> None:
+    def __init__(
+        self, visual: nn.Module, preset, source: dict[str, Any], feature_layer: int = -2, select: str = "patch"
+    ) -> None:
         super().__init__(feature_layer, select)
         self.visual = visual
         self.preset = preset
@@ -202,8 +209,9 @@ class TimmTower(FrozenVisionTower):
 class HFTower(FrozenVisionTower):
     """A transformers CLIPVisionModel / SiglipVisionModel; hidden states exactly as its ``hidden_states``."""
 
-    def __init__(self, model: nn.Module, image_processor, source: dict[str, Any], feature_layer: int = -2,
-                 select: str = "patch") -> None:
+    def __init__(
+        self, model: nn.Module, image_processor, source: dict[str, Any], feature_layer: int = -2, select: str = "patch"
+    ) -> None:
         super().__init__(feature_layer, select)
         self.model = model
         self.image_processor = image_processor
@@ -246,8 +254,7 @@ def _is_hf_folder(path: Path) -> bool:
     return path.is_dir() and (path / "config.json").is_file()
 
 
-def tower_from_dual_tower(model, preset, source: dict[str, Any], feature_layer: int, select: str
-                          ) -> FrozenVisionTower:
+def tower_from_dual_tower(model, preset, source: dict[str, Any], feature_layer: int, select: str) -> FrozenVisionTower:
     """Wrap the image tower of a :class:`vlp.model.DualTower`."""
     import open_clip
     from open_clip.transformer import VisionTransformer
@@ -267,8 +274,10 @@ def load_hf_vision_model(path: str | Path):
     path = Path(path)
     cfg = AutoConfig.from_pretrained(path)
     if cfg.model_type not in HF_VISION_TYPES:
-        raise ConfigError(f"{path}: model_type {cfg.model_type!r} is not a supported vision tower; valid: "
-                          f"{', '.join(HF_VISION_TYPES)}")
+        raise ConfigError(
+            f"{path}: model_type {cfg.model_type!r} is not a supported vision tower; valid: "
+            f"{', '.join(HF_VISION_TYPES)}"
+        )
     if "CLIPVisionModelWithProjection" in (getattr(cfg, "architectures", None) or []):
         from transformers import CLIPVisionModelWithProjection
 
@@ -296,15 +305,27 @@ def default_image_processor(vision_config, mean=None, std=None, resize_mode: str
     std = list(std) if std is not None else ([0.5] * 3 if siglip else [0.26862954, 0.26130258, 0.27577711])
     squash = resize_mode == "squash" if resize_mode else siglip
     if squash:
-        return SiglipImageProcessor(size={"height": size, "width": size}, resample=PILImageResampling.BICUBIC,
-                                    image_mean=mean, image_std=std, do_convert_rgb=True)
-    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-                              resample=PILImageResampling.BICUBIC, do_center_crop=True, image_mean=mean,
-                              image_std=std, do_convert_rgb=True)
+        return SiglipImageProcessor(
+            size={"height": size, "width": size},
+            resample=PILImageResampling.BICUBIC,
+            image_mean=mean,
+            image_std=std,
+            do_convert_rgb=True,
+        )
+    return CLIPImageProcessor(
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        resample=PILImageResampling.BICUBIC,
+        do_center_crop=True,
+        image_mean=mean,
+        image_std=std,
+        do_convert_rgb=True,
+    )
 
 
-def load_vision_tower(tower: str | None, preset: str = "tiny", feature_layer: int = -2, select: str = "patch",
-                      seed: int = 0) -> FrozenVisionTower:
+def load_vision_tower(
+    tower: str | None, preset: str = "tiny", feature_layer: int = -2, select: str = "patch", seed: int = 0
+) -> FrozenVisionTower:
     """The frozen tower named by ``tower`` (see :class:`adapters.config.VisionTowerConfig`)."""
     from vlp.model import build_model, load_preset
 
@@ -325,6 +346,8 @@ def load_vision_tower(tower: str | None, preset: str = "tiny", feature_layer: in
         model, cfg = load_trained_model(path)
         source = {"kind": "vlp", "path": str(path), "preset": model.preset.name}  # the run's saved preset
         return tower_from_dual_tower(model, model.preset, source, feature_layer, select).freeze()
-    raise ConfigError(f"vision.tower {tower!r} does not exist; pass a pretrain run directory or checkpoint of "
-                      "this project, or a local Hugging Face folder with a CLIP/SigLIP vision model "
-                      "(or leave it unset for a random tiny tower)")
+    raise ConfigError(
+        f"vision.tower {tower!r} does not exist; pass a pretrain run directory or checkpoint of "
+        "this project, or a local Hugging Face folder with a CLIP/SigLIP vision model "
+        "(or leave it unset for a random tiny tower)"
+    )

@@ -23,8 +23,9 @@ log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 #: extensions whose usual loaders unpickle (webdataset's .pyd/.pickle, torch's .pth/.pt, numpy's object arrays)
-UNSAFE_EXTENSIONS = frozenset({"pyd", "pickle", "pkl", "pth", "pt", "ckpt", "bin", "npy", "npz", "joblib", "dill",
-                               "cpkl"})
+UNSAFE_EXTENSIONS = frozenset(
+    {"pyd", "pickle", "pkl", "pth", "pt", "ckpt", "bin", "npy", "npz", "joblib", "dill", "cpkl"}
+)
 
 
 def caption_member(caption_key: str) -> str | None:
@@ -38,8 +39,9 @@ def caption_member(caption_key: str) -> str | None:
     if not caption_key or "." in caption_key:
         from vlp.config import ConfigError
 
-        raise ConfigError(f"data.caption_key {caption_key!r} is not valid; use a member extension such as 'txt' "
-                          "or 'json:FIELD'")
+        raise ConfigError(
+            f"data.caption_key {caption_key!r} is not valid; use a member extension such as 'txt' or 'json:FIELD'"
+        )
     return caption_key.lower()
 
 
@@ -71,8 +73,9 @@ def _choice_index(n: int, *salt: Any) -> int:
     return zlib.crc32(":".join(map(str, salt)).encode()) % n
 
 
-def decode_sample(raw: dict[str, Any], caption_key: str, require_text: bool, faults: FaultCounter,
-                  salt: Any = 0) -> dict[str, Any] | None:
+def decode_sample(
+    raw: dict[str, Any], caption_key: str, require_text: bool, faults: FaultCounter, salt: Any = 0
+) -> dict[str, Any] | None:
     """A raw sample (member extension -> bytes) -> {"__key__", "image": PIL RGB, "text", "json"}, or None.
 
     A None is a skipped sample, counted in ``faults`` by kind. When the caption is a list (``json:FIELD`` holding
@@ -127,8 +130,9 @@ def decode_sample(raw: dict[str, Any], caption_key: str, require_text: bool, fau
     return {"__key__": key, "image": image, "text": text or None, "json": meta}
 
 
-def decode_image_text(caption_key: str = "txt", seed: int = 0, require_text: bool = True
-                      ) -> Callable[[Iterator[dict]], Iterator[dict]]:
+def decode_image_text(
+    caption_key: str = "txt", seed: int = 0, require_text: bool = True
+) -> Callable[[Iterator[dict]], Iterator[dict]]:
     """A webdataset pipeline stage: raw tar samples -> {"__key__", "image": PIL RGB, "text": str|None, "json"}.
 
     Samples with no image or an undecodable image are skipped (and counted in ``stage.faults``), and so are
@@ -147,5 +151,5 @@ def decode_image_text(caption_key: str = "txt", seed: int = 0, require_text: boo
                 faults.ok()
                 yield out
 
-    stage.faults = FaultCounter(max_consecutive_failures=10 ** 9)
+    stage.faults = FaultCounter(max_consecutive_failures=10**9)
     return stage

@@ -16,16 +16,16 @@ log = logging.getLogger(__name__)
 
 #: Kinds of failure, in a fixed order (the order of the vector summed across ranks).
 FAILURE_KINDS: tuple[str, ...] = (
-    "missing_shard",      # the shard could not be opened or fetched (no such file, host unreachable, HTTP 404)
-    "unreadable_shard",   # opened, but no sample could be read (not a tar, empty file)
-    "truncated_shard",    # some samples were read, then the tar ended or broke
-    "corrupt_image",      # the image member does not decode
-    "missing_image",      # a sample with no jpg/jpeg/png/webp member
-    "missing_caption",    # no caption member (or json field) where the objective needs text
-    "empty_caption",      # a caption that is empty or only whitespace
-    "bad_caption",        # a caption that is not UTF-8, or a json member that does not parse
-    "malformed_sample",   # two members with the same name in one sample, and the like
-    "transform_error",    # the objective's sample transform raised
+    "missing_shard",  # the shard could not be opened or fetched (no such file, host unreachable, HTTP 404)
+    "unreadable_shard",  # opened, but no sample could be read (not a tar, empty file)
+    "truncated_shard",  # some samples were read, then the tar ended or broke
+    "corrupt_image",  # the image member does not decode
+    "missing_image",  # a sample with no jpg/jpeg/png/webp member
+    "missing_caption",  # no caption member (or json field) where the objective needs text
+    "empty_caption",  # a caption that is empty or only whitespace
+    "bad_caption",  # a caption that is not UTF-8, or a json member that does not parse
+    "malformed_sample",  # two members with the same name in one sample, and the like
+    "transform_error",  # the objective's sample transform raised
 )
 #: Counted but not failures: samples the metadata promised that a broken/missing shard did not deliver, and
 #: members with pickle-based extensions that were ignored unread.
@@ -40,8 +40,9 @@ class DataError(ConfigError):
 class FaultCounter:
     """Cumulative counts by kind plus the current run of consecutive failures."""
 
-    def __init__(self, max_consecutive_failures: int = 1000, initial: dict[str, int] | None = None,
-                 where: str = "") -> None:
+    def __init__(
+        self, max_consecutive_failures: int = 1000, initial: dict[str, int] | None = None, where: str = ""
+    ) -> None:
         if max_consecutive_failures < 1:
             raise ConfigError(f"data.max_consecutive_failures must be >= 1, got {max_consecutive_failures}")
         self.max_consecutive = max_consecutive_failures
@@ -64,7 +65,8 @@ class FaultCounter:
             raise DataError(
                 f"{self.consecutive} consecutive data failures without one usable sample{self.where} "
                 f"(counts so far: {self.summary()}; last: {kind}: {detail}). Check the shard paths and contents, "
-                "or raise data.max_consecutive_failures if this much bad data is expected")
+                "or raise data.max_consecutive_failures if this much bad data is expected"
+            )
 
     def note(self, kind: str, n: int = 1) -> None:
         """Count an informational event (not a failure)."""

@@ -49,8 +49,17 @@ class TrainStream:
     :meth:`state_dict` (this rank, no communication) and :meth:`global_state_dict` (all ranks, collective).
     """
 
-    def __init__(self, spec: StreamSpec, sources: list[Source], *, workers: int, num_samples: int | None,
-                 pin_memory: bool, timeout_s: float, plan_faults: dict[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        spec: StreamSpec,
+        sources: list[Source],
+        *,
+        workers: int,
+        num_samples: int | None,
+        pin_memory: bool,
+        timeout_s: float,
+        plan_faults: dict[str, int] | None = None,
+    ) -> None:
         self.spec = spec
         self.sources = sources
         self.workers = workers
@@ -86,8 +95,10 @@ class TrainStream:
     def steps_for_epochs(self, epochs: float, global_batch: int) -> int:
         """Optimiser steps (global batches) that cover ``epochs`` passes over the data, rounded up."""
         if not self.num_samples:
-            raise ConfigError("data.epochs needs the number of samples per epoch: write shard metadata with "
-                              "scripts/make_shards.py --index, or pass --train-num-samples")
+            raise ConfigError(
+                "data.epochs needs the number of samples per epoch: write shard metadata with "
+                "scripts/make_shards.py --index, or pass --train-num-samples"
+            )
         return max(1, math.ceil(epochs * self.num_samples / global_batch))
 
     def _start(self) -> None:
@@ -103,8 +114,15 @@ class TrainStream:
                 kw["multiprocessing_context"] = "fork"
         generator = torch.Generator()  # worker seeds from (seed, rank); the global RNG is left alone
         generator.manual_seed(self.spec.seed * 1_000_003 + self.spec.rank)
-        self._loader = DataLoader(dataset, batch_size=None, num_workers=self.workers, pin_memory=self.pin_memory,
-                                  generator=generator, collate_fn=_as_is, **kw)
+        self._loader = DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=self.workers,
+            pin_memory=self.pin_memory,
+            generator=generator,
+            collate_fn=_as_is,
+            **kw,
+        )
         self._it = iter(self._loader)
         assert nw == max(1, self.workers)
 
@@ -189,12 +207,21 @@ class TrainStream:
         """
         nw = self.spec.num_workers
         return {
-            "version": STATE_VERSION, "mode": self.mode, "seed": self.spec.seed, "fingerprint": self.fingerprint,
-            "rank": self.spec.rank, "world_size": self.spec.world_size, "num_workers": nw,
-            "batches": self.batches, "samples": self.samples, "next_worker": self._next_worker,
+            "version": STATE_VERSION,
+            "mode": self.mode,
+            "seed": self.spec.seed,
+            "fingerprint": self.fingerprint,
+            "rank": self.spec.rank,
+            "world_size": self.spec.world_size,
+            "num_workers": nw,
+            "batches": self.batches,
+            "samples": self.samples,
+            "next_worker": self._next_worker,
             "plan_faults": dict(self._plan_faults),
-            "workers": [{"round": r, "window": w, "offset": o, "faults": dict(self._faults.get(i, {}))}
-                        for i, (r, w, o) in ((i, self._position(i)) for i in range(nw))],
+            "workers": [
+                {"round": r, "window": w, "offset": o, "faults": dict(self._faults.get(i, {}))}
+                for i, (r, w, o) in ((i, self._position(i)) for i in range(nw))
+            ],
         }
 
     def _position(self, worker: int) -> tuple[int, int, int]:
@@ -228,17 +255,23 @@ class TrainStream:
         for key, mine in (("mode", self.mode), ("seed", self.spec.seed), ("fingerprint", self.fingerprint)):
             if first.get(key) != mine:
                 what = "shards/metadata/weights" if key == "fingerprint" else key
-                raise ConfigError(f"cannot resume the data stream: the checkpoint's data {what} differs "
-                                  f"({first.get(key)!r} vs {mine!r} now); resume with the same data settings")
+                raise ConfigError(
+                    f"cannot resume the data stream: the checkpoint's data {what} differs "
+                    f"({first.get(key)!r} vs {mine!r} now); resume with the same data settings"
+                )
         self.close()
         nw = self.spec.num_workers
         mine = next((e for e in entries if e.get("rank") == self.spec.rank), None)
-        same_layout = (mine is not None and first.get("world_size") == self.spec.world_size
-                       and first.get("num_workers") == nw
-                       and ("ranks" not in state or len(entries) == self.spec.world_size))
+        same_layout = (
+            mine is not None
+            and first.get("world_size") == self.spec.world_size
+            and first.get("num_workers") == nw
+            and ("ranks" not in state or len(entries) == self.spec.world_size)
+        )
         if same_layout:
-            self._positions = {w: (int(d["round"]), int(d["window"]), int(d["offset"]))
-                               for w, d in enumerate(mine["workers"])}
+            self._positions = {
+                w: (int(d["round"]), int(d["window"]), int(d["offset"])) for w, d in enumerate(mine["workers"])
+            }
             self._faults = {w: dict(d.get("faults", {})) for w, d in enumerate(mine["workers"])}
             self._next_worker = int(mine["next_worker"]) % nw
             self.batches, self.samples = int(mine["batches"]), int(mine["samples"])
@@ -246,10 +279,16 @@ class TrainStream:
             return
         rounds = [int(d["round"]) for e in entries for d in e["workers"]]
         restart = min(rounds) if self.mode == "epoch" else max(rounds) + 1
-        log.warning("data position saved with world_size=%s x workers=%s, resuming with %s x %s: readers' shares "
-                    "differ, so the data stream restarts at %s %d", first.get("world_size"),
-                    first.get("num_workers"), self.spec.world_size, nw,
-                    "the start of epoch" if self.mode == "epoch" else "resampling round", restart)
+        log.warning(
+            "data position saved with world_size=%s x workers=%s, resuming with %s x %s: readers' shares "
+            "differ, so the data stream restarts at %s %d",
+            first.get("world_size"),
+            first.get("num_workers"),
+            self.spec.world_size,
+            nw,
+            "the start of epoch" if self.mode == "epoch" else "resampling round",
+            restart,
+        )
         self._positions = {w: (restart, 0, 0) for w in range(nw)}
         totals = add_counts(*[d.get("faults", {}) for e in entries for d in e["workers"]])
         self._faults = {0: totals} if self.spec.rank == 0 else {}
@@ -280,7 +319,7 @@ def _resolve_counts(sources: list[Source], mode: str, metadata: str | None) -> d
     plan_faults: dict[str, int] = {}
     i = 0
     for s in sources:
-        s.counts = counts[i:i + len(s.urls)]
+        s.counts = counts[i : i + len(s.urls)]
         i += len(s.urls)
     unknown = [(s, u) for s in sources for u, c in zip(s.urls, s.counts) if c is None]
     missing_local = [u for _, u in unknown if is_local(u)]
@@ -289,8 +328,9 @@ def _resolve_counts(sources: list[Source], mode: str, metadata: str | None) -> d
 
         gone = [u for u in missing_local if not Path(local_path(u)).is_file()]
         if gone:
-            log.warning("%d shard(s) are missing and have no metadata; they are skipped (first: %s)", len(gone),
-                        gone[0])
+            log.warning(
+                "%d shard(s) are missing and have no metadata; they are skipped (first: %s)", len(gone), gone[0]
+            )
             plan_faults["missing_shard"] = len(gone)
     if mode == "epoch" and unknown:
         remote = [u for _, u in unknown if not is_local(u)]
@@ -298,7 +338,8 @@ def _resolve_counts(sources: list[Source], mode: str, metadata: str | None) -> d
             raise ConfigError(
                 f"data.mode=epoch needs each shard's sample count, and {len(remote)} remote shard(s) have no metadata "
                 f"(first: {remote[0]}); put a sizes.json or *.meta.json next to them (scripts/make_shards.py --index "
-                "writes one), pass --data.train_metadata FILE, or use --data.mode resampled with --train-num-samples")
+                "writes one), pass --data.train_metadata FILE, or use --data.mode resampled with --train-num-samples"
+            )
         for s in sources:  # local shards that could not be opened: treated as empty in the plan
             s.counts = [0 if c is None else c for c in s.counts]
     return plan_faults
@@ -354,28 +395,59 @@ def build_train_loader(
         plan: Plan = EpochPlan(sources, seed)
         total = plan.total
         if total < world_size * nw:
-            raise ConfigError(f"{total} training samples cannot feed {world_size} rank(s) x {nw} worker(s); use fewer "
-                              "workers or more data")
+            raise ConfigError(
+                f"{total} training samples cannot feed {world_size} rank(s) x {nw} worker(s); use fewer "
+                "workers or more data"
+            )
         if num_samples is not None and num_samples != total:
-            raise ConfigError(f"--train-num-samples {num_samples} disagrees with the shards' metadata ({total} "
-                              f"samples per epoch in {len(plan.entries)} shard(s)); drop the flag or fix the metadata")
+            raise ConfigError(
+                f"--train-num-samples {num_samples} disagrees with the shards' metadata ({total} "
+                f"samples per epoch in {len(plan.entries)} shard(s)); drop the flag or fix the metadata"
+            )
     else:
         plan = ResamplePlan(sources, seed, shuffle_buffer)
         known = [s.num_samples for s in sources]
-        total = num_samples if num_samples is not None else (
-            int(sum(n * s.weight for n, s in zip(known, sources))) if all(n is not None for n in known) else None)
+        total = (
+            num_samples
+            if num_samples is not None
+            else (int(sum(n * s.weight for n, s in zip(known, sources))) if all(n is not None for n in known) else None)
+        )
     if plan_faults and rank != 0:
         plan_faults = {}  # reported once, by rank 0
-    spec = StreamSpec(plan=plan, rank=rank, world_size=world_size, num_workers=nw, sample_transform=sample_transform,
-                      batch_size=batch_size, collate_fn=collate_fn or collate, seed=seed, window=shuffle_buffer,
-                      caption_key=caption_key, require_text=require_text,
-                      max_consecutive_failures=max_consecutive_failures, max_rounds=max_rounds)
+    spec = StreamSpec(
+        plan=plan,
+        rank=rank,
+        world_size=world_size,
+        num_workers=nw,
+        sample_transform=sample_transform,
+        batch_size=batch_size,
+        collate_fn=collate_fn or collate,
+        seed=seed,
+        window=shuffle_buffer,
+        caption_key=caption_key,
+        require_text=require_text,
+        max_consecutive_failures=max_consecutive_failures,
+        max_rounds=max_rounds,
+    )
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
-    stream = TrainStream(spec, sources, workers=workers, num_samples=total, pin_memory=pin_memory,
-                         timeout_s=timeout_s, plan_faults=plan_faults)
-    log.info("training data: %s mode, %d source(s), %d shard(s), %s samples per epoch, %d reader(s) per rank",
-             mode, len(sources), sum(len(s.urls) for s in sources), total if total is not None else "unknown", nw)
+    stream = TrainStream(
+        spec,
+        sources,
+        workers=workers,
+        num_samples=total,
+        pin_memory=pin_memory,
+        timeout_s=timeout_s,
+        plan_faults=plan_faults,
+    )
+    log.info(
+        "training data: %s mode, %d source(s), %d shard(s), %s samples per epoch, %d reader(s) per rank",
+        mode,
+        len(sources),
+        sum(len(s.urls) for s in sources),
+        total if total is not None else "unknown",
+        nw,
+    )
     return stream
 
 
@@ -396,4 +468,5 @@ def build_eval_samples(shards: str, caption_key: str = "txt", require_text: bool
         yield from pipeline
         if any(stage.faults.counts.values()):
             log.warning("held-out data %s: skipped %s", shards, format_counts(stage.faults.counts))
+
     return run()

@@ -44,7 +44,9 @@ def is_local(url: str) -> bool:
 
 
 def local_path(url: str) -> str:
-    return url[len("file://"):] if url.startswith("file://") else url[len("file:"):] if url.startswith("file:") else url
+    return (
+        url[len("file://") :] if url.startswith("file://") else url[len("file:") :] if url.startswith("file:") else url
+    )
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -53,16 +55,20 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_shard_metadata(out_dir: str | Path, prefix: str, shard_counts: dict[str, int],
-                         extra: dict[str, Any] | None = None) -> Path:
+def write_shard_metadata(
+    out_dir: str | Path, prefix: str, shard_counts: dict[str, int], extra: dict[str, Any] | None = None
+) -> Path:
     """Write ``{prefix}.meta.json`` and merge the counts into ``sizes.json``; returns the meta file path.
 
     ``shard_counts`` maps shard file names (no directory) to their number of samples, in shard order.
     """
     out = Path(out_dir)
     meta = {
-        "format": META_FORMAT, "version": 1, "prefix": prefix,
-        "num_samples": int(sum(shard_counts.values())), "num_shards": len(shard_counts),
+        "format": META_FORMAT,
+        "version": 1,
+        "prefix": prefix,
+        "num_samples": int(sum(shard_counts.values())),
+        "num_shards": len(shard_counts),
         "shards": [{"name": name, "num_samples": int(n)} for name, n in shard_counts.items()],
         **(extra or {}),
     }
@@ -114,7 +120,7 @@ class _DirectoryIndex:
         self.counts: dict[str, int] = {}
         self.sources: list[str] = []
         local = is_local(directory) if directory else True
-        sizes_url = (os.path.join(directory, SIZES_FILE) if local else f"{directory}/{SIZES_FILE}")
+        sizes_url = os.path.join(directory, SIZES_FILE) if local else f"{directory}/{SIZES_FILE}"
         try:
             if not local or Path(sizes_url).is_file():
                 self.counts.update(parse_counts(_read_json(sizes_url)))
@@ -174,14 +180,13 @@ def count_shard_samples(url: str) -> int:
     return count
 
 
-def shard_counts(urls: Sequence[str], metadata: str | None = None, scan_local: bool = True
-                 ) -> list[int | None]:
+def shard_counts(urls: Sequence[str], metadata: str | None = None, scan_local: bool = True) -> list[int | None]:
     """The number of samples of each shard, or None where it cannot be known without downloading the shard.
 
     ``metadata`` names explicit metadata files ('::'-separated; either format) that take precedence.
     """
     explicit: dict[str, int] = {}
-    for meta in (metadata.split("::") if metadata else []):
+    for meta in metadata.split("::") if metadata else []:
         try:
             counts = parse_counts(_read_json(meta))
         except Exception as e:
@@ -191,8 +196,9 @@ def shard_counts(urls: Sequence[str], metadata: str | None = None, scan_local: b
         if not counts:
             from vlp.config import ConfigError
 
-            raise ConfigError(f"data.train_metadata: {meta!r} is neither a {{shard: count}} mapping nor a "
-                              f"{META_FORMAT} file")
+            raise ConfigError(
+                f"data.train_metadata: {meta!r} is neither a {{shard: count}} mapping nor a {META_FORMAT} file"
+            )
         explicit.update(counts)
     indexes: dict[str | None, _DirectoryIndex | None] = {}
     out: list[int | None] = []
@@ -211,8 +217,11 @@ def shard_counts(urls: Sequence[str], metadata: str | None = None, scan_local: b
         if n is None and scan_local and is_local(url):
             to_scan.append(i)
     if to_scan:
-        log.info("counting the samples of %d local shard(s) without metadata (write it once with "
-                 "`scripts/make_shards.py --index SHARDS` to skip this)", len(to_scan))
+        log.info(
+            "counting the samples of %d local shard(s) without metadata (write it once with "
+            "`scripts/make_shards.py --index SHARDS` to skip this)",
+            len(to_scan),
+        )
         for i in to_scan:
             try:
                 out[i] = count_shard_samples(urls[i])
@@ -223,6 +232,7 @@ def shard_counts(urls: Sequence[str], metadata: str | None = None, scan_local: b
 
 def index_shards(urls: Iterable[str], out_dir: str | Path, prefix: str) -> Path:
     """Count existing shards (e.g. LAION/DataComp/CC3M tars) and write their metadata into ``out_dir``."""
-    counts = {os.path.basename(local_path(u)) if is_local(u) else posixpath.basename(u): count_shard_samples(u)
-              for u in urls}
+    counts = {
+        os.path.basename(local_path(u)) if is_local(u) else posixpath.basename(u): count_shard_samples(u) for u in urls
+    }
     return write_shard_metadata(out_dir, prefix, counts, {"indexed_from": "existing shards"})

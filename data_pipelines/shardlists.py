@@ -52,8 +52,10 @@ def parse_sources(spec: str, weights: list[float] | None = None) -> list[Source]
         raise ConfigError("data.train_shards is empty; give a shard spec such as /data/shard-{000000..000099}.tar")
     parts = [p.strip() for p in spec.split("::")]
     if weights is not None and len(weights) != len(parts):
-        raise ConfigError(f"data.source_weights has {len(weights)} value(s) but data.train_shards has {len(parts)} "
-                          f"'::'-separated source(s); give one weight per source")
+        raise ConfigError(
+            f"data.source_weights has {len(weights)} value(s) but data.train_shards has {len(parts)} "
+            f"'::'-separated source(s); give one weight per source"
+        )
     sources = []
     for i, part in enumerate(parts):
         if not part:
@@ -101,9 +103,11 @@ class EpochPlan:
         self.entries: list[tuple[str, int]] = []
         for src in sources:
             if not float(src.weight).is_integer():
-                raise ConfigError(f"data.source_weights: epoch mode repeats each source a whole number of times per "
-                                  f"epoch, but {src.spec!r} has weight {src.weight}; use integers, or "
-                                  "data.mode=resampled for fractional mixing")
+                raise ConfigError(
+                    f"data.source_weights: epoch mode repeats each source a whole number of times per "
+                    f"epoch, but {src.spec!r} has weight {src.weight}; use integers, or "
+                    "data.mode=resampled for fractional mixing"
+                )
             assert src.counts is not None and len(src.counts) == len(src.urls)
             for _ in range(int(src.weight)):
                 self.entries.extend((u, int(c)) for u, c in zip(src.urls, src.counts) if c)
@@ -163,7 +167,7 @@ class ResamplePlan:
         self.counts_known = all(c is not None for c in self.counts)
         mean = sum(known) / len(known) if known else None
         # enough shards per round for a few shuffle windows; without counts, few (a resume re-reads <= one round)
-        self.draws_per_round = (max(1, min(64, math.ceil(4 * window / mean))) if self.counts_known and mean else 4)
+        self.draws_per_round = max(1, min(64, math.ceil(4 * window / mean))) if self.counts_known and mean else 4
 
     def pieces(self, rnd: int, slot: int, num_slots: int) -> list[Piece]:
         rng = random.Random(_mix("vlp-resample", self.seed, slot, rnd))

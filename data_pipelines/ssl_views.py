@@ -55,8 +55,12 @@ def _blur_kernel(size: int) -> int:
     return k if k % 2 == 1 else k + 1
 
 
-def view_transform(spec: ViewSpec, mean: Sequence[float] = DEFAULT_MEAN, std: Sequence[float] = DEFAULT_STD,
-                   interpolation: InterpolationMode = InterpolationMode.BICUBIC) -> v2.Compose:
+def view_transform(
+    spec: ViewSpec,
+    mean: Sequence[float] = DEFAULT_MEAN,
+    std: Sequence[float] = DEFAULT_STD,
+    interpolation: InterpolationMode = InterpolationMode.BICUBIC,
+) -> v2.Compose:
     """The v2 pipeline for one view: PIL image -> normalised float tensor (3, size, size)."""
     # Crop, flip and colour jitter run on the PIL image (about twice as fast as on tensors), the rest on tensors.
     steps: list[Callable] = [
@@ -108,15 +112,23 @@ def simclr_spec(size: int, crop_scale: tuple[float, float] = (0.08, 1.0)) -> Vie
     return ViewSpec(size, crop_scale, jitter=(0.8, 0.8, 0.8, 0.2), blur_p=0.5)
 
 
-def simclr_views(size: int, crop_scale: tuple[float, float] = (0.08, 1.0), mean: Sequence[float] = DEFAULT_MEAN,
-                 std: Sequence[float] = DEFAULT_STD) -> MultiView:
+def simclr_views(
+    size: int,
+    crop_scale: tuple[float, float] = (0.08, 1.0),
+    mean: Sequence[float] = DEFAULT_MEAN,
+    std: Sequence[float] = DEFAULT_STD,
+) -> MultiView:
     """Two views drawn from the same SimCLR distribution."""
     spec = simclr_spec(size, crop_scale)
     return _build([spec, spec], mean, std)
 
 
-def moco_v2_views(size: int, crop_scale: tuple[float, float] = (0.2, 1.0), mean: Sequence[float] = DEFAULT_MEAN,
-                  std: Sequence[float] = DEFAULT_STD) -> MultiView:
+def moco_v2_views(
+    size: int,
+    crop_scale: tuple[float, float] = (0.2, 1.0),
+    mean: Sequence[float] = DEFAULT_MEAN,
+    std: Sequence[float] = DEFAULT_STD,
+) -> MultiView:
     """Two views from MoCo v2's augmentation ("aug+")."""
     spec = ViewSpec(size, crop_scale, jitter=(0.4, 0.4, 0.4, 0.1), blur_p=0.5)
     return _build([spec, spec], mean, std)
@@ -128,8 +140,12 @@ def byol_specs(size: int, crop_scale: tuple[float, float] = (0.08, 1.0)) -> tupl
     return first, replace(first, blur_p=0.1, solarize_p=0.2)
 
 
-def byol_views(size: int, crop_scale: tuple[float, float] = (0.08, 1.0), mean: Sequence[float] = DEFAULT_MEAN,
-               std: Sequence[float] = DEFAULT_STD) -> MultiView:
+def byol_views(
+    size: int,
+    crop_scale: tuple[float, float] = (0.08, 1.0),
+    mean: Sequence[float] = DEFAULT_MEAN,
+    std: Sequence[float] = DEFAULT_STD,
+) -> MultiView:
     """BYOL's (and MoCo v3's) two asymmetric views."""
     return _build(byol_specs(size, crop_scale), mean, std)
 
@@ -140,9 +156,15 @@ def default_local_size(image_size: int, patch_size: int = 1) -> int:
     return max(patch_size, int(round(side / patch_size)) * patch_size)
 
 
-def multicrop_views(global_size: int, local_size: int, num_local: int,
-                    global_scale: tuple[float, float] = (0.4, 1.0), local_scale: tuple[float, float] = (0.05, 0.4),
-                    mean: Sequence[float] = DEFAULT_MEAN, std: Sequence[float] = DEFAULT_STD) -> MultiView:
+def multicrop_views(
+    global_size: int,
+    local_size: int,
+    num_local: int,
+    global_scale: tuple[float, float] = (0.4, 1.0),
+    local_scale: tuple[float, float] = (0.05, 0.4),
+    mean: Sequence[float] = DEFAULT_MEAN,
+    std: Sequence[float] = DEFAULT_STD,
+) -> MultiView:
     """DINO multi-crop: the two global views first (BYOL's asymmetric pair), then ``num_local`` local crops."""
     if global_scale[0] < local_scale[0]:
         raise ValueError(f"global crop scale {global_scale} should not start below local crop scale {local_scale}")

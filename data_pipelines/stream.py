@@ -114,8 +114,9 @@ def _fetch_failure(stream: Any) -> str | None:
     return f"{proc.args[0] if isinstance(proc.args, list) else 'command'} exited with status {status}"
 
 
-def read_shard(url: str, start: int, stop: int | None, wanted: frozenset[str], faults: FaultCounter
-               ) -> Iterator[tuple[int, dict[str, Any]]]:
+def read_shard(
+    url: str, start: int, stop: int | None, wanted: frozenset[str], faults: FaultCounter
+) -> Iterator[tuple[int, dict[str, Any]]]:
     """(index in shard, raw sample) for samples ``start <= index < stop`` of one shard; failures are counted."""
     expected = None if stop is None else stop - start
     try:
@@ -180,8 +181,9 @@ def read_shard(url: str, start: int, stop: int | None, wanted: frozenset[str], f
             pass
 
 
-def _round_entries(pieces: list[Piece], start_pos: int, wanted: frozenset[str], faults: FaultCounter
-                   ) -> Iterator[tuple[int, dict[str, Any], str]]:
+def _round_entries(
+    pieces: list[Piece], start_pos: int, wanted: frozenset[str], faults: FaultCounter
+) -> Iterator[tuple[int, dict[str, Any], str]]:
     """(position in round, raw sample, piece uid), from position ``start_pos`` on."""
     if all(p.base is not None and p.stop is not None for p in pieces):
         for p in pieces:
@@ -199,8 +201,9 @@ def _round_entries(pieces: list[Piece], start_pos: int, wanted: frozenset[str], 
                 pos += 1
 
 
-def _windows(entries: Iterator[tuple[int, dict[str, Any], str]], size: int
-             ) -> Iterator[tuple[int, list[tuple[dict[str, Any], str]]]]:
+def _windows(
+    entries: Iterator[tuple[int, dict[str, Any], str]], size: int
+) -> Iterator[tuple[int, list[tuple[dict[str, Any], str]]]]:
     current, buf = -1, []
     for pos, raw, uid in entries:
         w = pos // size
@@ -260,8 +263,9 @@ class ShardStream(IterableDataset):
 
     def _batches(self, worker: int, slot: int, num_slots: int) -> Iterator[dict[str, Any]]:
         spec = self.spec
-        faults = FaultCounter(spec.max_consecutive_failures, spec.faults.get(worker),
-                              where=f" (rank {spec.rank}, reader {worker})")
+        faults = FaultCounter(
+            spec.max_consecutive_failures, spec.faults.get(worker), where=f" (rank {spec.rank}, reader {worker})"
+        )
         wanted = wanted_extensions(spec.caption_key)
         rnd, first_window, offset = spec.start.get(worker, (0, 0, 0))
         gen = torch.default_generator

@@ -89,8 +89,9 @@ class SyntheticData:
 
 
 def _regular_polygon(cx: float, cy: float, r: float, n: int, rot: float) -> list[tuple[float, float]]:
-    return [(cx + r * math.cos(rot + 2 * math.pi * k / n), cy + r * math.sin(rot + 2 * math.pi * k / n))
-            for k in range(n)]
+    return [
+        (cx + r * math.cos(rot + 2 * math.pi * k / n), cy + r * math.sin(rot + 2 * math.pi * k / n)) for k in range(n)
+    ]
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, color, bg, rot: float):
@@ -137,11 +138,13 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: 
 
 def _background(rng: np.random.Generator, avoid: tuple[int, int, int]) -> tuple[np.ndarray, tuple[int, int, int]]:
     """A varied background far enough from the shape colour; returns pixels and its mean colour."""
+
     def pick() -> np.ndarray:
         while True:
             c = rng.integers(0, 256, size=3)
             if np.abs(c - np.array(avoid)).sum() > 200:
                 return c
+
     kind = rng.integers(0, 4)
     s = IMAGE_SIZE
     c1 = pick()
@@ -198,8 +201,9 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def write_split(out_dir: Path, prefix: str, num_samples: int, seed: int, shard_size: int,
-                desc: str = "synthetic") -> list[Path]:
+def write_split(
+    out_dir: Path, prefix: str, num_samples: int, seed: int, shard_size: int, desc: str = "synthetic"
+) -> list[Path]:
     """Write ``num_samples`` captioned images as ``prefix-NNNNNN.tar`` shards; returns the shard paths.
 
     Also writes the shard metadata (``prefix.meta.json`` and ``sizes.json``, see data_pipelines.metadata).
@@ -241,8 +245,13 @@ def default_cache_dir() -> Path:
     return Path(base) / "synthetic"
 
 
-def ensure_synthetic_data(cache_dir: str | Path | None = None, num_train: int = 40000, num_eval: int = 1000,
-                          seed: int = 0, shard_size: int = 2000) -> SyntheticData:
+def ensure_synthetic_data(
+    cache_dir: str | Path | None = None,
+    num_train: int = 40000,
+    num_eval: int = 1000,
+    seed: int = 0,
+    shard_size: int = 2000,
+) -> SyntheticData:
     """Write the synthetic train/held-out shards on first use (reused afterwards) and describe them.
 
     The directory name encodes the sizes and seed, so different settings never mix; a finished marker makes

@@ -84,8 +84,9 @@ def _check_columns(cfg: MakeShardsConfig, path: Path, kind: str) -> None:
         raise ConfigError(f"{path}: no readable {kind} record in it")
     for col in (cfg.image_column, cfg.caption_column):
         if col not in row:
-            raise ConfigError(f"{path}: no column {col!r}; columns are {sorted(row)} (set --image-column / "
-                              "--caption-column)")
+            raise ConfigError(
+                f"{path}: no column {col!r}; columns are {sorted(row)} (set --image-column / --caption-column)"
+            )
 
 
 def _table_records(cfg: MakeShardsConfig, path: Path, kind: str) -> Iterator[Record]:
@@ -119,8 +120,9 @@ def _load_hf(cfg: MakeShardsConfig):
         ds = datasets.load_dataset(str(path), split=cfg.hf_split)
     for col in (cfg.image_column, cfg.caption_column):
         if col not in ds.column_names:
-            raise ConfigError(f"{path}: no column {col!r}; columns are {ds.column_names} (set --image-column / "
-                              "--caption-column)")
+            raise ConfigError(
+                f"{path}: no column {col!r}; columns are {ds.column_names} (set --image-column / --caption-column)"
+            )
     if isinstance(ds.features[cfg.image_column], datasets.Image):
         ds = ds.cast_column(cfg.image_column, datasets.Image(decode=False))  # raw bytes; workers decode
     return ds.select_columns([cfg.image_column, cfg.caption_column])
@@ -150,8 +152,9 @@ def resolve_input_type(cfg: MakeShardsConfig) -> str:
             return "csv"
         if suffix in (".jsonl", ".ndjson"):
             return "jsonl"
-        raise ConfigError(f"--input {cfg.input!r}: cannot tell its type from '{suffix}'; set --input-type "
-                          "csv|jsonl, or give a folder")
+        raise ConfigError(
+            f"--input {cfg.input!r}: cannot tell its type from '{suffix}'; set --input-type csv|jsonl, or give a folder"
+        )
     if cfg.hf_builder or any((path / f).is_file() for f in ("dataset_info.json", "dataset_dict.json")):
         return "hf"
     return "folder"
@@ -294,12 +297,21 @@ def make_shards(cfg: MakeShardsConfig) -> dict[str, Any]:
     records, total = iter_records(cfg)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    existing = sorted(p for p in out.glob(f"{cfg.prefix}-*.tar") if re.fullmatch(rf"{re.escape(cfg.prefix)}-\d{{6}}"
-                                                                                  r"\.tar", p.name))
+    existing = sorted(
+        p
+        for p in out.glob(f"{cfg.prefix}-*.tar")
+        if re.fullmatch(
+            rf"{re.escape(cfg.prefix)}-\d{{6}}"
+            r"\.tar",
+            p.name,
+        )
+    )
     if existing:
         if not cfg.overwrite:
-            raise ConfigError(f"{out} already holds {len(existing)} {cfg.prefix}-*.tar shard(s); pass --overwrite to "
-                              "replace them or choose another --prefix/--output-dir")
+            raise ConfigError(
+                f"{out} already holds {len(existing)} {cfg.prefix}-*.tar shard(s); pass --overwrite to "
+                "replace them or choose another --prefix/--output-dir"
+            )
         for p in existing:
             p.unlink()
     opts = _ImageOptions(cfg.max_side, cfg.jpeg_quality)
@@ -308,8 +320,10 @@ def make_shards(cfg: MakeShardsConfig) -> dict[str, Any]:
     skipped: Counter[str] = Counter()
     skipped_path = out / f"{cfg.prefix}.skipped.jsonl"
     index = 0
-    with open(skipped_path, "w", encoding="utf-8") as skipped_file, \
-            tqdm(total=total, desc=f"shards {out}/{cfg.prefix}", unit="img", disable=None) as bar:
+    with (
+        open(skipped_path, "w", encoding="utf-8") as skipped_file,
+        tqdm(total=total, desc=f"shards {out}/{cfg.prefix}", unit="img", disable=None) as bar,
+    ):
         sources: deque[str] = deque()  # filled by the pool's feeder thread, consumed here in the same order
 
         def tagged() -> Iterator[tuple[Record, _ImageOptions]]:
@@ -340,17 +354,24 @@ def make_shards(cfg: MakeShardsConfig) -> dict[str, Any]:
                 pool.close()
                 pool.join()
     report = {
-        "input": str(cfg.input), "input_type": resolve_input_type(cfg), "num_inputs": index + sum(skipped.values()),
-        "num_samples": index, "num_shards": len(sink.counts), "skipped": dict(sorted(skipped.items())),
+        "input": str(cfg.input),
+        "input_type": resolve_input_type(cfg),
+        "num_inputs": index + sum(skipped.values()),
+        "num_samples": index,
+        "num_shards": len(sink.counts),
+        "skipped": dict(sorted(skipped.items())),
         "skipped_list": skipped_path.name,
-        "options": {k: v for k, v in asdict(cfg).items() if k in ("samples_per_shard", "max_side", "jpeg_quality",
-                                                                   "image_column", "caption_column", "hf_split")},
+        "options": {
+            k: v
+            for k, v in asdict(cfg).items()
+            if k in ("samples_per_shard", "max_side", "jpeg_quality", "image_column", "caption_column", "hf_split")
+        },
     }
-    meta = write_shard_metadata(out, cfg.prefix, sink.counts, {k: v for k, v in report.items()
-                                                              if k not in ("num_samples", "num_shards")})
+    meta = write_shard_metadata(
+        out, cfg.prefix, sink.counts, {k: v for k, v in report.items() if k not in ("num_samples", "num_shards")}
+    )
     report["metadata"] = str(meta)
-    report["shards"] = (str(out / f"{cfg.prefix}-{{000000..{len(sink.counts) - 1:06d}}}.tar")
-                        if sink.counts else None)
+    report["shards"] = str(out / f"{cfg.prefix}-{{000000..{len(sink.counts) - 1:06d}}}.tar") if sink.counts else None
     return report
 
 

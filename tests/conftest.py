@@ -16,8 +16,9 @@ def synthetic_data(tmp_path_factory):
     """400 train / 100 held-out synthetic captioned images in 100-sample shards."""
     from data_pipelines.synthetic import ensure_synthetic_data
 
-    return ensure_synthetic_data(tmp_path_factory.mktemp("synthetic"), num_train=400, num_eval=100, seed=0,
-                                 shard_size=100)
+    return ensure_synthetic_data(
+        tmp_path_factory.mktemp("synthetic"), num_train=400, num_eval=100, seed=0, shard_size=100
+    )
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -71,9 +71,16 @@ def write_labelled_copies(eval_shards: str, root: Path) -> LabelledCopies:
     ds.save_to_disk(str(hf_dir))
     classnames_file = root / "classnames.txt"
     classnames_file.write_text("\n".join(CLASSES) + "\n")
-    return LabelledCopies(folder, str(shard_dir / "labelled-{000000..000001}.tar"), hf_dir, classnames_file,
-                          [s[1] for s in samples], [s[0] for s in samples], [s[3] for s in samples],
-                          [s[2] for s in samples])
+    return LabelledCopies(
+        folder,
+        str(shard_dir / "labelled-{000000..000001}.tar"),
+        hf_dir,
+        classnames_file,
+        [s[1] for s in samples],
+        [s[0] for s in samples],
+        [s[3] for s in samples],
+        [s[2] for s in samples],
+    )
 
 
 def tiny_model(loss: str = "siglip", seed: int = 0):

@@ -77,15 +77,23 @@ def test_open_clip_tower_hidden_states_match_open_clip_blocks():
 def test_timm_tower_without_class_token_needs_full_selection():
     import timm
 
-    trunk = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=3, num_heads=2,
-                              class_token=False, global_pool="avg", num_classes=0)
+    trunk = timm.create_model(
+        "vit_tiny_patch16_224",
+        img_size=32,
+        patch_size=8,
+        embed_dim=32,
+        depth=3,
+        num_heads=2,
+        class_token=False,
+        global_pool="avg",
+        num_classes=0,
+    )
     visual = nn.Module()
     visual.trunk = trunk
     tower = TimmTower(visual, preset=None, source={"kind": "test"}, feature_layer=1, select="full").freeze()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        inter = trunk.forward_intermediates(x, indices=[0, 1, 2], norm=False, intermediates_only=True,
-                                            output_fmt="NLC")
+        inter = trunk.forward_intermediates(x, indices=[0, 1, 2], norm=False, intermediates_only=True, output_fmt="NLC")
     torch.testing.assert_close(tower(x), inter[0], rtol=0, atol=0)
     assert tower.num_positions == 16 and tower.num_prefix_tokens == 0
     with pytest.raises(ConfigError, match="use vision.select=full"):
@@ -181,8 +189,10 @@ def test_loss_is_mean_cross_entropy_over_caption_tokens_only(llm):
         solo = model(alone["pixel_values"], alone["input_ids"], alone["attention_mask"])
         torch.testing.assert_close(solo[0], logits[i, : len(ids)], rtol=1e-5, atol=1e-5)
     expected = torch.stack(nll).mean()
-    print(f"caption loss {value:.6f}, hand-built mean CE over {count} caption tokens {expected.item():.6f}: "
-          f"|diff| {abs(value - expected.item()):.3g}")
+    print(
+        f"caption loss {value:.6f}, hand-built mean CE over {count} caption tokens {expected.item():.6f}: "
+        f"|diff| {abs(value - expected.item()):.3g}"
+    )
     assert abs(value - expected.item()) < 1e-5
     assert abs(loss.item() - expected.item()) < 1e-5
     assert count == int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
@@ -221,8 +231,11 @@ def test_adapter_configs_and_cli_errors():
     root = Path(__file__).resolve().parents[1] / "configs" / "adapter"
     tiny = parse_cli(AdapterConfig, ["--config", str(root / "tiny.yaml")], ADAPTER_ALIASES)
     assert tiny.vision.tower is None and tiny.llm.path is None and tiny.train.steps == 100
-    stage1 = parse_cli(AdapterConfig, ["--config", str(root / "llava-stage1.yaml"), "--tower", "/m/clip",
-                                       "--llm", "/m/llm", "--deepspeed", "zero2"], ADAPTER_ALIASES)
+    stage1 = parse_cli(
+        AdapterConfig,
+        ["--config", str(root / "llava-stage1.yaml"), "--tower", "/m/clip", "--llm", "/m/llm", "--deepspeed", "zero2"],
+        ADAPTER_ALIASES,
+    )
     assert (stage1.optim.lr, stage1.optim.weight_decay, stage1.optim.warmup_ratio) == (1e-3, 0.0, 0.03)
     assert stage1.projector.type == "mlp2x_gelu" and stage1.vision.feature_layer == -2
     assert stage1.export.format == "llava" and stage1.vision.tower == "/m/clip" and stage1.train.deepspeed == "zero2"

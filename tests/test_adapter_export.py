@@ -47,8 +47,16 @@ def _check_llava_matches(tmp_path, tower, llm, projector_type: str, image_size: 
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     model = _adapter(tower, llm, projector_type)
-    out = export_llava(tower, model.projector, projector_type, llm.model, llm.tokenizer, "<image>",
-                       llm.image_token_id, tmp_path / "llava")
+    out = export_llava(
+        tower,
+        model.projector,
+        projector_type,
+        llm.model,
+        llm.tokenizer,
+        "<image>",
+        llm.image_token_id,
+        tmp_path / "llava",
+    )
     hf = LlavaForConditionalGeneration.from_pretrained(out).eval()
     processor = AutoProcessor.from_pretrained(out)
     assert hf.config.image_token_id == llm.image_token_id
@@ -73,12 +81,15 @@ def _check_llava_matches(tmp_path, tower, llm, projector_type: str, image_size: 
     diffs["pixels"] = (enc["pixel_values"] - ours["pixel_values"]).abs().max().item()
     # same model inputs straight into transformers (our pixels and ids, eos included)
     with torch.no_grad():
-        direct = hf(input_ids=ours["input_ids"], pixel_values=ours["pixel_values"],
-                    attention_mask=ours["attention_mask"]).logits
+        direct = hf(
+            input_ids=ours["input_ids"], pixel_values=ours["pixel_values"], attention_mask=ours["attention_mask"]
+        ).logits
     mask = ours["attention_mask"].bool()
     diffs["direct"] = (direct - our_logits)[mask].abs().max().item()
-    print(f"LLaVA export ({type(tower).__name__}, {projector_type}, {tower.select}): max |logit diff| "
-          f"{diffs['logits']:.3g} (processor inputs), {diffs['direct']:.3g} (our inputs); pixels {diffs['pixels']:.3g}")
+    print(
+        f"LLaVA export ({type(tower).__name__}, {projector_type}, {tower.select}): max |logit diff| "
+        f"{diffs['logits']:.3g} (processor inputs), {diffs['direct']:.3g} (our inputs); pixels {diffs['pixels']:.3g}"
+    )
     assert diffs["logits"] < 1e-4 and diffs["direct"] < 1e-4 and diffs["pixels"] < 1e-5, diffs
     assert our_logits.abs().max() > 0.1  # not a trivially zero comparison
     with torch.no_grad():  # and the images matter: swapping them changes transformers' caption logits
@@ -89,14 +100,20 @@ def _check_llava_matches(tmp_path, tower, llm, projector_type: str, image_size: 
 
 
 def test_llava_export_hf_clip_tower_mlp2x(tmp_path, llm_dir):
-    tower = load_vision_tower(str(save_tiny_hf_vision(tmp_path / "clip", "clip", image_size=32, patch_size=8)),
-                              feature_layer=-2, select="patch")
+    tower = load_vision_tower(
+        str(save_tiny_hf_vision(tmp_path / "clip", "clip", image_size=32, patch_size=8)),
+        feature_layer=-2,
+        select="patch",
+    )
     _check_llava_matches(tmp_path, tower, load_llm(llm_dir), "mlp2x_gelu", image_size=40)
 
 
 def test_llava_export_hf_siglip_tower_linear_full(tmp_path, llm_dir):
-    tower = load_vision_tower(str(save_tiny_hf_vision(tmp_path / "sig", "siglip", image_size=32, patch_size=8)),
-                              feature_layer=1, select="full")
+    tower = load_vision_tower(
+        str(save_tiny_hf_vision(tmp_path / "sig", "siglip", image_size=32, patch_size=8)),
+        feature_layer=1,
+        select="full",
+    )
     _check_llava_matches(tmp_path, tower, load_llm(llm_dir), "linear", image_size=32)
 
 
@@ -115,14 +132,38 @@ def vit_vlpadaptertest_patch16_siglip_224(pretrained: bool = False, **kwargs):
 
 def _tiny_siglip_preset(folder) -> str:
     path = folder / "tiny-siglip.yaml"
-    path.write_text(yaml.safe_dump({
-        "embed_dim": 64, "custom_text": True,
-        "vision_cfg": {"image_size": 224, "timm_model_name": "vit_vlpadaptertest_patch16_siglip_224",
-                       "timm_model_pretrained": False, "timm_pool": "map", "timm_proj": "none"},
-        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 1,
-                     "no_causal_mask": True, "proj_bias": True, "pool_type": "last", "norm_kwargs": {"eps": 1e-6}},
-        "preprocess": {"mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic", "resize_mode": "squash"},
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "embed_dim": 64,
+                "custom_text": True,
+                "vision_cfg": {
+                    "image_size": 224,
+                    "timm_model_name": "vit_vlpadaptertest_patch16_siglip_224",
+                    "timm_model_pretrained": False,
+                    "timm_pool": "map",
+                    "timm_proj": "none",
+                },
+                "text_cfg": {
+                    "context_length": 16,
+                    "vocab_size": 49408,
+                    "width": 64,
+                    "heads": 2,
+                    "layers": 1,
+                    "no_causal_mask": True,
+                    "proj_bias": True,
+                    "pool_type": "last",
+                    "norm_kwargs": {"eps": 1e-6},
+                },
+                "preprocess": {
+                    "mean": [0.5] * 3,
+                    "std": [0.5] * 3,
+                    "interpolation": "bicubic",
+                    "resize_mode": "squash",
+                },
+            }
+        )
+    )
     return str(path)
 
 
@@ -155,8 +196,16 @@ def test_unrepresentable_projector_and_checkpoint_roundtrip(tmp_path, llm_dir):
     tower = load_vision_tower(None, "tiny")
     model = _adapter(tower, llm, "mlp3x_gelu")
     with pytest.raises(ConfigError, match="mlp3x_gelu.*cannot be exported"):
-        export_llava(tower, model.projector, "mlp3x_gelu", llm.model, llm.tokenizer, "<image>", llm.image_token_id,
-                     tmp_path / "x")
+        export_llava(
+            tower,
+            model.projector,
+            "mlp3x_gelu",
+            llm.model,
+            llm.tokenizer,
+            "<image>",
+            llm.image_token_id,
+            tmp_path / "x",
+        )
     save_projector(model.projector, {"projector_type": "mlp3x_gelu", "step": 7}, tmp_path / "run")
     state, meta = load_projector_state(tmp_path / "run")
     assert meta == {"projector_type": "mlp3x_gelu", "step": 7}

@@ -37,20 +37,30 @@ def tiny_llm():
 
 
 def _cfg(synthetic_data, tiny_llm, out: Path, **train) -> AdapterConfig:
-    return from_dict(AdapterConfig, {
-        "llm": {"path": str(tiny_llm)},
-        "data": {"train_shards": synthetic_data.train_shards, "eval_shards": synthetic_data.eval_shards,
-                 "eval_samples": 64, "workers": 0, "shuffle_buffer": 200},
-        "train": {"steps": 50, "batch_size": 16, "eval_every": 0, "log_every": 0, **train},
-        "output_dir": str(out),
-    })
+    return from_dict(
+        AdapterConfig,
+        {
+            "llm": {"path": str(tiny_llm)},
+            "data": {
+                "train_shards": synthetic_data.train_shards,
+                "eval_shards": synthetic_data.eval_shards,
+                "eval_samples": 64,
+                "workers": 0,
+                "shuffle_buffer": 200,
+            },
+            "train": {"steps": 50, "batch_size": 16, "eval_every": 0, "log_every": 0, **train},
+            "output_dir": str(out),
+        },
+    )
 
 
 def test_projector_learns_while_tower_and_llm_stay_bit_identical(tmp_path, synthetic_data, tiny_llm):
     cfg = _cfg(synthetic_data, tiny_llm, tmp_path / "run")
     parts = build_adapter(cfg)
-    before = {name: {k: v.clone() for k, v in module.state_dict().items()}
-              for name, module in (("tower", parts.tower), ("llm", parts.llm.model), ("proj", parts.model.projector))}
+    before = {
+        name: {k: v.clone() for k, v in module.state_dict().items()}
+        for name, module in (("tower", parts.tower), ("llm", parts.llm.model), ("proj", parts.model.projector))
+    }
     summary = run_training(cfg, build(cfg, world_info(), parts))
 
     for name, module in (("tower", parts.tower), ("llm", parts.llm.model)):
@@ -68,8 +78,10 @@ def test_projector_learns_while_tower_and_llm_stay_bit_identical(tmp_path, synth
     curve = summary["eval_caption_loss"]
     assert [s for s, _ in curve] == [0, 50]
     first, last = curve[0][1], curve[-1][1]
-    print(f"held-out caption loss {first:.4f} -> {last:.4f} ({100 * (1 - last / first):.1f}% lower); "
-          f"LLM without image {summary['eval_text_only_caption_loss']:.4f}")
+    print(
+        f"held-out caption loss {first:.4f} -> {last:.4f} ({100 * (1 - last / first):.1f}% lower); "
+        f"LLM without image {summary['eval_text_only_caption_loss']:.4f}"
+    )
     assert last <= 0.7 * first
     # export only: 0 steps from the trained projector gives the same held-out loss and a LLaVA folder holding it
     from transformers import LlavaForConditionalGeneration
@@ -91,18 +103,56 @@ def test_projector_learns_while_tower_and_llm_stay_bit_identical(tmp_path, synth
 @pytest.mark.slow
 def test_two_process_zero2_equals_one_process(tmp_path, synthetic_data, tiny_llm):
     """Same global batch (global_batch sharding): ZeRO-2 on 2 CPU processes vs plain AdamW on one process."""
-    common = ["--llm", str(tiny_llm), "--steps", "4", "--workers", "0", "--train.global_stream", "true",
-              "--train-shards", synthetic_data.train_shards, "--eval-shards", synthetic_data.eval_shards,
-              "--data.eval_samples", "16", "--data.shuffle_buffer", "100", "--train.log_every", "0"]
+    common = [
+        "--llm",
+        str(tiny_llm),
+        "--steps",
+        "4",
+        "--workers",
+        "0",
+        "--train.global_stream",
+        "true",
+        "--train-shards",
+        synthetic_data.train_shards,
+        "--eval-shards",
+        synthetic_data.eval_shards,
+        "--data.eval_samples",
+        "16",
+        "--data.shuffle_buffer",
+        "100",
+        "--train.log_every",
+        "0",
+    ]
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    one_cfg = parse_cli(AdapterConfig, [*common, "--batch-size", "8", "--output-dir", str(tmp_path / "one")],
-                        ADAPTER_ALIASES)
+    one_cfg = parse_cli(
+        AdapterConfig, [*common, "--batch-size", "8", "--output-dir", str(tmp_path / "one")], ADAPTER_ALIASES
+    )
     run_training(one_cfg)  # one process, plain AdamW, in this process
     accelerate = str(Path(sys.executable).with_name("accelerate"))
-    two = subprocess.run([accelerate, "launch", "--config_file", "configs/accelerate/zero2.yaml", "--num_processes",
-                          "2", "--mixed_precision", "no", "scripts/train_adapter.py", *common, "--batch-size", "4",
-                          "--format", "llava", "--output-dir", str(tmp_path / "two")],
-                         cwd=REPO, env=env, capture_output=True, text=True)
+    two = subprocess.run(
+        [
+            accelerate,
+            "launch",
+            "--config_file",
+            "configs/accelerate/zero2.yaml",
+            "--num_processes",
+            "2",
+            "--mixed_precision",
+            "no",
+            "scripts/train_adapter.py",
+            *common,
+            "--batch-size",
+            "4",
+            "--format",
+            "llava",
+            "--output-dir",
+            str(tmp_path / "two"),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
     assert "DeepSpeed ZeRO stage 2, micro batch 4 x 1 accumulation x 2 processes" in two.stderr
 
@@ -165,23 +215,52 @@ def _adapter_launch(args: list[str], processes: int, faults: str | None = None) 
         cmd = [sys.executable, "scripts/train_adapter.py", *args]
     else:
         accelerate = str(Path(sys.executable).with_name("accelerate"))
-        cmd = [accelerate, "launch", "--config_file", "configs/accelerate/zero2.yaml", "--num_processes",
-               str(processes), "--mixed_precision", "no", "scripts/train_adapter.py", *args]
+        cmd = [
+            accelerate,
+            "launch",
+            "--config_file",
+            "configs/accelerate/zero2.yaml",
+            "--num_processes",
+            str(processes),
+            "--mixed_precision",
+            "no",
+            "scripts/train_adapter.py",
+            *args,
+        ]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("processes", [1, 2], ids=["1proc", "2proc-zero2"])
-def test_sigkill_then_resume_latest_matches_an_uninterrupted_adapter_run(tmp_path, synthetic_data, tiny_llm,
-                                                                          processes):
+def test_sigkill_then_resume_latest_matches_an_uninterrupted_adapter_run(tmp_path, synthetic_data, tiny_llm, processes):
     """Killed at step 6 (checkpoints every 4), resumed with --resume latest: steps 5-8 equal the uninterrupted
     run's, the projector too, and the checkpoints hold the projector and its optimiser only."""
     from vlp.checkpointing import read_latest
 
-    args = ["--llm", str(tiny_llm), "--steps", "8", "--batch-size", str(8 // processes), "--workers", "0",
-            "--train-shards", synthetic_data.train_shards, "--eval-shards", synthetic_data.eval_shards,
-            "--data.eval_samples", "16", "--data.shuffle_buffer", "100", "--train.log_every", "0",
-            "--checkpoint-every", "4", "--eval-every", "0"]
+    args = [
+        "--llm",
+        str(tiny_llm),
+        "--steps",
+        "8",
+        "--batch-size",
+        str(8 // processes),
+        "--workers",
+        "0",
+        "--train-shards",
+        synthetic_data.train_shards,
+        "--eval-shards",
+        synthetic_data.eval_shards,
+        "--data.eval_samples",
+        "16",
+        "--data.shuffle_buffer",
+        "100",
+        "--train.log_every",
+        "0",
+        "--checkpoint-every",
+        "4",
+        "--eval-every",
+        "0",
+    ]
     ref, crash = tmp_path / "ref", tmp_path / "crash"
     done = _adapter_launch([*args, "--output-dir", str(ref)], processes)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -197,11 +276,17 @@ def test_sigkill_then_resume_latest_matches_an_uninterrupted_adapter_run(tmp_pat
     a, _ = load_projector_state(ref)
     b, _ = load_projector_state(crash)
     diff = max((a[k] - b[k]).abs().max().item() for k in a)
-    print(f"{processes} process(es): resumed steps 5-8 vs uninterrupted: max relative loss difference {rel:.2e}, "
-          f"projector max |diff| {diff:.2e}")
+    print(
+        f"{processes} process(es): resumed steps 5-8 vs uninterrupted: max relative loss difference {rel:.2e}, "
+        f"projector max |diff| {diff:.2e}"
+    )
     assert rel <= 1e-6 and diff <= 1e-6
     ckpt = read_latest(crash / "checkpoints")
     if processes == 1:  # no frozen tower or LLM in the checkpoint: the projector's weights and nothing else
         state = torch.load(ckpt / "objective.pt", weights_only=True)
-        assert sorted(state) == ["model.projector.0.bias", "model.projector.0.weight", "model.projector.2.bias",
-                                 "model.projector.2.weight"]
+        assert sorted(state) == [
+            "model.projector.0.bias",
+            "model.projector.0.weight",
+            "model.projector.2.bias",
+            "model.projector.2.weight",
+        ]

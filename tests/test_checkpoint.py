@@ -114,15 +114,46 @@ def launch(config: str, args: list[str], faults: str | None = None, timeout: int
     env.pop("VLP_FAULTS", None)
     if faults:
         env["VLP_FAULTS"] = faults
-    cmd = [ACCELERATE, "launch", "--config_file", str(ROOT / "configs" / "accelerate" / config), "--num_processes",
-           "2", str(ROOT / "scripts" / "pretrain.py"), *args]
+    cmd = [
+        ACCELERATE,
+        "launch",
+        "--config_file",
+        str(ROOT / "configs" / "accelerate" / config),
+        "--num_processes",
+        "2",
+        str(ROOT / "scripts" / "pretrain.py"),
+        *args,
+    ]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def run_args(shards: str, out: Path, steps: int, every: int) -> list[str]:
-    return ["--loss", "siglip", "--steps", str(steps), "--batch-size", "8", "--workers", "0", "--train-shards", shards,
-            "--output-dir", str(out), "--warmup-steps", "3", "--eval.zeroshot", "false", "--checkpoint-every",
-            str(every), "--checkpoint.keep", "2", "--seed", "0", "--model", "tiny"]
+    return [
+        "--loss",
+        "siglip",
+        "--steps",
+        str(steps),
+        "--batch-size",
+        "8",
+        "--workers",
+        "0",
+        "--train-shards",
+        shards,
+        "--output-dir",
+        str(out),
+        "--warmup-steps",
+        "3",
+        "--eval.zeroshot",
+        "false",
+        "--checkpoint-every",
+        str(every),
+        "--checkpoint.keep",
+        "2",
+        "--seed",
+        "0",
+        "--model",
+        "tiny",
+    ]
 
 
 @pytest.mark.slow

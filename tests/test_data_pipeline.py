@@ -38,8 +38,13 @@ def jpeg_bytes(i: int) -> bytes:
     return _IMAGES[i % 16]
 
 
-def write_test_shards(root: Path, sizes: list[int], prefix: str = "t", metadata: bool = True,
-                      extra: dict[tuple[int, int], dict[str, bytes]] | None = None) -> tuple[str, list[str]]:
+def write_test_shards(
+    root: Path,
+    sizes: list[int],
+    prefix: str = "t",
+    metadata: bool = True,
+    extra: dict[tuple[int, int], dict[str, bytes]] | None = None,
+) -> tuple[str, list[str]]:
     """Shards ``prefix-000000.tar``... with ``sizes[i]`` samples (jpg + txt); returns (brace spec, all keys).
 
     ``extra[(shard, i)]`` replaces/adds members of one sample (a value of None removes the member).
@@ -82,9 +87,11 @@ def _pairs(batches: list[dict]) -> list[tuple[str, int]]:
 
 def _two_ranks(rank: int, world_size: int, spec: str, batches: int, interrupt_at: int) -> dict:
     """On each rank: an uninterrupted run of ``batches`` batches, and one interrupted and resumed from a checkpoint."""
+
     def stream():
-        return build_train_loader(spec, keys_transform, 8, seed=3, rank=rank, world_size=world_size, workers=2,
-                                  shuffle_buffer=16)
+        return build_train_loader(
+            spec, keys_transform, 8, seed=3, rank=rank, world_size=world_size, workers=2, shuffle_buffer=16
+        )
 
     full = stream()
     got = take(full, batches)
@@ -101,9 +108,15 @@ def _two_ranks(rank: int, world_size: int, spec: str, batches: int, interrupt_at
     resumed.load_state_dict(torch.load(buf, weights_only=True)["data"])
     after = take(resumed, batches - interrupt_at)
     resumed.close()
-    return {"pairs": _pairs(got), "sizes": [len(b["key"]) for b in got], "faults": faults,
-            "ranks_in_state": len(state["ranks"]), "num_samples": full.num_samples,
-            "resumed_pairs": _pairs(before) + _pairs(after), "resumed_samples": resumed.samples}
+    return {
+        "pairs": _pairs(got),
+        "sizes": [len(b["key"]) for b in got],
+        "faults": faults,
+        "ranks_in_state": len(state["ranks"]),
+        "num_samples": full.num_samples,
+        "resumed_pairs": _pairs(before) + _pairs(after),
+        "resumed_samples": resumed.samples,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -157,8 +170,9 @@ def test_epoch_order_is_seeded_and_changes_every_epoch(tmp_path):
 def test_source_weights_repeat_sources_in_epoch_mode(tmp_path):
     a, ka = write_test_shards(tmp_path / "a", [20, 13], prefix="a")
     b, kb = write_test_shards(tmp_path / "b", [17], prefix="b")
-    stream = build_train_loader(f"{a}::{b}", keys_transform, 7, weights=[1, 2], workers=2, shuffle_buffer=8,
-                                max_rounds=1)
+    stream = build_train_loader(
+        f"{a}::{b}", keys_transform, 7, weights=[1, 2], workers=2, shuffle_buffer=8, max_rounds=1
+    )
     seen = Counter(k for batch in stream for k in batch["key"])
     assert stream.num_samples == 33 + 2 * 17
     assert {k: seen[k] for k in ka} == dict.fromkeys(ka, 1) and {k: seen[k] for k in kb} == dict.fromkeys(kb, 2)
@@ -171,8 +185,9 @@ def test_resampled_mode_is_deterministic_for_a_seed(tmp_path):
     spec, keys = write_test_shards(tmp_path, [25, 25, 25, 25])
 
     def first(seed, workers):
-        stream = build_train_loader(spec, keys_transform, 8, seed=seed, workers=workers, mode="resampled",
-                                    shuffle_buffer=16)
+        stream = build_train_loader(
+            spec, keys_transform, 8, seed=seed, workers=workers, mode="resampled", shuffle_buffer=16
+        )
         out = [k for b in take(stream, 30) for k in b["key"]]
         stream.close()
         return out
@@ -251,8 +266,14 @@ def _corrupt_jpeg() -> bytes:
 
 
 def test_bad_data_is_skipped_and_counted_by_kind(tmp_path):
-    extra = {(0, 1): {"jpg": _corrupt_jpeg()}, (0, 4): {"jpg": b"not an image"}, (0, 6): {"txt": b"   "},
-             (0, 7): {"txt": None}, (0, 9): {"jpg": None, "png": None}, (1, 2): {"txt": b"\xff\xfe bad utf-8"}}
+    extra = {
+        (0, 1): {"jpg": _corrupt_jpeg()},
+        (0, 4): {"jpg": b"not an image"},
+        (0, 6): {"txt": b"   "},
+        (0, 7): {"txt": None},
+        (0, 9): {"jpg": None, "png": None},
+        (1, 2): {"txt": b"\xff\xfe bad utf-8"},
+    }
     spec, keys = write_test_shards(tmp_path, [12, 12, 12, 12], extra=extra)
     # shard 2: truncated in the middle of its 6th sample's image; shard 3: deleted (its metadata remains)
     path2 = tmp_path / "t-000002.tar"
@@ -263,14 +284,26 @@ def test_bad_data_is_skipped_and_counted_by_kind(tmp_path):
     for workers in (0, 2):
         stream = build_train_loader(spec, keys_transform, 4, workers=workers, shuffle_buffer=8, max_rounds=1)
         got = [k for b in stream for k in b["key"]]
-        good = ({k for k in keys if k.startswith(("t000", "t001"))} - {"t000_0001", "t000_0004", "t000_0006",
-                                                                       "t000_0007", "t000_0009", "t001_0002"}
-                | {f"t002_{i:04d}" for i in range(5)})
+        good = {k for k in keys if k.startswith(("t000", "t001"))} - {
+            "t000_0001",
+            "t000_0004",
+            "t000_0006",
+            "t000_0007",
+            "t000_0009",
+            "t001_0002",
+        } | {f"t002_{i:04d}" for i in range(5)}
         assert sorted(got) == sorted(good) and len(got) == 18 + 5
         counts = stream.fault_counts()
         assert {k: v for k, v in counts.items() if v} == {
-            "corrupt_image": 2, "empty_caption": 1, "missing_caption": 1, "missing_image": 1, "bad_caption": 1,
-            "truncated_shard": 1, "missing_shard": 1, "missing_samples": 7 + 12}, workers
+            "corrupt_image": 2,
+            "empty_caption": 1,
+            "missing_caption": 1,
+            "missing_image": 1,
+            "bad_caption": 1,
+            "truncated_shard": 1,
+            "missing_shard": 1,
+            "missing_samples": 7 + 12,
+        }, workers
         assert stream.log_metrics(with_faults=True)["data/skipped/missing_shard"] == 1.0
 
 
@@ -281,8 +314,9 @@ def test_training_stream_continues_past_bad_shards(tmp_path):
     stream = build_train_loader(spec, keys_transform, 5, workers=2, shuffle_buffer=4)
     got = take(stream, 20)  # 100 samples: more than six epochs of the 15 usable ones
     assert all(len(b["key"]) == 5 for b in got)
-    assert Counter(k for b in got for k in b["key"]).keys() <= {k for k in keys if k[1:4] == "002" or
-                                                                (k[1:4] == "000" and int(k[-1]) % 2)}
+    assert Counter(k for b in got for k in b["key"]).keys() <= {
+        k for k in keys if k[1:4] == "002" or (k[1:4] == "000" and int(k[-1]) % 2)
+    }
     counts = stream.fault_counts()
     assert counts["unreadable_shard"] >= 5 and counts["corrupt_image"] >= 5 * 5 and counts["missing_samples"] >= 50
 
@@ -326,10 +360,14 @@ def test_shards_over_http_with_remote_metadata_and_a_404(tmp_path):
             seen = Counter(k for b in stream for k in b["key"])
             assert sorted(seen) == sorted(k for k in keys if not k.startswith("t001")) and set(seen.values()) == {1}
             plan = stream.spec.plan
-            readers = sum(any(p.url.endswith("t-000001.tar") for p in plan.pieces(0, s, max(1, workers)))
-                          for s in range(max(1, workers)))  # readers whose share includes the missing shard
-            assert {k: v for k, v in stream.fault_counts().items() if v} == {"missing_shard": readers,
-                                                                             "missing_samples": 7}, workers
+            readers = sum(
+                any(p.url.endswith("t-000001.tar") for p in plan.pieces(0, s, max(1, workers)))
+                for s in range(max(1, workers))
+            )  # readers whose share includes the missing shard
+            assert {k: v for k, v in stream.fault_counts().items() if v} == {
+                "missing_shard": readers,
+                "missing_samples": 7,
+            }, workers
     finally:
         server.shutdown()
         server.server_close()
@@ -343,8 +381,12 @@ def test_captions_from_json_lists_and_image_formats(tmp_path):
         return buf.getvalue()
 
     captions = b'{"caps": ["first", "second", "third"]}'
-    extra = {(0, 0): {"jpg": None, "png": img("PNG", "RGBA")}, (0, 1): {"jpg": None, "webp": img("WEBP", "RGB")},
-             (0, 2): {"jpg": None, "png": img("PNG", "P")}, (0, 3): {"jpg": None, "jpeg": img("JPEG", "L")}}
+    extra = {
+        (0, 0): {"jpg": None, "png": img("PNG", "RGBA")},
+        (0, 1): {"jpg": None, "webp": img("WEBP", "RGB")},
+        (0, 2): {"jpg": None, "png": img("PNG", "P")},
+        (0, 3): {"jpg": None, "jpeg": img("JPEG", "L")},
+    }
     extra = {k: {**v, "json": captions} for k, v in extra.items()}
     spec, keys = write_test_shards(tmp_path, [4], extra=extra)
 
@@ -352,8 +394,7 @@ def test_captions_from_json_lists_and_image_formats(tmp_path):
         return {"key": s["__key__"], "text": s["text"], "mode": s["image"].mode, "size": s["image"].size}
 
     def one_epoch(seed, epoch):
-        stream = build_train_loader(spec, tf, 4, seed=seed, caption_key="json:caps", workers=0,
-                                    max_rounds=epoch + 1)
+        stream = build_train_loader(spec, tf, 4, seed=seed, caption_key="json:caps", workers=0, max_rounds=epoch + 1)
         batches = list(stream)
         return dict(zip(batches[-1]["key"], batches[-1]["text"])), batches[-1]
 
@@ -380,8 +421,9 @@ def test_augmentations_are_seeded_per_sample_not_per_worker(tmp_path):
     tf = v2.Compose([v2.PILToTensor(), v2.RandomResizedCrop(32, scale=(0.3, 1.0)), v2.RandomHorizontalFlip()])
 
     def images(workers):
-        stream = build_train_loader(spec, lambda s: {"key": s["__key__"], "image": tf(s["image"])}, 4,
-                                    workers=workers, max_rounds=1)
+        stream = build_train_loader(
+            spec, lambda s: {"key": s["__key__"], "image": tf(s["image"])}, 4, workers=workers, max_rounds=1
+        )
         return {k: img for b in stream for k, img in zip(b["key"], b["image"])}
 
     torch.manual_seed(123)

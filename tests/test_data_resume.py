@@ -101,8 +101,9 @@ def test_resume_with_another_layout_restarts_the_unfinished_epoch(tmp_path, capl
     state = checkpoint_roundtrip(s.state_dict())
     s.close()
     assert {w["round"] for w in state["workers"]} == {1}
-    one = build_train_loader(spec, lambda x: {"key": x["__key__"], "epoch": x["__epoch__"]}, 4, workers=1,
-                             shuffle_buffer=8, max_rounds=2)
+    one = build_train_loader(
+        spec, lambda x: {"key": x["__key__"], "epoch": x["__epoch__"]}, 4, workers=1, shuffle_buffer=8, max_rounds=2
+    )
     with caplog.at_level(logging.WARNING):
         one.load_state_dict(state)
     assert "restarts at the start of epoch 1" in caplog.text

@@ -27,7 +27,7 @@ def _broken_shards(root):
     spec, keys = write_test_shards(root, [12, 12, 12, 12], extra=extra)
     path2 = root / "t-000002.tar"
     data = path2.read_bytes()
-    path2.write_bytes(data[:data.index(b"t002_0005.jpg") + 512 + 300])
+    path2.write_bytes(data[: data.index(b"t002_0005.jpg") + 512 + 300])
     (root / "t-000003.tar").unlink()
     return spec
 
@@ -48,8 +48,26 @@ def test_training_continues_over_bad_data_and_reports_the_counts(tmp_path, monke
     # a 64-sample shuffle window holds the whole 48-position epoch, so each epoch's shards are read (and their
     # faults met) before its first sample is used; a window's samples are decoded as they are used. 5 steps x 8 =
     # 40 samples: 24 of epoch 0 in steps 1-3, then its last 2 and 6 of epoch 1 in step 4, 8 more in step 5
-    args = ["--steps", "5", "--batch-size", "8", "--workers", "0", "--train-shards", spec, "--data.shuffle_buffer",
-            "64", "--output-dir", str(out), "--warmup-steps", "1", "--eval.zeroshot", "false", "--train.log_every", "1"]
+    args = [
+        "--steps",
+        "5",
+        "--batch-size",
+        "8",
+        "--workers",
+        "0",
+        "--train-shards",
+        spec,
+        "--data.shuffle_buffer",
+        "64",
+        "--output-dir",
+        str(out),
+        "--warmup-steps",
+        "1",
+        "--eval.zeroshot",
+        "false",
+        "--train.log_every",
+        "1",
+    ]
     cfg = parse_cli(PretrainConfig, args, PRETRAIN_ALIASES)
     _reset_accelerate()
     with caplog.at_level(logging.WARNING):
@@ -59,11 +77,14 @@ def test_training_continues_over_bad_data_and_reports_the_counts(tmp_path, monke
     records = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5]  # training went on over the bad data, into epoch 1
     assert all(torch.isfinite(torch.tensor([r["loss"] for r in records])))
-    skipped = [{k[len("data/skipped/"):]: int(v) for k, v in r.items() if k.startswith("data/skipped/") and v}
-               for r in records]
+    skipped = [
+        {k[len("data/skipped/") :]: int(v) for k, v in r.items() if k.startswith("data/skipped/") and v}
+        for r in records
+    ]
     # the same stream outside the trainer: the counts it logs are the pipeline's, step by step
-    stream = build_train_loader(spec, lambda x: {"key": x["__key__"]}, 8, seed=cfg.train.seed, workers=0,
-                                shuffle_buffer=64)
+    stream = build_train_loader(
+        spec, lambda x: {"key": x["__key__"]}, 8, seed=cfg.train.seed, workers=0, shuffle_buffer=64
+    )
     direct = []
     for _ in range(5):
         next(stream)
@@ -99,15 +120,33 @@ def test_a_run_where_every_sample_fails_stops_with_a_one_line_error(tmp_path, ca
     main = runpy.run_path(str(ROOT / "scripts" / "pretrain.py"), run_name="pretrain")["main"]
     _reset_accelerate()
     with pytest.raises(SystemExit) as code:
-        run_cli(main, ["--steps", "3", "--batch-size", "8", "--workers", "0", "--train-shards", spec,
-                       "--output-dir", str(tmp_path / "run"), "--eval.zeroshot", "false",
-                       "--data.max_consecutive_failures", "20"])
+        run_cli(
+            main,
+            [
+                "--steps",
+                "3",
+                "--batch-size",
+                "8",
+                "--workers",
+                "0",
+                "--train-shards",
+                spec,
+                "--output-dir",
+                str(tmp_path / "run"),
+                "--eval.zeroshot",
+                "false",
+                "--data.max_consecutive_failures",
+                "20",
+            ],
+        )
     _reset_accelerate()
     err = capsys.readouterr().err.strip().splitlines()
     errors = [line for line in err if ": error: " in line]
     assert code.value.code == 2 and len(errors) == 1, err
-    assert "error: 20 consecutive data failures without one usable sample (rank 0, reader 0) (counts so far: " \
-           "corrupt_image 20;" in errors[0]
+    assert (
+        "error: 20 consecutive data failures without one usable sample (rank 0, reader 0) (counts so far: "
+        "corrupt_image 20;" in errors[0]
+    )
     assert not any(line.startswith("Traceback") for line in err)
     metrics = tmp_path / "run" / "metrics.jsonl"
     assert not metrics.is_file() or not [r for r in read_metrics(metrics) if "loss" in r]  # not one step ran

@@ -23,9 +23,34 @@ STEPS = 20
 
 
 def run_args(shards: str, out: str, backend: str, steps: int = STEPS, extra: list[str] | None = None) -> list[str]:
-    args = ["--loss", "siglip", "--steps", str(steps), "--batch-size", "8", "--workers", "0", "--train-shards", shards,
-            "--output-dir", out, "--warmup-steps", "3", "--lr", "1e-3", "--eval.zeroshot", "false",
-            "--train.global_stream", "true", "--checkpoint.keep", "1", "--seed", "0", "--model", "tiny"]
+    args = [
+        "--loss",
+        "siglip",
+        "--steps",
+        str(steps),
+        "--batch-size",
+        "8",
+        "--workers",
+        "0",
+        "--train-shards",
+        shards,
+        "--output-dir",
+        out,
+        "--warmup-steps",
+        "3",
+        "--lr",
+        "1e-3",
+        "--eval.zeroshot",
+        "false",
+        "--train.global_stream",
+        "true",
+        "--checkpoint.keep",
+        "1",
+        "--seed",
+        "0",
+        "--model",
+        "tiny",
+    ]
     if backend.startswith("zero"):
         args += ["--deepspeed", backend.split("-")[0]]
     if backend.endswith("-accum"):  # the same global batch of 16 as 2 ranks x 2 micro-batches of 4 (GradCache)
@@ -47,8 +72,11 @@ def _train_backends(rank: int, world: int, backends: list[str], shards: str, roo
         reset_accelerate()
         trainer = Trainer(parse_cli(PretrainConfig, run_args(shards, f"{root}/{backend}", backend), PRETRAIN_ALIASES))
         trainer.train()
-        res: dict = {"losses": trainer.losses, "kind": trainer.engine.kind,
-                     "stage": getattr(trainer.engine, "stage", None)}
+        res: dict = {
+            "losses": trainer.losses,
+            "kind": trainer.engine.kind,
+            "stage": getattr(trainer.engine, "stage", None),
+        }
         if backend == "zero3":
             with torch.no_grad():  # collective: ZeRO-3 gathers each module's weights for the forward
                 emb = trainer.engine.forward(probe_batch(), mode="embed")
@@ -68,8 +96,9 @@ def _skip_nonfinite_grad(rank: int, world: int, backends: list[str], shards: str
         reset_accelerate()
         os.environ["VLP_FAULTS"] = "nan-grad@2"
         try:
-            trainer = Trainer(parse_cli(PretrainConfig, run_args(shards, f"{root}/{backend}", backend, steps=3),
-                                        PRETRAIN_ALIASES))
+            trainer = Trainer(
+                parse_cli(PretrainConfig, run_args(shards, f"{root}/{backend}", backend, steps=3), PRETRAIN_ALIASES)
+            )
         finally:
             os.environ.pop("VLP_FAULTS")
         outcomes, moved = [], []
@@ -101,8 +130,12 @@ def test_zero2_zero3_ddp_and_one_process_same_losses_and_zero3_export(synthetic_
     single.finish()
     reset_accelerate()
 
-    assert (dist_res["ddp"]["kind"], dist_res["zero2"]["stage"], dist_res["zero3"]["stage"],
-            dist_res["zero3-accum"]["stage"]) == ("ddp", 2, 3, 3)
+    assert (
+        dist_res["ddp"]["kind"],
+        dist_res["zero2"]["stage"],
+        dist_res["zero3"]["stage"],
+        dist_res["zero3-accum"]["stage"],
+    ) == ("ddp", 2, 3, 3)
     ref = torch.tensor(single.losses, dtype=torch.float64)
     assert ref.shape == (STEPS,) and ref[-1] < ref[0] - 1.0  # it trains
     for name in names:
@@ -142,8 +175,9 @@ def test_zero2_zero3_ddp_and_one_process_same_losses_and_zero3_export(synthetic_
 
 
 def test_nonfinite_gradient_skips_the_update_under_zero2_and_zero3(synthetic_data, tmp_path):
-    res = run_distributed(_skip_nonfinite_grad, 2, (["zero2", "zero3"], synthetic_data.train_shards, str(tmp_path)),
-                          timeout=1800)
+    res = run_distributed(
+        _skip_nonfinite_grad, 2, (["zero2", "zero3"], synthetic_data.train_shards, str(tmp_path)), timeout=1800
+    )
     for per_rank in res:
         for backend, r in per_rank.items():
             (a1, _, l1), (a2, why2, l2), (a3, _, l3) = r["outcomes"]

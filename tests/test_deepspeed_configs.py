@@ -22,8 +22,12 @@ def test_deepspeed_jsons(name):
     conf = json.loads(resolve_deepspeed_config(name).read_text())
     stage = int(name[4])
     assert conf["zero_optimization"]["stage"] == stage
-    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-                "gradient_clipping"):
+    for key in (
+        "train_batch_size",
+        "train_micro_batch_size_per_gpu",
+        "gradient_accumulation_steps",
+        "gradient_clipping",
+    ):
         assert conf[key] == "auto", key
     assert conf["bf16"]["enabled"] == "auto" and conf["fp16"]["enabled"] == "auto" and conf["fp16"]["loss_scale"] == 0
     assert "optimizer" not in conf and "scheduler" not in conf  # vlp's AdamW groups and schedule are used
@@ -31,8 +35,9 @@ def test_deepspeed_jsons(name):
     assert (offload == "cpu") == (name == "zero3_offload")
 
 
-@pytest.mark.parametrize("name, stage", [("zero2.yaml", 2), ("zero3.yaml", 3), ("multinode_zero2.yaml", 2),
-                                         ("cpu_multi.yaml", None)])
+@pytest.mark.parametrize(
+    "name, stage", [("zero2.yaml", 2), ("zero3.yaml", 3), ("multinode_zero2.yaml", 2), ("cpu_multi.yaml", None)]
+)
 def test_accelerate_launch_configs(name, stage):
     conf = yaml.safe_load((ROOT / "configs" / "accelerate" / name).read_text())
     if stage is None:
@@ -60,11 +65,18 @@ def _fill(conf: dict, batch=8, accum=4, world=2, clip=1.0) -> dict:
 
 def test_auto_fields_come_from_the_run_and_the_real_world_size():
     conf = _fill(json.loads(resolve_deepspeed_config("zero3").read_text()))
-    assert (conf["train_micro_batch_size_per_gpu"], conf["gradient_accumulation_steps"], conf["train_batch_size"],
-            conf["gradient_clipping"]) == (8, 4, 64, 1.0)
+    assert (
+        conf["train_micro_batch_size_per_gpu"],
+        conf["gradient_accumulation_steps"],
+        conf["train_batch_size"],
+        conf["gradient_clipping"],
+    ) == (8, 4, 64, 1.0)
     z = conf["zero_optimization"]
     assert (z["reduce_bucket_size"], z["stage3_prefetch_bucket_size"], z["stage3_param_persistence_threshold"]) == (
-        128 * 128, int(0.9 * 128 * 128), 1280)  # tiny preset: width 128
+        128 * 128,
+        int(0.9 * 128 * 128),
+        1280,
+    )  # tiny preset: width 128
     assert _fill(json.loads(resolve_deepspeed_config("zero2").read_text()), clip=None)["gradient_clipping"] == 0.0
 
 

@@ -44,7 +44,12 @@ def _ring_worker(rank: int, world: int) -> dict:
     acc_sum, acc_lse = ring_visit(
         [block(rank), torch.zeros(n, dtype=torch.float32)],
         [torch.zeros(n, 3, dtype=torch.float64), torch.full((n,), -math.inf)],
-        visit, sizes=sizes, identities=[0.0, -math.inf], combines=[torch.Tensor.add_, _logaddexp_], group=group)
+        visit,
+        sizes=sizes,
+        identities=[0.0, -math.inf],
+        combines=[torch.Tensor.add_, _logaddexp_],
+        group=group,
+    )
     out["seen"], out["intact"] = seen, intact
     out["sum_err"] = float((acc_sum - block(rank) * world * (world + 1) / 2).abs().max())
     out["lse_err"] = float((acc_lse - math.log(sum(math.exp(r) for r in range(world)))).abs().max())

@@ -79,8 +79,7 @@ def test_engine_retrieval_on_captioned_shards_equals_brute_force(synthetic_data,
 
     tf, tok = build_transforms(model.preset, is_train=False), build_tokenizer(model.preset)
     with torch.no_grad():
-        img = torch.cat([model.encode_image(tf(Image.open(io.BytesIO(b)).convert("RGB"))[None])
-                         for b in copies.jpegs])
+        img = torch.cat([model.encode_image(tf(Image.open(io.BytesIO(b)).convert("RGB"))[None]) for b in copies.jpegs])
         caps = [c for cs in copies.captions for c in cs]
         txt = model.encode_text(tok(caps))
     owner = [i for i, cs in enumerate(copies.captions) for _ in cs]

@@ -39,24 +39,31 @@ class _FirstN(ImageSource):
 def heldout_set(eval_shards: str, n: int | None = None) -> EvalSet:
     from data_pipelines.synthetic import CLASS_FAMILIES, PROMPT_TEMPLATES
 
-    source = WebDatasetSource(eval_shards, {f: f"json:{f}" for f in CLASS_FAMILIES}, CLASS_FAMILIES,
-                              caption_key="txt", name="heldout")
+    source = WebDatasetSource(
+        eval_shards, {f: f"json:{f}" for f in CLASS_FAMILIES}, CLASS_FAMILIES, caption_key="txt", name="heldout"
+    )
     return EvalSet(source if n is None else _FirstN(source, n), PROMPT_TEMPLATES, retrieval="heldout")
 
 
 def _evaluate_on_ranks(rank: int, world_size: int, eval_shards: str) -> dict | None:
     zs = ZeroShotModel.from_dual_tower(tiny_model("siglip"))
     out = evaluate(zs, [heldout_set(eval_shards, 99)], EvalOptions(batch_size=7))
-    return None if out.results is None else {"flat": flatten_metrics(out.results),
-                                             "n": out.results["sources"][0]["num_images"]}
+    return (
+        None
+        if out.results is None
+        else {"flat": flatten_metrics(out.results), "n": out.results["sources"][0]["num_images"]}
+    )
 
 
 def test_two_ranks_with_uneven_split_equal_one_process(synthetic_data):
     results = run_distributed(_evaluate_on_ranks, 2, (synthetic_data.eval_shards,))
     assert results[1] is None and results[0]["n"] == 99  # 50 + 49 images: one rank runs an extra dummy batch
     zs = ZeroShotModel.from_dual_tower(tiny_model("siglip"))
-    single = flatten_metrics(evaluate(zs, [heldout_set(synthetic_data.eval_shards, 99)],
-                                      EvalOptions(batch_size=7, distributed=False)).results)
+    single = flatten_metrics(
+        evaluate(
+            zs, [heldout_set(synthetic_data.eval_shards, 99)], EvalOptions(batch_size=7, distributed=False)
+        ).results
+    )
     two = results[0]["flat"]
     assert set(two) == set(single) and len(single) == 4 * 5 + 6
     for key, value in single.items():
@@ -73,8 +80,11 @@ def test_evaluation_leaves_rng_streams_and_train_mode_untouched(synthetic_data):
     random.seed(5)
     np.random.seed(5)
     torch.manual_seed(5)
-    out = evaluate(ZeroShotModel.from_dual_tower(model), [heldout_set(synthetic_data.eval_shards)],
-                   EvalOptions(batch_size=50, workers=1))
+    out = evaluate(
+        ZeroShotModel.from_dual_tower(model),
+        [heldout_set(synthetic_data.eval_shards)],
+        EvalOptions(batch_size=50, workers=1),
+    )
     assert out.results["classification"]["shape"]["num_images"] == 100
     assert model.training
     got = (random.random(), np.random.rand(), torch.rand(3))
@@ -82,10 +92,30 @@ def test_evaluation_leaves_rng_streams_and_train_mode_untouched(synthetic_data):
 
 
 def _run_args(tmp_path: Path, out: Path, steps: int, every: int) -> list[str]:
-    return ["--loss", "siglip", "--steps", str(steps), "--batch-size", "8", "--workers", "0", "--output-dir",
-            str(out), "--data.synthetic_dir", str(tmp_path / "syn"), "--data.synthetic_train_samples", "200",
-            "--data.synthetic_eval_samples", "50", "--warmup-steps", "1", "--eval-every", str(every),
-            "--eval.batch_size", "32"]
+    return [
+        "--loss",
+        "siglip",
+        "--steps",
+        str(steps),
+        "--batch-size",
+        "8",
+        "--workers",
+        "0",
+        "--output-dir",
+        str(out),
+        "--data.synthetic_dir",
+        str(tmp_path / "syn"),
+        "--data.synthetic_train_samples",
+        "200",
+        "--data.synthetic_eval_samples",
+        "50",
+        "--warmup-steps",
+        "1",
+        "--eval-every",
+        str(every),
+        "--eval.batch_size",
+        "32",
+    ]
 
 
 @pytest.mark.slow
@@ -114,8 +144,14 @@ def test_two_process_eval_every_equals_cli_on_final_checkpoint(tmp_path):
 
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [ACCELERATE, "launch", "--num_processes", "2", str(ROOT / "scripts" / "pretrain.py"),
-           *_run_args(tmp_path, out, 4, 2)]
+    cmd = [
+        ACCELERATE,
+        "launch",
+        "--num_processes",
+        "2",
+        str(ROOT / "scripts" / "pretrain.py"),
+        *_run_args(tmp_path, out, 4, 2),
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
@@ -123,8 +159,9 @@ def test_two_process_eval_every_equals_cli_on_final_checkpoint(tmp_path):
     evals = [r for r in read_metrics(out / "metrics.jsonl") if "retrieval/image_to_text_R1" in r]
     assert [r["step"] for r in evals] == [2, 4]
     during = evals[-1]
-    cfg = parse_cli(ZeroShotEvalConfig, ["--checkpoint", str(out), "--workers", "0", "--plots", "false"],
-                    ZEROSHOT_ALIASES)
+    cfg = parse_cli(
+        ZeroShotEvalConfig, ["--checkpoint", str(out), "--workers", "0", "--plots", "false"], ZEROSHOT_ALIASES
+    )
     cli = run_zeroshot_eval(cfg)["metrics"]
     assert len(cli) == 4 * 5 + 6 and cli["zeroshot/shape/chance"] == pytest.approx(0.1)
     for key, value in cli.items():
@@ -150,23 +187,48 @@ def test_end_of_run_evaluates_a_classification_folder_like_the_cli(tmp_path, syn
     args = _run_args(tmp_path, out, 3, 0)
     i = args.index("--eval-every")
     del args[i : i + 2]  # no periodic evaluation at all
-    cmd = [sys.executable, str(ROOT / "scripts" / "pretrain.py"), *args, "--eval.classification.image_folder",
-           str(copies.folder), "--eval.classification.name", "shapes", "--eval.classification.templates", "simple"]
-    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                          text=True, timeout=900)
+    cmd = [
+        sys.executable,
+        str(ROOT / "scripts" / "pretrain.py"),
+        *args,
+        "--eval.classification.image_folder",
+        str(copies.folder),
+        "--eval.classification.name",
+        "shapes",
+        "--eval.classification.templates",
+        "simple",
+    ]
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     row = next(line for line in proc.stdout.splitlines() if line.strip().startswith("shapes "))
     assert f"{summary['zeroshot/shapes/top1']:.1%}" in row and f"{summary['zeroshot/shapes/chance']:.1%}" in row
     common = ["--checkpoint", str(out), "--workers", "0", "--plots", "false"]
-    folder = run_zeroshot_eval(parse_cli(ZeroShotEvalConfig, [*common, "--image-folder", str(copies.folder),
-                                                              "--task-name", "shapes", "--templates", "simple",
-                                                              "--output-dir", str(tmp_path / "e1")],
-                                         ZEROSHOT_ALIASES))["metrics"]
-    assert sorted(folder) == [f"zeroshot/shapes/{m}" for m in ("chance", "mean_per_class", "sigmoid_true_class_mean",
-                                                                 "top1", "top5")]
-    run_sets = run_zeroshot_eval(parse_cli(ZeroShotEvalConfig, [*common, "--output-dir", str(tmp_path / "e2")],
-                                           ZEROSHOT_ALIASES))["metrics"]  # everything the run configured
+    folder = run_zeroshot_eval(
+        parse_cli(
+            ZeroShotEvalConfig,
+            [
+                *common,
+                "--image-folder",
+                str(copies.folder),
+                "--task-name",
+                "shapes",
+                "--templates",
+                "simple",
+                "--output-dir",
+                str(tmp_path / "e1"),
+            ],
+            ZEROSHOT_ALIASES,
+        )
+    )["metrics"]
+    assert sorted(folder) == [
+        f"zeroshot/shapes/{m}" for m in ("chance", "mean_per_class", "sigmoid_true_class_mean", "top1", "top5")
+    ]
+    run_sets = run_zeroshot_eval(
+        parse_cli(ZeroShotEvalConfig, [*common, "--output-dir", str(tmp_path / "e2")], ZEROSHOT_ALIASES)
+    )["metrics"]  # everything the run configured
     assert len(run_sets) == 4 * 5 + 6 + 5  # four held-out families, retrieval, and the folder
     for key, value in {**folder, **run_sets}.items():
         assert summary[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key

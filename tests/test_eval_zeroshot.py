@@ -59,14 +59,16 @@ def test_top1_top5_equal_open_clip_zero_shot_utilities_per_sample(model, copies,
     from vlp.model import build_tokenizer, build_transforms
 
     n = len(copies.keys)
-    ours = _run(model, ZeroShotDataConfig(image_folder=str(copies.folder), templates="simple", name="shapes"),
-                num_examples=n).results["classification"]["shapes"]
+    ours = _run(
+        model, ZeroShotDataConfig(image_folder=str(copies.folder), templates="simple", name="shapes"), num_examples=n
+    ).results["classification"]["shapes"]
     # open_clip's reference: its classifier builder and its zero-shot accuracy loop, on torchvision's ImageFolder
     tokenizer, preprocess = build_tokenizer(model.preset), build_transforms(model.preset, is_train=False)
     dataset = ImageFolder(str(copies.folder), transform=preprocess)
     assert dataset.classes == CLASSES and [s[1] for s in dataset.samples] == copies.labels
-    classifier = open_clip.build_zero_shot_classifier(model.clip, tokenizer, CLASSES, SIMPLE_IMAGENET_TEMPLATES,
-                                                      num_classes_per_batch=10, device="cpu")
+    classifier = open_clip.build_zero_shot_classifier(
+        model.clip, tokenizer, CLASSES, SIMPLE_IMAGENET_TEMPLATES, num_classes_per_batch=10, device="cpu"
+    )
     loader = torch.utils.data.DataLoader(dataset, batch_size=32)
     args = SimpleNamespace(device="cpu", precision="fp32", batch_size=32)
     monkeypatch.setattr(open_clip_train.zero_shot, "accuracy", _open_clip_accuracy)
@@ -87,10 +89,18 @@ def test_three_sources_give_identical_results(model, copies):
     base = dict(templates="simple", name="shapes")
     outs = {
         "folder": _run(model, ZeroShotDataConfig(image_folder=str(copies.folder), **base)),
-        "wds": _run(model, ZeroShotDataConfig(wds_shards=copies.shards, classnames=str(copies.classnames_file),
-                                              label_key="cls", **base)),
-        "wds_json": _run(model, ZeroShotDataConfig(wds_shards=copies.shards, classnames=str(copies.classnames_file),
-                                                   label_key="json:shape", **base)),
+        "wds": _run(
+            model,
+            ZeroShotDataConfig(
+                wds_shards=copies.shards, classnames=str(copies.classnames_file), label_key="cls", **base
+            ),
+        ),
+        "wds_json": _run(
+            model,
+            ZeroShotDataConfig(
+                wds_shards=copies.shards, classnames=str(copies.classnames_file), label_key="json:shape", **base
+            ),
+        ),
         "hf": _run(model, ZeroShotDataConfig(hf_dataset=str(copies.hf_dir), **base)),
     }
     res = {k: o.results["classification"]["shapes"] for k, o in outs.items()}
@@ -135,16 +145,19 @@ def test_loaders_builtins_and_files(tmp_path):
     assert load_classnames(str(tmp_path / "c.json")) == {"n01": "tench", "n02": "goldfish"}
 
 
-@pytest.mark.parametrize("case, fragment", [
-    ("missing_folder", "missing class folder"),
-    ("empty_templates", "the template file is empty"),
-    ("template_without_slot", "needs exactly one '{}'"),
-    ("folder_count", "class-name count mismatch: 9 class names given but 10 class folders"),
-    ("wds_count", "class-name count mismatch: sample"),
-    ("hf_count", "class-name count mismatch: 11 class names given but the ClassLabel column"),
-    ("no_folder", "image folder not found"),
-    ("wds_without_names", "pass --classnames"),
-])
+@pytest.mark.parametrize(
+    "case, fragment",
+    [
+        ("missing_folder", "missing class folder"),
+        ("empty_templates", "the template file is empty"),
+        ("template_without_slot", "needs exactly one '{}'"),
+        ("folder_count", "class-name count mismatch: 9 class names given but 10 class folders"),
+        ("wds_count", "class-name count mismatch: sample"),
+        ("hf_count", "class-name count mismatch: 11 class names given but the ClassLabel column"),
+        ("no_folder", "image folder not found"),
+        ("wds_without_names", "pass --classnames"),
+    ],
+)
 def test_user_mistakes_are_clear_errors(copies, tmp_path, case, fragment):
     names = tmp_path / "names.txt"
     cfg = ZeroShotDataConfig(image_folder=str(copies.folder))
@@ -181,8 +194,9 @@ def test_cli_error_is_one_line(copies, tmp_path, capsys):
 
     from vlp.cli import run_cli
 
-    spec = importlib.util.spec_from_file_location("eval_zeroshot", Path(__file__).parents[1] / "scripts" /
-                                                  "eval_zeroshot.py")
+    spec = importlib.util.spec_from_file_location(
+        "eval_zeroshot", Path(__file__).parents[1] / "scripts" / "eval_zeroshot.py"
+    )
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     main = script.main
@@ -206,8 +220,19 @@ def _save_open_clip_dir(model, root: Path) -> tuple[Path, Path, str]:
     pp = model.preset.preprocess
     local = root / "oc_local"
     local.mkdir()
-    (local / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": {
-        "mean": pp["mean"], "std": pp["std"], "interpolation": pp["interpolation"], "resize_mode": pp["resize_mode"]}}))
+    (local / "open_clip_config.json").write_text(
+        json.dumps(
+            {
+                "model_cfg": cfg,
+                "preprocess_cfg": {
+                    "mean": pp["mean"],
+                    "std": pp["std"],
+                    "interpolation": pp["interpolation"],
+                    "resize_mode": pp["resize_mode"],
+                },
+            }
+        )
+    )
     state = {k: v.contiguous() for k, v in model.clip.state_dict().items()}
     save_file(state, str(local / "open_clip_model.safetensors"))
     name = "vlp-test-tiny-sig"  # no "siglip" in the name: open_clip would pick its HF SigLIP tokenizer
@@ -235,8 +260,20 @@ def test_open_clip_models_and_vlp_checkpoints_give_the_same_results(model, copie
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(export_dir / "model.safetensors"))
     save_yaml(run_cfg, export_dir / "config.yaml")
     local, weights, name = _save_open_clip_dir(model, tmp_path)
-    common = ["--image-folder", str(copies.folder), "--templates", "simple", "--task-name", "shapes",
-              "--workers", "0", "--batch-size", "50", "--plots", "false"]
+    common = [
+        "--image-folder",
+        str(copies.folder),
+        "--templates",
+        "simple",
+        "--task-name",
+        "shapes",
+        "--workers",
+        "0",
+        "--batch-size",
+        "50",
+        "--plots",
+        "false",
+    ]
     runs = {
         "run_dir": ["--checkpoint", str(run_dir)],
         "export": ["--checkpoint", str(export_dir)],
@@ -254,7 +291,8 @@ def test_open_clip_models_and_vlp_checkpoints_give_the_same_results(model, copie
         assert m["confusion_matrix"] == ref["confusion_matrix"] and m["top1"] == ref["top1"], key
         assert m["top5"] == ref["top5"] and m["num_images"] == 100, key
         assert m["probabilities"]["sigmoid_true_class_mean"] == pytest.approx(
-            ref["probabilities"]["sigmoid_true_class_mean"], rel=1e-5), key
+            ref["probabilities"]["sigmoid_true_class_mean"], rel=1e-5
+        ), key
         assert json.loads((tmp_path / key / "results.json").read_text())["metrics"] == r["metrics"]
     assert res["name_pretrained"]["model"]["type"] == "open_clip"
 
@@ -262,8 +300,9 @@ def test_open_clip_models_and_vlp_checkpoints_give_the_same_results(model, copie
 def test_results_json_and_plots(model, copies, tmp_path):
     from vlp.eval.plots import write_plots
 
-    out = _run(model, ZeroShotDataConfig(image_folder=str(copies.folder), templates="simple", name="shapes"),
-               num_examples=8)
+    out = _run(
+        model, ZeroShotDataConfig(image_folder=str(copies.folder), templates="simple", name="shapes"), num_examples=8
+    )
     m = out.results["classification"]["shapes"]
     assert len(m["examples"]) == 8 and all(len(e["top"]) == 5 for e in m["examples"])
     assert all("sigmoid" in p and 0 < p["softmax"] < 1 for e in m["examples"] for p in e["top"])

@@ -61,8 +61,10 @@ def vit_vlptest_patch14_siglip_224(pretrained: bool = False, **kwargs):
     return vit_so400m_patch14_siglip_224(pretrained=False, **{"embed_dim": 64, "depth": 2, "num_heads": 2, **kwargs})
 
 
-SMALL_TIMM = {"vit_base_patch16_siglip_224": "vit_vlptest_patch16_siglip_224",
-              "vit_so400m_patch14_siglip_224": "vit_vlptest_patch14_siglip_224"}
+SMALL_TIMM = {
+    "vit_base_patch16_siglip_224": "vit_vlptest_patch16_siglip_224",
+    "vit_so400m_patch14_siglip_224": "vit_vlptest_patch14_siglip_224",
+}
 
 
 def cpu_preset(name: str) -> ModelPreset:
@@ -144,8 +146,11 @@ def test_hf_vision_export_matches_ours(name, tmp_path):
             got = {"embeds": out.pooler_output, "pooled": out.pooler_output, "last_hidden_state": out.last_hidden_state}
         else:
             inner = hf.vision_model(pixel_values=x)
-            got = {"embeds": out.image_embeds, "pooled": inner.pooler_output,
-                   "last_hidden_state": out.last_hidden_state}
+            got = {
+                "embeds": out.image_embeds,
+                "pooled": inner.pooler_output,
+                "last_hidden_state": out.last_hidden_state,
+            }
     diffs = {k: maxdiff(got[k], ours[k]) for k in ours}
     print(f"\n[hf-vision {name}] max |diff|: {diffs}")
     assert max(diffs.values()) < TOL, diffs
@@ -188,8 +193,14 @@ def test_quick_gelu_and_tanh_gelu_are_carried_exactly(tmp_path):
 # hf-full: both towers, tokenizer, logit scale/bias
 # --------------------------------------------------------------------------------------------------------------
 
-PROMPTS = ["This is a photo of a red circle.", "two BLUE squares!!", "it's a dog's life; don't stop", "café, naïve",
-           "  extra   spaces\tand\nnewlines ", "x " * 80]
+PROMPTS = [
+    "This is a photo of a red circle.",
+    "two BLUE squares!!",
+    "it's a dog's life; don't stop",
+    "café, naïve",
+    "  extra   spaces\tand\nnewlines ",
+    "x " * 80,
+]
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -261,8 +272,11 @@ def test_image_processor_reproduces_eval_transform():
         preset = load_preset(name)
         d = image_processor_dict(preset, family(name))
         args = {k: v for k, v in d.items() if k not in ("image_processor_type", "processor_class")}
-        pil_cls, tv_cls = ((SiglipImageProcessorPil, SiglipImageProcessor) if family(name) == "siglip"
-                           else (CLIPImageProcessorPil, CLIPImageProcessor))
+        pil_cls, tv_cls = (
+            (SiglipImageProcessorPil, SiglipImageProcessor)
+            if family(name) == "siglip"
+            else (CLIPImageProcessorPil, CLIPImageProcessor)
+        )
         tf = build_transforms(preset, is_train=False)
         n = preset.image_size
         for w, h in ((n, n), (n + 16, n), (97, 131), (300, 200)):
@@ -323,12 +337,15 @@ def test_zero_shot_pipeline_matches_our_zero_shot(name, tmp_path):
     pipe = pipeline("zero-shot-image-classification", model=str(tmp_path))
     d_default = maxdiff(pipeline_probabilities(pipe, at_size), our_probabilities(model, at_size, siglip))
     pil = AutoImageProcessor.from_pretrained(tmp_path, backend="pil")
-    pipe_pil = pipeline("zero-shot-image-classification", model=pipe.model, tokenizer=pipe.tokenizer,
-                        image_processor=pil)
+    pipe_pil = pipeline(
+        "zero-shot-image-classification", model=pipe.model, tokenizer=pipe.tokenizer, image_processor=pil
+    )
     d_pil = maxdiff(pipeline_probabilities(pipe_pil, any_size), our_probabilities(model, any_size, siglip))
     spread = float(our_probabilities(model, at_size, siglip).std())
-    print(f"\n[pipeline {name}] max |p diff| default backend {d_default:.2e}, PIL backend (resized) {d_pil:.2e}; "
-          f"std of p {spread:.3f}")
+    print(
+        f"\n[pipeline {name}] max |p diff| default backend {d_default:.2e}, PIL backend (resized) {d_pil:.2e}; "
+        f"std of p {spread:.3f}"
+    )
     assert spread > 1e-3
     assert d_default < 1e-4 and d_pil < 1e-4
 
@@ -371,12 +388,28 @@ def _hf_clip(seed: int = 0):
     from transformers import CLIPConfig, CLIPModel
 
     cfg = CLIPConfig(
-        text_config=dict(vocab_size=49408, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=32, hidden_act="quick_gelu",
-                         eos_token_id=2),  # an old-style config: pools at argmax(input_ids)
-        vision_config=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=32, patch_size=8, hidden_act="quick_gelu"),
-        projection_dim=48, logit_scale_init_value=3.1)
+        text_config=dict(
+            vocab_size=49408,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=32,
+            hidden_act="quick_gelu",
+            eos_token_id=2,
+        ),  # an old-style config: pools at argmax(input_ids)
+        vision_config=dict(
+            hidden_size=64,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
+            hidden_act="quick_gelu",
+        ),
+        projection_dim=48,
+        logit_scale_init_value=3.1,
+    )
     torch.manual_seed(seed)
     return perturbed(CLIPModel(cfg), seed)
 
@@ -385,11 +418,29 @@ def _hf_siglip(seed: int = 0):
     from transformers import SiglipConfig, SiglipModel
 
     cfg = SiglipConfig(
-        text_config=dict(vocab_size=49409, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=2, max_position_embeddings=64, hidden_act="gelu", layer_norm_eps=1e-6,
-                         projection_size=64, pad_token_id=49408),
-        vision_config=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=224, patch_size=16, hidden_act="gelu", layer_norm_eps=1e-6))
+        text_config=dict(
+            vocab_size=49409,
+            hidden_size=64,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=64,
+            hidden_act="gelu",
+            layer_norm_eps=1e-6,
+            projection_size=64,
+            pad_token_id=49408,
+        ),
+        vision_config=dict(
+            hidden_size=64,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=224,
+            patch_size=16,
+            hidden_act="gelu",
+            layer_norm_eps=1e-6,
+        ),
+    )
     torch.manual_seed(seed)
     model = perturbed(SiglipModel(cfg), seed)
     with torch.no_grad():
@@ -431,8 +482,9 @@ def test_hf_vision_only_to_ours_to_hf_is_bit_exact(kind, tmp_path):
 
     full = _hf_clip() if kind == "clip" else _hf_siglip()
     if kind == "clip":
-        tower = CLIPVisionModelWithProjection(full.config.vision_config.__class__(
-            **{**full.config.vision_config.to_dict(), "projection_dim": 48}))
+        tower = CLIPVisionModelWithProjection(
+            full.config.vision_config.__class__(**{**full.config.vision_config.to_dict(), "projection_dim": 48})
+        )
     else:
         tower = SiglipVisionModel(full.config.vision_config)
     perturbed(tower, 3)
@@ -470,8 +522,11 @@ def test_key_map_reports_missing_and_unexpected_keys():
     vis = {k: v for k, v in state.items() if k.startswith("visual.")}
     vis.pop("visual.ln_pre.weight")
     vis["visual.extra"] = torch.zeros(1)
-    with pytest.raises(KeyMapError, match=r"missing 1 key\(s\): visual.ln_pre.weight; unexpected 1 key\(s\): "
-                                          r"visual.extra"):
+    with pytest.raises(
+        KeyMapError,
+        match=r"missing 1 key\(s\): visual.ln_pre.weight; unexpected 1 key\(s\): "
+        r"visual.extra",
+    ):
         ours_to_hf(vis, rules)
 
 
@@ -523,12 +578,30 @@ def test_exported_files_use_the_transformers4_layout(name, tmp_path):
     assert keys and all(k.startswith(("vision_model.", "visual_projection.")) for k in keys)
     cfg = json.loads((tmp_path / "v" / "config.json").read_text())
     # written in full, not as a diff against this transformers version's defaults
-    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
-                "patch_size", "hidden_act", "layer_norm_eps", "model_type", "architectures"):
+    for key in (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "image_size",
+        "patch_size",
+        "hidden_act",
+        "layer_norm_eps",
+        "model_type",
+        "architectures",
+    ):
         assert key in cfg, key
     files = {p.name for p in (tmp_path / "f").iterdir()}
-    assert {"config.json", "model.safetensors", "preprocessor_config.json", "tokenizer_config.json", "vocab.json",
-            "merges.txt", "tokenizer.json", "special_tokens_map.json"} <= files
+    assert {
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+        "tokenizer_config.json",
+        "vocab.json",
+        "merges.txt",
+        "tokenizer.json",
+        "special_tokens_map.json",
+    } <= files
     vocab = json.loads((tmp_path / "f" / "vocab.json").read_text())
     assert vocab["<|endoftext|>"] == 49407 and vocab["!"] == 0
     from transformers import AutoProcessor
@@ -561,16 +634,16 @@ def test_transformers4_loads_the_export(name, tmp_path):
 import json, torch, transformers
 assert transformers.__version__.startswith("4."), transformers.__version__
 from transformers import AutoImageProcessor, AutoModel, AutoProcessor, AutoTokenizer
-ref = torch.load({str(tmp_path / 'ref.pt')!r})
+ref = torch.load({str(tmp_path / "ref.pt")!r})
 def load(d):
     cls = getattr(transformers, json.load(open(d + "/config.json"))["architectures"][0])
     m, info = cls.from_pretrained(d, output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     return m.eval()
-v, f = load({str(tmp_path / 'v')!r}), load({str(tmp_path / 'f')!r})
-assert type(AutoModel.from_pretrained({str(tmp_path / 'f')!r})) is type(f)
-tok = AutoTokenizer.from_pretrained({str(tmp_path / 'f')!r})
-AutoImageProcessor.from_pretrained({str(tmp_path / 'f')!r}), AutoProcessor.from_pretrained({str(tmp_path / 'f')!r})
+v, f = load({str(tmp_path / "v")!r}), load({str(tmp_path / "f")!r})
+assert type(AutoModel.from_pretrained({str(tmp_path / "f")!r})) is type(f)
+tok = AutoTokenizer.from_pretrained({str(tmp_path / "f")!r})
+AutoImageProcessor.from_pretrained({str(tmp_path / "f")!r}), AutoProcessor.from_pretrained({str(tmp_path / "f")!r})
 ids = tok({PROMPTS!r}, padding={padding!r}, max_length={model.preset.context_length}, truncation=True,
           return_tensors="pt")
 with torch.no_grad():
@@ -601,21 +674,24 @@ def _with(name: str, vision: dict | None = None, text: dict | None = None, **pre
     return p
 
 
-@pytest.mark.parametrize("preset, fmt, needle", [
-    (_with("tiny", vision={"ls_init_value": 0.1}), "vision", "LayerScale"),
-    (_with("tiny", text={"ls_init_value": 0.1}), "full", "LayerScale"),
-    (_with("tiny", vision={"qk_norm": True}), "vision", "qk_norm"),
-    (_with("tiny", vision={"pool_type": "avg"}), "vision", "pool_type='avg'"),
-    (_with("tiny", vision={"attentional_pool": True}), "vision", "attentional_pool"),
-    (_with("tiny", vision={"no_ln_pre": True}), "vision", "no_ln_pre"),
-    (_with("tiny", text={"no_causal_mask": True}), "full", "no_causal_mask"),
-    (_with("tiny", text={"proj_bias": True}), "full", "proj_bias"),
-    (_with("vit-b-16-siglip", vision={"timm_pool": "avg"}), "vision", "timm_pool: map"),
-    (_with("vit-b-16-siglip", vision={"timm_proj": "linear"}), "vision", "timm_proj"),
-    (_with("vit-b-16-siglip", text={"no_causal_mask": False}), "full", "causal text mask"),
-    (_with("vit-b-16-siglip", text={"pool_type": "argmax"}), "full", "pool_type='argmax'"),
-    (_with("tiny", preprocess={"resize_mode": "longest"}), "vision", "resize_mode='longest'"),
-])
+@pytest.mark.parametrize(
+    "preset, fmt, needle",
+    [
+        (_with("tiny", vision={"ls_init_value": 0.1}), "vision", "LayerScale"),
+        (_with("tiny", text={"ls_init_value": 0.1}), "full", "LayerScale"),
+        (_with("tiny", vision={"qk_norm": True}), "vision", "qk_norm"),
+        (_with("tiny", vision={"pool_type": "avg"}), "vision", "pool_type='avg'"),
+        (_with("tiny", vision={"attentional_pool": True}), "vision", "attentional_pool"),
+        (_with("tiny", vision={"no_ln_pre": True}), "vision", "no_ln_pre"),
+        (_with("tiny", text={"no_causal_mask": True}), "full", "no_causal_mask"),
+        (_with("tiny", text={"proj_bias": True}), "full", "proj_bias"),
+        (_with("vit-b-16-siglip", vision={"timm_pool": "avg"}), "vision", "timm_pool: map"),
+        (_with("vit-b-16-siglip", vision={"timm_proj": "linear"}), "vision", "timm_proj"),
+        (_with("vit-b-16-siglip", text={"no_causal_mask": False}), "full", "causal text mask"),
+        (_with("vit-b-16-siglip", text={"pool_type": "argmax"}), "full", "pool_type='argmax'"),
+        (_with("tiny", preprocess={"resize_mode": "longest"}), "vision", "resize_mode='longest'"),
+    ],
+)
 def test_unrepresentable_options_are_refused_by_name(preset, fmt, needle, tmp_path):
     torch.manual_seed(0)
     model = build_model(preset, LossConfig(name="siglip")).eval()
@@ -654,17 +730,29 @@ def test_export_cli_every_format_and_import_back(tmp_path, capsys):
     main = script.main  # in-process: the script is a thin parser over run_export
 
     for fmt in ("hf-vision", "hf-full", "open_clip"):
-        assert main(["--checkpoint", str(tmp_path / "checkpoint.pt"), "--output", str(tmp_path / fmt),
-                     "--format", fmt]) == 0
+        assert (
+            main(["--checkpoint", str(tmp_path / "checkpoint.pt"), "--output", str(tmp_path / fmt), "--format", fmt])
+            == 0
+        )
     x = images(64)
     with torch.no_grad():
         ref = model.clip.encode_image(x)
-        assert maxdiff(CLIPVisionModelWithProjection.from_pretrained(tmp_path / "hf-vision")(
-            pixel_values=x).image_embeds, ref) < TOL
-        assert maxdiff(CLIPModel.from_pretrained(tmp_path / "hf-full").get_image_features(
-            pixel_values=x).pooler_output, ref) < TOL
-    assert main(["--checkpoint", str(tmp_path / "hf-full"), "--output", str(tmp_path / "run"),
-                 "--format", "import-hf"]) == 0
+        assert (
+            maxdiff(
+                CLIPVisionModelWithProjection.from_pretrained(tmp_path / "hf-vision")(pixel_values=x).image_embeds, ref
+            )
+            < TOL
+        )
+        assert (
+            maxdiff(
+                CLIPModel.from_pretrained(tmp_path / "hf-full").get_image_features(pixel_values=x).pooler_output, ref
+            )
+            < TOL
+        )
+    assert (
+        main(["--checkpoint", str(tmp_path / "hf-full"), "--output", str(tmp_path / "run"), "--format", "import-hf"])
+        == 0
+    )
     reloaded, run_cfg = load_trained_model(tmp_path / "run")
     assert run_cfg.loss.name == "clip" and run_cfg.model.pretrained.endswith("checkpoint.pt")
     a, b = model.state_dict(), reloaded.state_dict()
@@ -672,8 +760,17 @@ def test_export_cli_every_format_and_import_back(tmp_path, capsys):
     # a user mistake is one line and exit status 2
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_:
-        script.run_cli(main, ["--checkpoint", str(tmp_path / "checkpoint.pt"), "--output", str(tmp_path / "hf-full"),
-                              "--format", "hf-full"])
+        script.run_cli(
+            main,
+            [
+                "--checkpoint",
+                str(tmp_path / "checkpoint.pt"),
+                "--output",
+                str(tmp_path / "hf-full"),
+                "--format",
+                "hf-full",
+            ],
+        )
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and "is not empty; pass --overwrite true" in err
     assert len(err.strip().splitlines()) == 1
@@ -683,8 +780,12 @@ def test_overwrite_only_replaces_export_files(tmp_path):
     model = make_model("tiny")
     export_hf_vision(model, tmp_path / "out")
     export_hf_vision(model, tmp_path / "out", overwrite=True)  # replaces its own files
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["README.md", "config.json", "model.safetensors",
-                                                                    "preprocessor_config.json"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+    ]
     (tmp_path / "out" / "notes.txt").write_text("mine")
     with pytest.raises(ConfigError, match=r"holds files an export does not write \(notes.txt\)"):
         export_hf_vision(model, tmp_path / "out", overwrite=True)
@@ -694,11 +795,22 @@ def test_overwrite_only_replaces_export_files(tmp_path):
 def test_import_reads_legacy_and_current_preprocessor_configs(tmp_path):
     from vlp.export.hf import _preprocess_from_hf
 
-    legacy = {"feature_extractor_type": "CLIPFeatureExtractor", "size": 224, "crop_size": 224, "do_center_crop": True,
-              "resample": 3, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.25, 0.25]}
+    legacy = {
+        "feature_extractor_type": "CLIPFeatureExtractor",
+        "size": 224,
+        "crop_size": 224,
+        "do_center_crop": True,
+        "resample": 3,
+        "image_mean": [0.5, 0.5, 0.5],
+        "image_std": [0.25, 0.25, 0.25],
+    }
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(legacy))
-    assert _preprocess_from_hf(tmp_path, 224) == {"mean": [0.5] * 3, "std": [0.25] * 3, "interpolation": "bicubic",
-                                                  "resize_mode": "shortest"}
+    assert _preprocess_from_hf(tmp_path, 224) == {
+        "mean": [0.5] * 3,
+        "std": [0.25] * 3,
+        "interpolation": "bicubic",
+        "resize_mode": "shortest",
+    }
     squash = image_processor_dict(load_preset("vit-b-16-siglip"), "siglip")
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(squash))
     assert _preprocess_from_hf(tmp_path, 224)["resize_mode"] == "squash"
@@ -709,6 +821,8 @@ def test_import_reads_legacy_and_current_preprocessor_configs(tmp_path):
 def test_import_refuses_a_mismatching_preset(tmp_path):
     hf = _hf_clip()
     hf.save_pretrained(tmp_path)
-    with pytest.raises(ConfigError, match="vision hidden_size: ours 128, folder 64.*vision hidden_act: ours 'gelu', "
-                                          "folder 'quick_gelu'"):
+    with pytest.raises(
+        ConfigError,
+        match="vision hidden_size: ours 128, folder 64.*vision hidden_act: ours 'gelu', folder 'quick_gelu'",
+    ):
         import_hf(tmp_path, preset="tiny")

@@ -43,11 +43,18 @@ def global_batch(n: int = GLOBAL, seed: int = 7) -> dict[str, torch.Tensor]:
 
 def split(batch: dict[str, torch.Tensor], parts: int) -> list[dict[str, torch.Tensor]]:
     n = batch["image"].shape[0] // parts
-    return [{k: v[i * n:(i + 1) * n] for k, v in batch.items()} for i in range(parts)]
+    return [{k: v[i * n : (i + 1) * n] for k, v in batch.items()} for i in range(parts)]
 
 
-def make_engine(loss: str, deepspeed: str | None = None, batch_size: int = 16, accum: int = 1, impl: str = "naive",
-                preset_edit=None, **model_kw):
+def make_engine(
+    loss: str,
+    deepspeed: str | None = None,
+    batch_size: int = 16,
+    accum: int = 1,
+    impl: str = "naive",
+    preset_edit=None,
+    **model_kw,
+):
     """A tiny contrastive objective (seed 0) behind the engine the run would use; lr 0 so steps only clear grads."""
     reset_accelerate()
     cfg = PretrainConfig()
@@ -68,8 +75,9 @@ def make_engine(loss: str, deepspeed: str | None = None, batch_size: int = 16, a
         model.clip.lock_image_tower(unlocked_groups=cfg.model.lock_image_unlocked_groups)
     objective = get_objective(cfg.loss.name).build(cfg, world_info(), model=model, preset=preset)
     accelerator = build_accelerator(cfg)
-    return build_engine(accelerator, objective, build_optimizer(objective, cfg.optim), cfg, world_info(),
-                        objective.hidden_size())
+    return build_engine(
+        accelerator, objective, build_optimizer(objective, cfg.optim), cfg, world_info(), objective.hidden_size()
+    )
 
 
 def full_grads(engine) -> dict[str, torch.Tensor]:
@@ -110,9 +118,11 @@ def test_gradcache_equals_one_big_batch_single_process(loss):
     ref_loss, ref = measure(engine, gradcache.plain_step, [batch])
     gc_loss, gc = measure(engine, gradcache.gradcache_step, split(batch, 4))
     plain_loss, plain = measure(engine, gradcache.plain_step, split(batch, 4))
-    print(f"{loss}: gradcache 4x16 vs 64: loss rel {abs(gc_loss - ref_loss) / abs(ref_loss):.1e}, grads rel "
-          f"{max_rel(gc, ref):.1e}; plain 4x16: loss rel {abs(plain_loss - ref_loss) / abs(ref_loss):.1e}, "
-          f"grads rel {max_rel(plain, ref):.1e}")
+    print(
+        f"{loss}: gradcache 4x16 vs 64: loss rel {abs(gc_loss - ref_loss) / abs(ref_loss):.1e}, grads rel "
+        f"{max_rel(gc, ref):.1e}; plain 4x16: loss rel {abs(plain_loss - ref_loss) / abs(ref_loss):.1e}, "
+        f"grads rel {max_rel(plain, ref):.1e}"
+    )
     assert abs(gc_loss - ref_loss) <= 1e-5 * abs(ref_loss)
     assert max_rel(gc, ref) <= 1e-5
     assert abs(plain_loss - ref_loss) > 1e-4 * abs(ref_loss) and max_rel(plain, ref) > 1e-3  # another objective
@@ -150,7 +160,7 @@ def _distributed_accumulation(rank: int, world: int, backend: str) -> dict:
     torch.set_num_threads(1)
     batch = global_batch()
     per_rank = GLOBAL // world
-    mine = {k: v[rank * per_rank:(rank + 1) * per_rank] for k, v in batch.items()}
+    mine = {k: v[rank * per_rank : (rank + 1) * per_rank] for k, v in batch.items()}
     deepspeed = None if backend == "ddp" else backend
     results: dict = {}
     for loss in ("siglip", "clip"):
@@ -189,10 +199,12 @@ def test_gradcache_across_ranks_equals_one_process_big_batch_and_uses_less_memor
             r, (ref_loss, ref) = results[loss], refs[loss]
             assert r["kind"] == ("deepspeed" if backend == "zero2" else "ddp")
             rel = max_rel(r["gc"], ref)
-            print(f"{backend} {loss} rank {rank}: 2 ranks x 4 x 8 vs one process x 64: loss rel "
-                  f"{abs(r['gc_loss'] - ref_loss) / abs(ref_loss):.1e}, grads rel {rel:.1e}; peak RSS increase "
-                  f"{r['mem_accumulated'] / 2**20:.0f} MiB accumulated (4 x {MEMORY_PER_RANK // 4}) vs "
-                  f"{r['mem_full'] / 2**20:.0f} MiB full ({MEMORY_PER_RANK})")
+            print(
+                f"{backend} {loss} rank {rank}: 2 ranks x 4 x 8 vs one process x 64: loss rel "
+                f"{abs(r['gc_loss'] - ref_loss) / abs(ref_loss):.1e}, grads rel {rel:.1e}; peak RSS increase "
+                f"{r['mem_accumulated'] / 2**20:.0f} MiB accumulated (4 x {MEMORY_PER_RANK // 4}) vs "
+                f"{r['mem_full'] / 2**20:.0f} MiB full ({MEMORY_PER_RANK})"
+            )
             assert abs(r["gc_loss"] - ref_loss) <= 1e-5 * abs(ref_loss) and rel <= 1e-5
             assert r["mem_accumulated"] < 0.7 * r["mem_full"]
 
@@ -279,8 +291,12 @@ def test_loss_similarities_stay_fp32_under_autocast():
     g = torch.Generator().manual_seed(3)
     img = torch.nn.functional.normalize(torch.randn(64, 128, generator=g), dim=-1)
     txt = torch.nn.functional.normalize(img + 0.3 * torch.randn(64, 128, generator=g), dim=-1)
-    emb = {"image": img, "text": txt, "logit_scale": obj.model.logit_scale.detach(),
-           "logit_bias": obj.model.logit_bias.detach()}
+    emb = {
+        "image": img,
+        "text": txt,
+        "logit_scale": obj.model.logit_scale.detach(),
+        "logit_bias": obj.model.logit_bias.detach(),
+    }
     ref, _ = obj.loss_from_embeddings(emb)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         under_autocast, _ = obj.loss_from_embeddings(emb)

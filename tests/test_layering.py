@@ -64,16 +64,17 @@ def test_the_check_catches_an_upward_import(tmp_path, monkeypatch):
     f.parent.mkdir()
     f.write_text("def g():\n    from vlp.train.trainer import Trainer\n    import vlp.train.engine as e\n")
     monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
-    assert violations({"pkg": ("vlp.train",)}) == ["pkg/mod.py:2 imports vlp.train.trainer",
-                                                   "pkg/mod.py:2 imports vlp.train.trainer.Trainer",
-                                                   "pkg/mod.py:3 imports vlp.train.engine"]
+    assert violations({"pkg": ("vlp.train",)}) == [
+        "pkg/mod.py:2 imports vlp.train.trainer",
+        "pkg/mod.py:2 imports vlp.train.trainer.Trainer",
+        "pkg/mod.py:3 imports vlp.train.engine",
+    ]
 
 
 @pytest.mark.parametrize("module", ["vlp.objectives", "adapters.objective"])
 def test_registering_objectives_imports_no_torch(module):
     """The command line, --help and the preflight checks know every objective before torch is loaded."""
-    code = (f"import sys, {module}, vlp.objectives as o; print(sorted(o.OBJECTIVES)); "
-            "print('torch' in sys.modules)")
+    code = f"import sys, {module}, vlp.objectives as o; print(sorted(o.OBJECTIVES)); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     names, torch_loaded = out.splitlines()
     assert names == "['byol', 'clip', 'dino', 'llava-projector', 'moco', 'siglip', 'simclr']"

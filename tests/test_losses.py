@@ -27,8 +27,11 @@ from vlp.losses import (
 from vlp.losses.clip import _lse_tile, _softmax_grad_tile
 
 # (max_logit_scale, t, b) per loss: the values the issue names first, then others.
-CLIP_PARAMS = [(math.log(100.0), math.log(100.0), None), (math.log(100.0), math.log(1 / 0.07), None),
-               (None, math.log(30.0), None)]
+CLIP_PARAMS = [
+    (math.log(100.0), math.log(100.0), None),
+    (math.log(100.0), math.log(1 / 0.07), None),
+    (None, math.log(30.0), None),
+]
 SIGLIP_PARAMS = [(None, math.log(10.0), -10.0), (None, math.log(3.0), 2.0), (None, math.log(50.0), -5.0)]
 TOL = {torch.float64: (1e-12, 1e-12), torch.float32: (1e-5, 1e-4)}  # (loss, gradients), relative
 
@@ -199,8 +202,9 @@ def test_tile_kernels_fast_and_safe_paths_agree(dtype):
     for headroom in (-1.0, math.inf):
         got = _softmax_grad_tile(x.clone(), torch.empty_like(x), lr, lc, headroom)
         # Entries are probabilities (<= 2); fp32 ones below 1e-20 are at the underflow limit of either path.
-        torch.testing.assert_close(got, want, rtol=1e-5 if dtype == torch.float32 else 1e-12,
-                                   atol=1e-20 if dtype == torch.float32 else 0)
+        torch.testing.assert_close(
+            got, want, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=1e-20 if dtype == torch.float32 else 0
+        )
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])

@@ -98,8 +98,7 @@ def _cases_for_world(rank: int, world: int, group) -> dict:
                         # On the whole world, fp32 cases use the default group (group=None), as training does.
                         use = None if (world == dist.get_world_size() and dtype == torch.float32) else group
                         errs = _case(rank, world, name, dtype, [n] * world, chunk, params, seed=n + k, group=use)
-                        out["cases"].append((f"{name} {dtype} n={n} chunk={chunk} t={params[1]:.3f}", str(dtype),
-                                             errs))
+                        out["cases"].append((f"{name} {dtype} n={n} chunk={chunk} t={params[1]:.3f}", str(dtype), errs))
         # Unequal per-rank batches (e.g. the last, partial batch of an epoch).
         sizes = [5, 1, 9, 3][:world]
         for name, all_params in (("clip", CLIP_PARAMS), ("siglip", SIGLIP_PARAMS)):

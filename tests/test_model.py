@@ -15,7 +15,8 @@ def n_params(module):
 
 def test_presets_listed():
     assert {"tiny", "small", "vit-b-16-clip", "vit-l-14-clip", "vit-b-16-siglip", "so400m-14-siglip"} <= set(
-        available_presets())
+        available_presets()
+    )
 
 
 def test_unknown_preset_names_valid_ones():
@@ -33,8 +34,9 @@ def test_clip_presets_match_open_clip_parameter_counts(ours, theirs):
     assert [tuple(p.shape) for p in mine.clip.parameters()] == [tuple(p.shape) for p in ref.parameters()]
 
 
-@pytest.mark.parametrize("ours, theirs", [("vit-b-16-siglip", "ViT-B-16-SigLIP"),
-                                          ("so400m-14-siglip", "ViT-SO400M-14-SigLIP")])
+@pytest.mark.parametrize(
+    "ours, theirs", [("vit-b-16-siglip", "ViT-B-16-SigLIP"), ("so400m-14-siglip", "ViT-SO400M-14-SigLIP")]
+)
 def test_siglip_presets_match_open_clip_vision_and_text_shapes(ours, theirs):
     with torch.device("meta"):
         mine = build_model(ours, LossConfig(name="siglip"))

@@ -61,9 +61,28 @@ def toy_objective():
 def test_an_objective_defined_here_trains_by_name_through_the_trainer(tmp_path, synthetic_data, toy_objective):
     from vlp.train.trainer import run_training
 
-    argv = ["--objective", "toy-mean", "--toy.weight", "2.0", "--steps", "30", "--batch-size", "16", "--workers",
-            "0", "--lr", "0.05", "--warmup-steps", "0", "--train-shards", synthetic_data.train_shards,
-            "--output-dir", str(tmp_path / "run"), "--checkpoint-every", "10"]
+    argv = [
+        "--objective",
+        "toy-mean",
+        "--toy.weight",
+        "2.0",
+        "--steps",
+        "30",
+        "--batch-size",
+        "16",
+        "--workers",
+        "0",
+        "--lr",
+        "0.05",
+        "--warmup-steps",
+        "0",
+        "--train-shards",
+        synthetic_data.train_shards,
+        "--output-dir",
+        str(tmp_path / "run"),
+        "--checkpoint-every",
+        "10",
+    ]
     cfg = parse_cli(run_config_class(), argv, PRETRAIN_ALIASES)
     assert cfg.toy.weight == 2.0 and cfg.objective == "toy-mean"
     summary = run_training(cfg)

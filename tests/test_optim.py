@@ -49,8 +49,10 @@ def test_fused_adamw_equals_the_multi_tensor_reference():
             q.grad = p.grad.clone()
         for opt in opts:
             opt.step()
-    worst = max(((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
-                for a, b in zip(models[0].parameters(), models[1].parameters()))
+    worst = max(
+        ((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item()
+        for a, b in zip(models[0].parameters(), models[1].parameters())
+    )
     moved = max((a - b).abs().max().item() for a, b in zip(models[1].parameters(), _model().parameters()))
     assert worst < 1e-5 and moved > 1e-2
 

@@ -149,13 +149,46 @@ def test_installed_wheel_trains_evaluates_and_exports_from_another_directory(whe
     results = json.loads((work / "run" / "eval-zeroshot" / "results.json").read_text())
     assert results["classification"]
     # the demo's tower (registered by vlp.towers) has no export format: refused in one line, nothing written
-    refused = subprocess.run([sys.executable, str(bin_dir / "vlp-export"), "--checkpoint", "run", "--output",
-                              "exported", "--format", "hf-vision"], cwd=work, env=env, capture_output=True, text=True)
+    refused = subprocess.run(
+        [
+            sys.executable,
+            str(bin_dir / "vlp-export"),
+            "--checkpoint",
+            "run",
+            "--output",
+            "exported",
+            "--format",
+            "hf-vision",
+        ],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert refused.returncode == 2 and "registered by vlp.towers" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1 and not (work / "exported").exists()
     # a ViT run exports, from the installed package, to a folder transformers loads
-    run(str(bin_dir / "vlp-pretrain"), "--model", "tiny", "--steps", "2", "--batch-size", "8", "--workers", "0",
-        "--output-dir", "vit", "--data.synthetic_dir", "syn", "--data.synthetic_train_samples", "64",
-        "--data.synthetic_eval_samples", "32", "--warmup-steps", "1", "--no-eval.zeroshot")
+    run(
+        str(bin_dir / "vlp-pretrain"),
+        "--model",
+        "tiny",
+        "--steps",
+        "2",
+        "--batch-size",
+        "8",
+        "--workers",
+        "0",
+        "--output-dir",
+        "vit",
+        "--data.synthetic_dir",
+        "syn",
+        "--data.synthetic_train_samples",
+        "64",
+        "--data.synthetic_eval_samples",
+        "32",
+        "--warmup-steps",
+        "1",
+        "--no-eval.zeroshot",
+    )
     run(str(bin_dir / "vlp-export"), "--checkpoint", "vit", "--output", "exported", "--format", "hf-full")
     assert (work / "exported" / "config.json").is_file() and (work / "exported" / "README.md").is_file()

@@ -23,9 +23,26 @@ ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 
 
 def small_run_args(tmp_path, out, steps=3, loss="siglip"):
-    return ["--loss", loss, "--steps", str(steps), "--batch-size", "8", "--workers", "0", "--output-dir", str(out),
-            "--data.synthetic_dir", str(tmp_path / "syn"), "--data.synthetic_train_samples", "200",
-            "--data.synthetic_eval_samples", "50", "--warmup-steps", "1"]
+    return [
+        "--loss",
+        loss,
+        "--steps",
+        str(steps),
+        "--batch-size",
+        "8",
+        "--workers",
+        "0",
+        "--output-dir",
+        str(out),
+        "--data.synthetic_dir",
+        str(tmp_path / "syn"),
+        "--data.synthetic_train_samples",
+        "200",
+        "--data.synthetic_eval_samples",
+        "50",
+        "--warmup-steps",
+        "1",
+    ]
 
 
 @pytest.mark.parametrize("loss", ["siglip", "clip"])
@@ -80,11 +97,31 @@ def _chunked_and_naive(rank: int, world: int, shards: str, root: str) -> dict[st
     for loss in ("siglip", "clip"):
         for impl in ("chunked", "naive"):
             reset_accelerate()
-            args = ["--loss", loss, "--steps", "3", "--batch-size", "8", "--workers", "0", "--train-shards", shards,
-                    "--output-dir", f"{root}/{loss}-{impl}", "--warmup-steps", "1", "--eval.zeroshot", "false",
-                    "--checkpoint.export", "false", "--seed", "0"]
-            cfg = parse_cli(PretrainConfig, args + (["--loss.impl", "naive"] if impl == "naive" else []),
-                            PRETRAIN_ALIASES)
+            args = [
+                "--loss",
+                loss,
+                "--steps",
+                "3",
+                "--batch-size",
+                "8",
+                "--workers",
+                "0",
+                "--train-shards",
+                shards,
+                "--output-dir",
+                f"{root}/{loss}-{impl}",
+                "--warmup-steps",
+                "1",
+                "--eval.zeroshot",
+                "false",
+                "--checkpoint.export",
+                "false",
+                "--seed",
+                "0",
+            ]
+            cfg = parse_cli(
+                PretrainConfig, args + (["--loss.impl", "naive"] if impl == "naive" else []), PRETRAIN_ALIASES
+            )
             assert cfg.loss.impl == impl
             trainer = Trainer(cfg)
             assert trainer.world.world_size == 2

@@ -84,18 +84,21 @@ def image_folder(tmp_path):
 
 def test_image_folder_round_trip(image_folder, tmp_path):
     root, files = image_folder
-    cfg = MakeShardsConfig(input=str(root), output_dir=str(tmp_path / "out"), prefix="photos", samples_per_shard=2,
-                           workers=2)
+    cfg = MakeShardsConfig(
+        input=str(root), output_dir=str(tmp_path / "out"), prefix="photos", samples_per_shard=2, workers=2
+    )
     report = make_shards(cfg)
     assert report["num_samples"] == 4 and report["num_shards"] == 2 and report["input_type"] == "folder"
     assert report["skipped"] == {"corrupt_image": 1, "empty_caption": 1, "missing_caption": 1}
     skipped = [json.loads(line) for line in (tmp_path / "out" / "photos.skipped.jsonl").read_text().splitlines()]
-    assert {(s["input"], s["reason"]) for s in skipped} == {("e.jpg", "corrupt_image"), ("f.jpg", "missing_caption"),
-                                                            ("g.jpg", "empty_caption")}
+    assert {(s["input"], s["reason"]) for s in skipped} == {
+        ("e.jpg", "corrupt_image"),
+        ("f.jpg", "missing_caption"),
+        ("g.jpg", "empty_caption"),
+    }
     meta = json.loads((tmp_path / "out" / "photos.meta.json").read_text())
     assert meta["num_samples"] == 4 and [s["num_samples"] for s in meta["shards"]] == [2, 2]
-    assert json.loads((tmp_path / "out" / "sizes.json").read_text()) == {"photos-000000.tar": 2,
-                                                                          "photos-000001.tar": 2}
+    assert json.loads((tmp_path / "out" / "sizes.json").read_text()) == {"photos-000000.tar": 2, "photos-000001.tar": 2}
     samples = by_source(report["shards"])
     assert sorted(samples) == ["a.jpg", "c.webp", "d.bmp", "sub/b.png"]
     for source, s in samples.items():
@@ -117,8 +120,16 @@ def test_rerun_gives_identical_shards_and_refuses_to_clobber(image_folder, tmp_p
     root, _ = image_folder
 
     def digests(out, workers, overwrite=False):
-        make_shards(MakeShardsConfig(input=str(root), output_dir=str(out), samples_per_shard=3, workers=workers,
-                                     max_side=32, overwrite=overwrite))
+        make_shards(
+            MakeShardsConfig(
+                input=str(root),
+                output_dir=str(out),
+                samples_per_shard=3,
+                workers=workers,
+                max_side=32,
+                overwrite=overwrite,
+            )
+        )
         return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(out).glob("*.tar"))}
 
     a = digests(tmp_path / "a", workers=1)
@@ -135,17 +146,37 @@ def test_jsonl_round_trip_through_the_script(tmp_path):
         img = picture(10 + i, size=(48, 36))
         (data_dir / "img" / f"{i}.png").write_bytes(encoded(img, "PNG"))
         originals[f"img/{i}.png"] = img
-        rows.append(json.dumps({"path": f"img/{i}.png", "text": f"caption number {i} — \"quoted\""}))
+        rows.append(json.dumps({"path": f"img/{i}.png", "text": f'caption number {i} — "quoted"'}))
     rows.insert(2, "{not json")
     rows.append(json.dumps({"path": "img/missing.png", "text": "its file does not exist"}))
     jsonl = data_dir / "pairs.jsonl"
     jsonl.write_text("\n".join(rows) + "\n")
     out = tmp_path / "out"
-    cmd = [sys.executable, str(ROOT / "scripts" / "make_shards.py"), "--input", str(jsonl), "--output-dir", str(out),
-           "--prefix", "pairs", "--image-column", "path", "--caption-column", "text", "--samples-per-shard", "4",
-           "--max-side", "24", "--jpeg-quality", "92", "--workers", "2"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                          timeout=300)
+    cmd = [
+        sys.executable,
+        str(ROOT / "scripts" / "make_shards.py"),
+        "--input",
+        str(jsonl),
+        "--output-dir",
+        str(out),
+        "--prefix",
+        "pairs",
+        "--image-column",
+        "path",
+        "--caption-column",
+        "text",
+        "--samples-per-shard",
+        "4",
+        "--max-side",
+        "24",
+        "--jpeg-quality",
+        "92",
+        "--workers",
+        "2",
+    ]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout)
     assert report["num_samples"] == 5 and report["num_shards"] == 2
@@ -154,11 +185,10 @@ def test_jsonl_round_trip_through_the_script(tmp_path):
     assert len(samples) == 5
     for i in range(5):
         s = next(v for k, v in samples.items() if k == f"pairs.jsonl:{i + 1 + (i >= 2)}")
-        assert s["text"] == f"caption number {i} — \"quoted\""  # captions exactly
+        assert s["text"] == f'caption number {i} — "quoted"'  # captions exactly
         assert s["image"].size == (24, 18) and (s["json"]["width"], s["json"]["height"]) == (24, 18)
         resized = originals[f"img/{i}.png"].resize((24, 18), Image.Resampling.LANCZOS)
         assert mean_abs_diff(s["image"], resized) < 4.0  # images up to the JPEG re-encode
-
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".tsv"])
@@ -180,7 +210,7 @@ def test_csv_round_trip_with_named_columns_and_a_progress_bar_of_inputs(tmp_path
     for i in range(4):
         images[f"img/{i}.jpg"] = encoded(picture(30 + i), "JPEG", quality=90)
         (tmp_path / "img" / f"{i}.jpg").write_bytes(images[f"img/{i}.jpg"])
-    captions = ['a caption, with a comma', 'and "quotes"', "tab-free ünïcode", "  padded  "]
+    captions = ["a caption, with a comma", 'and "quotes"', "tab-free ünïcode", "  padded  "]
     rows = [{"file": f"img/{i}.jpg", "alt": captions[i]} for i in range(4)]
     rows.insert(1, {"file": "", "alt": "no image path"})
     rows.insert(3, {"file": "img/2.jpg", "alt": ""})
@@ -189,8 +219,16 @@ def test_csv_round_trip_with_named_columns_and_a_progress_bar_of_inputs(tmp_path
         w = csv.DictWriter(f, ["file", "alt"], delimiter="\t" if suffix == ".tsv" else ",")
         w.writeheader()
         w.writerows(rows)
-    report = make_shards(MakeShardsConfig(input=str(table), output_dir=str(tmp_path / "out"), image_column="file",
-                                          caption_column="alt", samples_per_shard=3, workers=1))
+    report = make_shards(
+        MakeShardsConfig(
+            input=str(table),
+            output_dir=str(tmp_path / "out"),
+            image_column="file",
+            caption_column="alt",
+            samples_per_shard=3,
+            workers=1,
+        )
+    )
     assert report["input_type"] == "csv" and report["num_samples"] == 4 and report["num_shards"] == 2
     assert report["skipped"] == {"empty_caption": 1, "missing_image": 1}
     raw = {json.loads(m["json"])["source"]: m for m in raw_members(report["shards"]).values()}
@@ -212,10 +250,12 @@ def test_script_reports_user_mistakes_in_one_line(tmp_path, capsys):
     main = runpy.run_path(str(ROOT / "scripts" / "make_shards.py"), run_name="make_shards")["main"]
     table = tmp_path / "t.csv"
     table.write_text("file,caption\na.jpg,hello\n")
-    for argv, fragment in ((["--input", str(table), "--output-dir", str(tmp_path / "o")], "no column 'image'"),
-                           (["--output-dir", "x"], "--input is required"),
-                           (["--input", str(tmp_path / "nope"), "--output-dir", "x"], "does not exist"),
-                           (["--input", str(table), "--output-dir", "x", "--jpeg-quality", "0"], "--jpeg-quality")):
+    for argv, fragment in (
+        (["--input", str(table), "--output-dir", str(tmp_path / "o")], "no column 'image'"),
+        (["--output-dir", "x"], "--input is required"),
+        (["--input", str(tmp_path / "nope"), "--output-dir", "x"], "does not exist"),
+        (["--input", str(table), "--output-dir", "x", "--jpeg-quality", "0"], "--jpeg-quality"),
+    ):
         with pytest.raises(SystemExit) as code:
             run_cli(main, argv)
         err = capsys.readouterr().err
@@ -230,13 +270,16 @@ def test_hugging_face_datasets_round_trip(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     images = [picture(20 + i, size=(30 + i, 20)) for i in range(6)]
     captions = [f"hf caption {i}" for i in range(5)] + [""]
-    ds = datasets.Dataset.from_dict({"image": images, "caption": captions, "other": list(range(6))},
-                                    features=datasets.Features({"image": datasets.Image(),
-                                                                "caption": datasets.Value("string"),
-                                                                "other": datasets.Value("int32")}))
+    ds = datasets.Dataset.from_dict(
+        {"image": images, "caption": captions, "other": list(range(6))},
+        features=datasets.Features(
+            {"image": datasets.Image(), "caption": datasets.Value("string"), "other": datasets.Value("int32")}
+        ),
+    )
     ds.save_to_disk(str(tmp_path / "saved"))
-    report = make_shards(MakeShardsConfig(input=str(tmp_path / "saved"), output_dir=str(tmp_path / "o1"),
-                                          samples_per_shard=4, workers=2))
+    report = make_shards(
+        MakeShardsConfig(input=str(tmp_path / "saved"), output_dir=str(tmp_path / "o1"), samples_per_shard=4, workers=2)
+    )
     assert report["input_type"] == "hf" and report["num_samples"] == 5 and report["skipped"] == {"empty_caption": 1}
     samples = by_source(report["shards"])
     for i in range(5):
@@ -247,10 +290,18 @@ def test_hugging_face_datasets_round_trip(tmp_path, monkeypatch):
     folder.mkdir()
     for i in range(3):
         images[i].save(folder / f"{i}.png")
-    (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{i}.png", "text": f"folder {i}"}) + "\n"
-                                                   for i in range(3)))
-    report = make_shards(MakeShardsConfig(input=str(folder), output_dir=str(tmp_path / "o2"), hf_builder="imagefolder",
-                                          caption_column="text", workers=1))
+    (folder / "metadata.jsonl").write_text(
+        "".join(json.dumps({"file_name": f"{i}.png", "text": f"folder {i}"}) + "\n" for i in range(3))
+    )
+    report = make_shards(
+        MakeShardsConfig(
+            input=str(folder),
+            output_dir=str(tmp_path / "o2"),
+            hf_builder="imagefolder",
+            caption_column="text",
+            workers=1,
+        )
+    )
     samples = {s["text"]: s for s in build_eval_samples(report["shards"])}
     assert sorted(samples) == ["folder 0", "folder 1", "folder 2"]
     for i in range(3):
@@ -261,8 +312,11 @@ def test_index_writes_metadata_for_existing_shards(tmp_path):
     spec, keys = write_test_shards(tmp_path, [9, 4, 11], prefix="laion", metadata=False)
     report = make_shards(MakeShardsConfig(input=spec, index=True, prefix="laion"))
     assert report["num_samples"] == 24 and report["num_shards"] == 3
-    assert json.loads((tmp_path / "sizes.json").read_text()) == {"laion-000000.tar": 9, "laion-000001.tar": 4,
-                                                                  "laion-000002.tar": 11}
+    assert json.loads((tmp_path / "sizes.json").read_text()) == {
+        "laion-000000.tar": 9,
+        "laion-000001.tar": 4,
+        "laion-000002.tar": 11,
+    }
     assert build_train_loader(spec, keys_transform, 4, workers=0).num_samples == 24
     with pytest.raises(ConfigError, match="--input is required"):
         MakeShardsConfig(output_dir="x")

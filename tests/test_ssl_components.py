@@ -23,10 +23,32 @@ from vlp.ssl.ema import EMATeacher
 from vlp.ssl.moco import KeyQueue
 from vlp.ssl.schedules import cosine_increase, epoch_num_samples, linear_warmup, steps_per_epoch
 
-SMALL_HEADS = ["--ssl.simclr.hidden_dim", "64", "--ssl.simclr.out_dim", "32", "--ssl.byol.hidden_dim", "64",
-               "--ssl.byol.out_dim", "32", "--ssl.moco.hidden_dim", "64", "--ssl.moco.out_dim", "32",
-               "--ssl.dino.out_dim", "64", "--ssl.dino.hidden_dim", "64", "--ssl.dino.bottleneck_dim", "32",
-               "--ssl.dino.local_crops", "2", "--ssl.views.local_crop_size", "32", "--ssl.moco.queue_size", "64"]
+SMALL_HEADS = [
+    "--ssl.simclr.hidden_dim",
+    "64",
+    "--ssl.simclr.out_dim",
+    "32",
+    "--ssl.byol.hidden_dim",
+    "64",
+    "--ssl.byol.out_dim",
+    "32",
+    "--ssl.moco.hidden_dim",
+    "64",
+    "--ssl.moco.out_dim",
+    "32",
+    "--ssl.dino.out_dim",
+    "64",
+    "--ssl.dino.hidden_dim",
+    "64",
+    "--ssl.dino.bottleneck_dim",
+    "32",
+    "--ssl.dino.local_crops",
+    "2",
+    "--ssl.views.local_crop_size",
+    "32",
+    "--ssl.moco.queue_size",
+    "64",
+]
 
 
 def _cfg(*args: str) -> PretrainConfig:
@@ -134,8 +156,7 @@ def test_key_queue_is_fifo():
 
 def test_moco_v2_queue_must_be_a_multiple_of_the_global_batch():
     preset = load_preset("tiny")
-    cfg = _cfg("--objective", "moco", "--ssl.moco.version", "2", "--ssl.moco.queue_size", "100",
-               "--batch-size", "24")
+    cfg = _cfg("--objective", "moco", "--ssl.moco.version", "2", "--ssl.moco.queue_size", "100", "--batch-size", "24")
     with pytest.raises(ConfigError, match=r"queue_size 100 is not a multiple of the global batch 24.*96 or 120"):
         get_objective("moco").build(cfg, world_info(), model=build_model(preset), preset=preset)
 
@@ -214,14 +235,25 @@ def test_auxiliary_term_adds_weighted_ssl_loss_to_siglip():
 def test_unknown_aux_ssl_is_a_config_error():
     preset = load_preset("tiny")
     with pytest.raises(ConfigError, match="unknown --aux-ssl 'simsiam'; valid: byol, dino, moco, simclr"):
-        get_objective("siglip").build(_cfg("--aux-ssl", "simsiam"), world_info(), model=build_model(preset),
-                                      preset=preset)
+        get_objective("siglip").build(
+            _cfg("--aux-ssl", "simsiam"), world_info(), model=build_model(preset), preset=preset
+        )
 
 
 def test_dino_schedules_inside_the_method():
     preset = load_preset("tiny")
-    cfg = _cfg("--objective", "dino", "--ssl.dino.freeze_last_layer_epochs", "1", "--train-num-samples", "12",
-               "--ssl.dino.teacher_temp", "0.07", "--ssl.dino.warmup_teacher_temp_steps", "3")
+    cfg = _cfg(
+        "--objective",
+        "dino",
+        "--ssl.dino.freeze_last_layer_epochs",
+        "1",
+        "--train-num-samples",
+        "12",
+        "--ssl.dino.teacher_temp",
+        "0.07",
+        "--ssl.dino.warmup_teacher_temp_steps",
+        "3",
+    )
     obj = get_objective("dino").build(cfg, world_info(), model=build_model(preset), preset=preset)
     method = obj.method
     assert method.freeze_last_layer_steps == 3  # 12 samples / global batch 4
@@ -230,8 +262,13 @@ def test_dino_schedules_inside_the_method():
     for step in range(1, 6):
         loss, logs = obj(batch)
         loss.backward()
-        seen.append((logs["ssl/dino/last_layer_frozen"], round(logs["ssl/dino/teacher_temp"], 6),
-                     float(method.head.last_v.grad.abs().max())))
+        seen.append(
+            (
+                logs["ssl/dino/last_layer_frozen"],
+                round(logs["ssl/dino/teacher_temp"], 6),
+                float(method.head.last_v.grad.abs().max()),
+            )
+        )
         obj.zero_grad()
         obj.after_step(step, 10)
     assert [s[0] for s in seen] == [1.0, 1.0, 1.0, 0.0, 0.0]
@@ -242,8 +279,9 @@ def test_dino_schedules_inside_the_method():
 
 def test_byol_teacher_follows_the_scheduled_ema():
     preset = load_preset("tiny")
-    obj = get_objective("byol").build(_cfg("--objective", "byol"), world_info(), model=build_model(preset),
-                                      preset=preset)
+    obj = get_objective("byol").build(
+        _cfg("--objective", "byol"), world_info(), model=build_model(preset), preset=preset
+    )
     method = obj.method
     with torch.no_grad():
         for p in obj.visual.parameters():
@@ -260,8 +298,13 @@ SSL_DEMO_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "ss
 
 
 def test_the_ssl_demo_configs_are_all_there():
-    assert [p.name for p in SSL_DEMO_CONFIGS] == ["byol-tiny.yaml", "dino-tiny.yaml", "moco-tiny.yaml",
-                                                  "siglip-simclr-tiny.yaml", "simclr-tiny.yaml"]
+    assert [p.name for p in SSL_DEMO_CONFIGS] == [
+        "byol-tiny.yaml",
+        "dino-tiny.yaml",
+        "moco-tiny.yaml",
+        "siglip-simclr-tiny.yaml",
+        "simclr-tiny.yaml",
+    ]
 
 
 @pytest.mark.parametrize("path", SSL_DEMO_CONFIGS, ids=lambda p: p.stem)

@@ -33,8 +33,12 @@ def _engine(stage: int):
     cfg = parse_cli(run_config_class(), ["--objective", "byol", *ARGS], PRETRAIN_ALIASES)
     obj = get_objective("byol").build(cfg, world_info(), model=build_model(preset), preset=preset)
     opt = torch.optim.AdamW([p for p in obj.parameters() if p.requires_grad], lr=1e-3)
-    config = {"train_micro_batch_size_per_gpu": LOCAL_BATCH, "gradient_accumulation_steps": 1,
-              "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True}
+    config = {
+        "train_micro_batch_size_per_gpu": LOCAL_BATCH,
+        "gradient_accumulation_steps": 1,
+        "zero_optimization": {"stage": stage},
+        "zero_allow_untested_optimizer": True,
+    }
     engine, _, _, _ = deepspeed.initialize(model=obj, optimizer=opt, config=config)
     return obj, engine
 
@@ -56,8 +60,12 @@ def _zero2_worker(rank: int, world: int) -> dict:
         obj.after_step(step, 4)
         m = method.momentum
         momenta.append(m)
-        errors.append(max(float((t - (m * t0 + (1 - m) * s)).abs().max()) for t, t0, s in
-                          zip(method.teacher["backbone"].parameters(), before, obj.visual.parameters())))
+        errors.append(
+            max(
+                float((t - (m * t0 + (1 - m) * s)).abs().max())
+                for t, t0, s in zip(method.teacher["backbone"].parameters(), before, obj.visual.parameters())
+            )
+        )
     teacher = torch.cat([p.detach().flatten() for p in method.teacher["backbone"].parameters()]).numpy()
     student = torch.cat([p.detach().flatten() for p in obj.visual.parameters()]).numpy()
     return {"errors": errors, "momenta": momenta, "teacher": teacher, "student": student}

@@ -18,10 +18,32 @@ from tests.distributed_harness import run_distributed
 
 WORLD = 2
 LOCAL_BATCH = 4
-ARGS = ["--batch-size", str(LOCAL_BATCH), "--ssl.simclr.hidden_dim", "64", "--ssl.simclr.out_dim", "32",
-        "--ssl.dino.out_dim", "64", "--ssl.dino.hidden_dim", "64", "--ssl.dino.bottleneck_dim", "32",
-        "--ssl.dino.local_crops", "2", "--ssl.views.local_crop_size", "32", "--ssl.moco.version", "2",
-        "--ssl.moco.out_dim", "16", "--ssl.moco.queue_size", "16", "--ssl.dino.freeze_last_layer_epochs", "0"]
+ARGS = [
+    "--batch-size",
+    str(LOCAL_BATCH),
+    "--ssl.simclr.hidden_dim",
+    "64",
+    "--ssl.simclr.out_dim",
+    "32",
+    "--ssl.dino.out_dim",
+    "64",
+    "--ssl.dino.hidden_dim",
+    "64",
+    "--ssl.dino.bottleneck_dim",
+    "32",
+    "--ssl.dino.local_crops",
+    "2",
+    "--ssl.views.local_crop_size",
+    "32",
+    "--ssl.moco.version",
+    "2",
+    "--ssl.moco.out_dim",
+    "16",
+    "--ssl.moco.queue_size",
+    "16",
+    "--ssl.dino.freeze_last_layer_epochs",
+    "0",
+]
 
 
 def _objective(name: str):
@@ -106,8 +128,9 @@ def test_world_size_2_equals_one_process_on_the_global_batch(distributed_results
             np.testing.assert_allclose(res["grads"][key], g, rtol=1e-3, atol=atol, err_msg=f"{name}: {key}")
     assert all(float(np.abs(g).max()) > 0 for g in ref.values())  # every trainable parameter is compared
     if name == "dino":
-        np.testing.assert_allclose(distributed_results[0]["dino"]["center"], obj.method.loss_fn.center.numpy(),
-                                   rtol=1e-5, atol=1e-8)
+        np.testing.assert_allclose(
+            distributed_results[0]["dino"]["center"], obj.method.loss_fn.center.numpy(), rtol=1e-5, atol=1e-8
+        )
 
 
 def test_moco_v2_queue_is_fifo_and_identical_on_two_ranks(distributed_results):

@@ -154,6 +154,14 @@ def test_global_batch_norm_is_batch_norm_on_one_process():
     torch.testing.assert_close(ours(x), ref(x))
     torch.testing.assert_close(ours.running_var, ref.running_var)
     head = mlp(6, 32, 4, 3, last_batch_norm=True, bias=False)
-    assert [type(m).__name__ for m in head] == ["Linear", "GlobalBatchNorm1d", "ReLU", "Linear",
-                                                 "GlobalBatchNorm1d", "ReLU", "Linear", "GlobalBatchNorm1d"]
+    assert [type(m).__name__ for m in head] == [
+        "Linear",
+        "GlobalBatchNorm1d",
+        "ReLU",
+        "Linear",
+        "GlobalBatchNorm1d",
+        "ReLU",
+        "Linear",
+        "GlobalBatchNorm1d",
+    ]
     assert head[-1].weight is None and head[0].bias is None  # MoCo v3: non-affine last BN, no biases

@@ -47,8 +47,9 @@ def test_collapse_statistic():
 def test_monitor_on_the_synthetic_held_out_set(synthetic_data):
     from vlp.model import build_model, build_transforms, load_preset
 
-    cfg = parse_cli(run_config_class(), ["--ssl.monitor.every", "5", "--ssl.monitor.max_images", "60"],
-                    PRETRAIN_ALIASES)
+    cfg = parse_cli(
+        run_config_class(), ["--ssl.monitor.every", "5", "--ssl.monitor.max_images", "60"], PRETRAIN_ALIASES
+    )
     preset = load_preset("tiny")
     mon = RepresentationMonitor.from_config(cfg, synthetic_data.eval_shards, build_transforms(preset, False), True)
     assert mon is not None and len(mon.images) == 60 and mon.every == 5
@@ -69,11 +70,37 @@ def _run(tmp_path, synthetic_data, *args: str) -> tuple[dict, list[dict]]:
     from vlp.train.trainer import run_pretraining
 
     out = tmp_path / "run"
-    argv = ["--steps", "3", "--batch-size", "8", "--workers", "0", "--output-dir", str(out), "--warmup-steps", "1",
-            "--train-shards", synthetic_data.train_shards, "--eval-shards", synthetic_data.eval_shards,
-            "--train-num-samples", "400", "--ssl.monitor.every", "3",
-            "--ssl.simclr.hidden_dim", "64", "--ssl.dino.out_dim", "64", "--ssl.dino.hidden_dim", "64",
-            "--ssl.dino.local_crops", "2", "--ssl.views.local_crop_size", "32", *args]
+    argv = [
+        "--steps",
+        "3",
+        "--batch-size",
+        "8",
+        "--workers",
+        "0",
+        "--output-dir",
+        str(out),
+        "--warmup-steps",
+        "1",
+        "--train-shards",
+        synthetic_data.train_shards,
+        "--eval-shards",
+        synthetic_data.eval_shards,
+        "--train-num-samples",
+        "400",
+        "--ssl.monitor.every",
+        "3",
+        "--ssl.simclr.hidden_dim",
+        "64",
+        "--ssl.dino.out_dim",
+        "64",
+        "--ssl.dino.hidden_dim",
+        "64",
+        "--ssl.dino.local_crops",
+        "2",
+        "--ssl.views.local_crop_size",
+        "32",
+        *args,
+    ]
     summary = run_pretraining(parse_cli(run_config_class(), argv, PRETRAIN_ALIASES))
     assert json.loads((out / "summary.json").read_text())["final_loss"] == summary["final_loss"]
     return summary, read_metrics(out / "metrics.jsonl")
@@ -90,8 +117,18 @@ def test_standalone_dino_run_logs_terms_and_monitor(tmp_path, synthetic_data):
 
 
 def test_siglip_with_aux_simclr_run_logs_both_terms(tmp_path, synthetic_data):
-    summary, records = _run(tmp_path, synthetic_data, "--loss", "siglip", "--aux-ssl", "simclr",
-                            "--aux-ssl-weight", "0.5", "--eval.zeroshot", "false")
+    summary, records = _run(
+        tmp_path,
+        synthetic_data,
+        "--loss",
+        "siglip",
+        "--aux-ssl",
+        "simclr",
+        "--aux-ssl-weight",
+        "0.5",
+        "--eval.zeroshot",
+        "false",
+    )
     steps = [r for r in records if "loss/simclr" in r]
     assert len(steps) == 3
     for r in steps:
@@ -110,12 +147,42 @@ def test_short_standalone_run_lowers_its_loss_without_collapse(tmp_path, synthet
     from vlp.train.trainer import run_pretraining
 
     out = tmp_path / "run"
-    argv = ["--objective", objective, "--model", "tiny-resnet", "--steps", "20", "--batch-size", "16", "--workers", "0",
-            "--lr", "1e-3", "--warmup-steps", "2", "--output-dir", str(out),
-            "--train-shards", synthetic_data.train_shards, "--eval-shards", synthetic_data.eval_shards,
-            "--train-num-samples", "400", "--ssl.monitor.every", "20", "--checkpoint.export", "false",
-            "--ssl.simclr.hidden_dim", "64", "--ssl.simclr.out_dim", "32", "--ssl.byol.hidden_dim", "64",
-            "--ssl.byol.out_dim", "32"]
+    argv = [
+        "--objective",
+        objective,
+        "--model",
+        "tiny-resnet",
+        "--steps",
+        "20",
+        "--batch-size",
+        "16",
+        "--workers",
+        "0",
+        "--lr",
+        "1e-3",
+        "--warmup-steps",
+        "2",
+        "--output-dir",
+        str(out),
+        "--train-shards",
+        synthetic_data.train_shards,
+        "--eval-shards",
+        synthetic_data.eval_shards,
+        "--train-num-samples",
+        "400",
+        "--ssl.monitor.every",
+        "20",
+        "--checkpoint.export",
+        "false",
+        "--ssl.simclr.hidden_dim",
+        "64",
+        "--ssl.simclr.out_dim",
+        "32",
+        "--ssl.byol.hidden_dim",
+        "64",
+        "--ssl.byol.out_dim",
+        "32",
+    ]
     summary = run_pretraining(parse_cli(run_config_class(), argv, PRETRAIN_ALIASES))
     steps = [r for r in read_metrics(out / "metrics.jsonl") if f"loss/{objective}" in r]
     losses = [r[f"loss/{objective}"] for r in steps]

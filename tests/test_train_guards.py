@@ -15,20 +15,38 @@ from vlp.train.metrics import read_metrics
 
 
 def args(shards: str, out, steps: int, *extra: str) -> list[str]:
-    return ["--steps", str(steps), "--batch-size", "8", "--workers", "0", "--train-shards", shards, "--output-dir",
-            str(out), "--warmup-steps", "1", "--eval.zeroshot", "false", *extra]
+    return [
+        "--steps",
+        str(steps),
+        "--batch-size",
+        "8",
+        "--workers",
+        "0",
+        "--train-shards",
+        shards,
+        "--output-dir",
+        str(out),
+        "--warmup-steps",
+        "1",
+        "--eval.zeroshot",
+        "false",
+        *extra,
+    ]
 
 
-@pytest.mark.parametrize("accum", [["--accum-steps", "1"], ["--accum-steps", "2"],
-                                   ["--accum-steps", "2", "--train.accumulation", "plain"]],
-                         ids=["single-batch", "gradcache", "plain-accumulation"])
+@pytest.mark.parametrize(
+    "accum",
+    [["--accum-steps", "1"], ["--accum-steps", "2"], ["--accum-steps", "2", "--train.accumulation", "plain"]],
+    ids=["single-batch", "gradcache", "plain-accumulation"],
+)
 def test_nonfinite_loss_and_gradient_skip_the_update(synthetic_data, tmp_path, monkeypatch, accum):
     from vlp.train.trainer import Trainer
 
     reset_accelerate()
     monkeypatch.setenv("VLP_FAULTS", "nan-loss@2,nan-grad@3")
-    trainer = Trainer(parse_cli(PretrainConfig, args(synthetic_data.train_shards, tmp_path, 4, *accum),
-                                PRETRAIN_ALIASES))
+    trainer = Trainer(
+        parse_cli(PretrainConfig, args(synthetic_data.train_shards, tmp_path, 4, *accum), PRETRAIN_ALIASES)
+    )
     seen = []
     for step in (1, 2, 3, 4):
         before = [p.clone() for p in trainer.engine.local_parameters()]
@@ -45,8 +63,9 @@ def test_nonfinite_loss_and_gradient_skip_the_update(synthetic_data, tmp_path, m
     reset_accelerate()
 
 
-def test_k_consecutive_nonfinite_steps_stop_with_a_checkpoint_of_the_last_good_state(synthetic_data, tmp_path,
-                                                                                      monkeypatch):
+def test_k_consecutive_nonfinite_steps_stop_with_a_checkpoint_of_the_last_good_state(
+    synthetic_data, tmp_path, monkeypatch
+):
     from vlp.train.trainer import run_pretraining
 
     shards = synthetic_data.train_shards
@@ -56,8 +75,9 @@ def test_k_consecutive_nonfinite_steps_stop_with_a_checkpoint_of_the_last_good_s
 
     reset_accelerate()
     monkeypatch.setenv("VLP_FAULTS", "nan-loss@2,nan-grad@3,nan-loss@4")
-    cfg = parse_cli(PretrainConfig, args(shards, tmp_path / "bad", 10, "--train.max_nonfinite_steps", "3"),
-                    PRETRAIN_ALIASES)
+    cfg = parse_cli(
+        PretrainConfig, args(shards, tmp_path / "bad", 10, "--train.max_nonfinite_steps", "3"), PRETRAIN_ALIASES
+    )
     with pytest.raises(TrainingDiverged) as info:
         run_pretraining(cfg)
     msg = str(info.value)

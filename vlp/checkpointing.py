@@ -45,8 +45,13 @@ _NAME = re.compile(r"^step-(\d{8})(?:\.r(\d+))?$")
 def rng_state() -> dict[str, Any]:
     """Python, NumPy and torch (CPU and CUDA) RNG states."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    numpy_state = {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                   "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+    numpy_state = {
+        "kind": kind,
+        "keys": torch.from_numpy(keys.astype(np.int64)),
+        "pos": int(pos),
+        "has_gauss": int(has_gauss),
+        "cached_gaussian": float(cached),
+    }
     # plain containers and tensors only, so checkpoints load with torch.load(weights_only=True)
     state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -97,8 +102,12 @@ def run_preset(cfg_model_name: str, run_dir: Path | None, saved: dict[str, Any] 
         return preset_from_dict(saved, "checkpoint preset", cfg_model_name)
     if run_dir is not None and (run_dir / PRESET_FILE).is_file():
         return load_run_preset(run_dir / PRESET_FILE)
-    log.warning("%s holds no %s (written before runs saved their preset): building today's preset %r",
-                run_dir, PRESET_FILE, cfg_model_name)
+    log.warning(
+        "%s holds no %s (written before runs saved their preset): building today's preset %r",
+        run_dir,
+        PRESET_FILE,
+        cfg_model_name,
+    )
     return load_preset(cfg_model_name)
 
 
@@ -246,8 +255,10 @@ def resolve_resume(spec: str, run_dir: Path | None) -> Path | None:
             raise ConfigError(str(e)) from None
         if found is not None:
             return found
-    raise ConfigError(f"--resume {spec}: not a checkpoint directory (checkpoints/step-N with {TRAINER_STATE}) or a "
-                      "run directory with checkpoints/latest")
+    raise ConfigError(
+        f"--resume {spec}: not a checkpoint directory (checkpoints/step-N with {TRAINER_STATE}) or a "
+        "run directory with checkpoints/latest"
+    )
 
 
 def run_dir_of(checkpoint: Path) -> Path:
@@ -289,7 +300,7 @@ def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
 
 def dualtower_state(objective_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The DualTower's entries (``model.*``) of an objective's state dict, with their own key names."""
-    out = {k[len("model."):]: v for k, v in objective_state.items() if k.startswith("model.")}
+    out = {k[len("model.") :]: v for k, v in objective_state.items() if k.startswith("model.")}
     if not out:
         raise KeyError("the objective's state dict has no 'model.' entries (no DualTower to export)")
     return out
@@ -300,8 +311,10 @@ def export_model(dualtower: dict[str, torch.Tensor], run_dir: Path) -> Path:
     from safetensors.torch import save_file
 
     run_dir = Path(run_dir)
-    tensors = {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous().clone()
-               for k, v in dualtower.items()}
+    tensors = {
+        k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).contiguous().clone()
+        for k, v in dualtower.items()
+    }
     path = run_dir / EXPORT_NAME
     tmp = run_dir / f".{EXPORT_NAME}.tmp-{os.getpid()}"
     save_file(tensors, str(tmp), metadata={"format": "pt", "producer": "vlp"})

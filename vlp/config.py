@@ -60,11 +60,14 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.patch_dropout < 1.0:
-            raise ConfigError(f"model.patch_dropout must be in [0, 1) (the fraction of patches dropped), got "
-                              f"{self.patch_dropout}")
+            raise ConfigError(
+                f"model.patch_dropout must be in [0, 1) (the fraction of patches dropped), got {self.patch_dropout}"
+            )
         if self.lock_image_unlocked_groups < 0 or self.lock_text_unlocked_layers < 0:
-            raise ConfigError("model.lock_image_unlocked_groups and model.lock_text_unlocked_layers must be >= 0, got "
-                              f"{self.lock_image_unlocked_groups} and {self.lock_text_unlocked_layers}")
+            raise ConfigError(
+                "model.lock_image_unlocked_groups and model.lock_text_unlocked_layers must be >= 0, got "
+                f"{self.lock_image_unlocked_groups} and {self.lock_text_unlocked_layers}"
+            )
 
 
 #: image-text loss name -> defaults of LossConfig's None fields; filled when the clip/siglip objectives register
@@ -96,15 +99,13 @@ class LossConfig:
         if self.chunk_size < 1:
             raise ConfigError(f"loss.chunk_size must be >= 1, got {self.chunk_size}")
         if LOSS_DEFAULTS and self.name not in LOSS_DEFAULTS:
-            raise ConfigError(f"loss.name: invalid value {self.name!r}; "
-                              f"valid: {', '.join(sorted(LOSS_DEFAULTS))}")
+            raise ConfigError(f"loss.name: invalid value {self.name!r}; valid: {', '.join(sorted(LOSS_DEFAULTS))}")
 
     def _default(self, key: str) -> float | None:
         if self.name not in LOSS_DEFAULTS:
             import vlp.objectives  # noqa: F401 - registers the built-in losses' defaults (no torch)
         if self.name not in LOSS_DEFAULTS:
-            raise ConfigError(f"loss.name: invalid value {self.name!r}; "
-                              f"valid: {', '.join(sorted(LOSS_DEFAULTS))}")
+            raise ConfigError(f"loss.name: invalid value {self.name!r}; valid: {', '.join(sorted(LOSS_DEFAULTS))}")
         return LOSS_DEFAULTS[self.name].get(key)
 
     @property
@@ -269,8 +270,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         bad = [t for t in self.report_to.split(",") if t.strip() not in TRACKERS]
         if bad:
-            raise ConfigError(f"train.report_to: unknown tracker {bad[0].strip()!r}; valid: {', '.join(TRACKERS)} "
-                              "(comma-separated for several)")
+            raise ConfigError(
+                f"train.report_to: unknown tracker {bad[0].strip()!r}; valid: {', '.join(TRACKERS)} "
+                "(comma-separated for several)"
+            )
         if self.steps < 1:
             raise ConfigError(f"train.steps must be >= 1, got {self.steps}")
         if self.batch_size < 1:
@@ -449,8 +452,9 @@ class ZeroShotEvalConfig:
 
     def __post_init__(self) -> None:
         if bool(self.checkpoint) == bool(self.open_clip_model):
-            raise ConfigError("give exactly one model: --checkpoint RUN_DIR_OR_FILE or --open-clip-model NAME "
-                              "[--pretrained PATH]")
+            raise ConfigError(
+                "give exactly one model: --checkpoint RUN_DIR_OR_FILE or --open-clip-model NAME [--pretrained PATH]"
+            )
         if self.pretrained and not self.open_clip_model:
             raise ConfigError("--pretrained goes with --open-clip-model (a vlp --checkpoint holds its own weights)")
         if self.batch_size < 1:
@@ -533,8 +537,10 @@ class MakeShardsConfig:
 
     def __post_init__(self) -> None:
         if not self.input:
-            raise ConfigError("--input is required (an image folder, a .csv/.jsonl file, a Hugging Face dataset, "
-                              "or with --index a shard spec)")
+            raise ConfigError(
+                "--input is required (an image folder, a .csv/.jsonl file, a Hugging Face dataset, "
+                "or with --index a shard spec)"
+            )
         if not self.index and not self.output_dir:
             raise ConfigError("--output-dir is required")
         if self.samples_per_shard < 1:

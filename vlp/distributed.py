@@ -167,8 +167,10 @@ class RingExchange:
         tag: int = 0,
     ) -> None:
         if len(send) != len(recv):
-            raise ValueError(f"ring exchange needs as many receive buffers as tensors sent, got {len(send)} "
-                             f"to send and {len(recv)} to receive")
+            raise ValueError(
+                f"ring exchange needs as many receive buffers as tensors sent, got {len(send)} "
+                f"to send and {len(recv)} to receive"
+            )
         info = world_info(group)
         self._works: list = []
         if info.world_size == 1:

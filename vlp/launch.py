@@ -51,8 +51,11 @@ def relaunch_on_cpu_if_requested(script: str, argv: list[str]) -> None:
     n = requested_cpu_processes()
     if n is None:
         return
-    print(f"accelerate started 1 process on this CPU-only machine; starting {n} gloo processes with "
-          "torch.distributed.run", file=sys.stderr)
+    print(
+        f"accelerate started 1 process on this CPU-only machine; starting {n} gloo processes with "
+        "torch.distributed.run",
+        file=sys.stderr,
+    )
     os.environ.pop("MASTER_PORT", None)
     os.environ.pop("MASTER_ADDR", None)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", script, *argv]

@@ -89,8 +89,10 @@ class DualTower(nn.Module):
         if not isinstance(visual, VisionTransformer):
             if prob == 0:
                 return
-            raise ConfigError(f"model.patch_dropout={prob} needs an open_clip ViT image tower, but preset "
-                              f"{self.preset.name!r} has a timm tower ({type(visual).__name__}); use 0 or a ViT preset")
+            raise ConfigError(
+                f"model.patch_dropout={prob} needs an open_clip ViT image tower, but preset "
+                f"{self.preset.name!r} has a timm tower ({type(visual).__name__}); use 0 or a ViT preset"
+            )
         visual.patch_dropout = PatchDropout(prob) if prob > 0 else nn.Identity()
 
     def tower_trunks(self) -> tuple[nn.Module, nn.Module]:
@@ -151,23 +153,34 @@ def build_timm_tower(embed_dim: int, vision_cfg: dict, timm_kwargs: dict) -> nn.
     proj = vision_cfg.get("timm_proj", "linear")
     drop_path, patch_drop = vision_cfg.get("timm_drop_path"), vision_cfg.get("patch_dropout", 0.0)
     with torch.device("meta"):
-        visual = TimmModel(name, embed_dim, image_size=vision_cfg.get("image_size", 224), pool=pool, proj=proj,
-                           proj_bias=vision_cfg.get("timm_proj_bias", False), drop=vision_cfg.get("timm_drop", 0.0),
-                           drop_path=drop_path, patch_drop=patch_drop if patch_drop > 0 else None, pretrained=False)
+        visual = TimmModel(
+            name,
+            embed_dim,
+            image_size=vision_cfg.get("image_size", 224),
+            pool=pool,
+            proj=proj,
+            proj_bias=vision_cfg.get("timm_proj_bias", False),
+            drop=vision_cfg.get("timm_drop", 0.0),
+            drop_path=drop_path,
+            patch_drop=patch_drop if patch_drop > 0 else None,
+            pretrained=False,
+        )
     kwargs = dict(timm_kwargs)
     if drop_path is not None:
         kwargs["drop_path_rate"] = drop_path
     if patch_drop > 0:
         kwargs["patch_drop_rate"] = patch_drop
     if pool in ("abs_attn", "rot_attn"):
-        raise ValueError(f"vision_cfg.timm_model_kwargs with timm_pool={pool!r} is not supported; valid: avg, token, "
-                         "map, ''")
+        raise ValueError(
+            f"vision_cfg.timm_model_kwargs with timm_pool={pool!r} is not supported; valid: avg, token, map, ''"
+        )
     if proj in ("linear", "mlp"):
         trunk = timm.create_model(name, pretrained=False, **kwargs)
         trunk.reset_classifier(0, **({"global_pool": pool} if pool else {}))
     else:
-        trunk = timm.create_model(name, pretrained=False, num_classes=0 if proj == "none" else embed_dim,
-                                  global_pool=pool, **kwargs)
+        trunk = timm.create_model(
+            name, pretrained=False, num_classes=0 if proj == "none" else embed_dim, global_pool=pool, **kwargs
+        )
     visual.trunk = trunk
     if any(True for _ in visual.head.parameters()):  # the projection after the trunk: materialise and initialise
         device = next(trunk.parameters()).device
@@ -203,8 +216,13 @@ class HFTextTokenizer:
 
     def __call__(self, texts: str | list[str], context_length: int | None = None) -> torch.Tensor:
         texts = [texts] if isinstance(texts, str) else list(texts)
-        return self.tokenizer(texts, padding="max_length", max_length=context_length or self.context_length,
-                              truncation=True, return_tensors="pt")["input_ids"]
+        return self.tokenizer(
+            texts,
+            padding="max_length",
+            max_length=context_length or self.context_length,
+            truncation=True,
+            return_tensors="pt",
+        )["input_ids"]
 
 
 def build_tokenizer(preset: ModelPreset):
@@ -214,8 +232,9 @@ def build_tokenizer(preset: ModelPreset):
     if preset.tokenizer and "open_clip" in preset.tokenizer:
         from open_clip.tokenizer import HFTokenizer
 
-        return HFTokenizer(preset.tokenizer["hf"], context_length=preset.context_length,
-                           **preset.tokenizer["open_clip"])
+        return HFTokenizer(
+            preset.tokenizer["hf"], context_length=preset.context_length, **preset.tokenizer["open_clip"]
+        )
     if preset.tokenizer:
         return HFTextTokenizer(preset.tokenizer["hf"], preset.context_length)
     return SimpleTokenizer(context_length=preset.context_length)

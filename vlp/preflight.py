@@ -32,12 +32,15 @@ def check_deepspeed_version(version: str | None = None) -> None:
         try:
             version = installed("deepspeed")
         except PackageNotFoundError:
-            raise ConfigError(f"DeepSpeed is not installed; pip install 'deepspeed>={DEEPSPEED_TESTED[0]},"
-                              f"<{DEEPSPEED_TESTED[1]}'") from None
+            raise ConfigError(
+                f"DeepSpeed is not installed; pip install 'deepspeed>={DEEPSPEED_TESTED[0]},<{DEEPSPEED_TESTED[1]}'"
+            ) from None
     low, high = DEEPSPEED_TESTED
     if not Version(low) <= Version(version) < Version(high):
-        raise ConfigError(f"DeepSpeed {version} is installed, but vlp patches DeepSpeed internals tested only with "
-                          f"deepspeed>={low},<{high}; pip install 'deepspeed>={low},<{high}'")
+        raise ConfigError(
+            f"DeepSpeed {version} is installed, but vlp patches DeepSpeed internals tested only with "
+            f"deepspeed>={low},<{high}; pip install 'deepspeed>={low},<{high}'"
+        )
 
 
 def resolve_deepspeed_config(spec: str) -> Path:
@@ -48,8 +51,9 @@ def resolve_deepspeed_config(spec: str) -> Path:
     named = configs_dir() / "deepspeed" / f"{spec}.json"
     if named.is_file():
         return named
-    raise ConfigError(f"DeepSpeed config {spec!r} not found; give a JSON path or one of "
-                      f"{', '.join(DEEPSPEED_CONFIG_NAMES)}")
+    raise ConfigError(
+        f"DeepSpeed config {spec!r} not found; give a JSON path or one of {', '.join(DEEPSPEED_CONFIG_NAMES)}"
+    )
 
 
 def check_shards_exist(spec: str) -> None:
@@ -61,8 +65,10 @@ def check_shards_exist(spec: str) -> None:
         local = [p for p in paths if "://" not in p and not p.startswith("pipe:")]
         missing = [p for p in local if not Path(p).is_file()]
         if local and len(missing) == len(local):
-            raise ConfigError(f"no shards found for {source!r} (first missing: {missing[0]}); "
-                              "pass --train-shards with existing .tar files, e.g. /data/shard-{000000..000009}.tar")
+            raise ConfigError(
+                f"no shards found for {source!r} (first missing: {missing[0]}); "
+                "pass --train-shards with existing .tar files, e.g. /data/shard-{000000..000009}.tar"
+            )
         if missing:
             log.warning("%d of %d shards of %s are missing (first: %s)", len(missing), len(local), source, missing[0])
 
@@ -87,9 +93,11 @@ def check_pretrain_inputs(cfg: PretrainConfig) -> None:
     preset = load_preset(cfg.model.name)
     check_trackers_installed(cfg.train.report_to)
     if cfg.model.patch_dropout and "timm_model_name" in preset.vision_cfg:
-        raise ConfigError(f"model.patch_dropout={cfg.model.patch_dropout} needs an open_clip ViT image tower, but "
-                          f"preset {preset.name!r} has a timm tower ({preset.vision_cfg['timm_model_name']}); use 0 "
-                          "or a ViT preset")
+        raise ConfigError(
+            f"model.patch_dropout={cfg.model.patch_dropout} needs an open_clip ViT image tower, but "
+            f"preset {preset.name!r} has a timm tower ({preset.vision_cfg['timm_model_name']}); use 0 "
+            "or a ViT preset"
+        )
     if cfg.data.train_shards:
         check_shards_exist(cfg.data.train_shards)
     if cfg.train.deepspeed:

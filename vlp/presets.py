@@ -68,8 +68,11 @@ class ModelPreset:
 
     def open_clip_config(self) -> dict[str, Any]:
         """The preset as an open_clip model config dict (as in open_clip's model_configs/*.json)."""
-        cfg = {"embed_dim": self.embed_dim, "vision_cfg": copy.deepcopy(self.vision_cfg),
-               "text_cfg": copy.deepcopy(self.text_cfg)}
+        cfg = {
+            "embed_dim": self.embed_dim,
+            "vision_cfg": copy.deepcopy(self.vision_cfg),
+            "text_cfg": copy.deepcopy(self.text_cfg),
+        }
         if self.quick_gelu:
             cfg["quick_gelu"] = True
         if self.custom_text:
@@ -81,8 +84,9 @@ PRESET_FILE = "preset.yaml"
 _PRESET_KEYS = ("name", "embed_dim", "vision_cfg", "text_cfg", "custom_text", "quick_gelu", "preprocess", "tokenizer")
 
 
-def preset_from_dict(data: dict[str, Any], source: str, default_name: str, base_dir: str | Path | None = None
-                     ) -> ModelPreset:
+def preset_from_dict(
+    data: dict[str, Any], source: str, default_name: str, base_dir: str | Path | None = None
+) -> ModelPreset:
     """A preset from its YAML mapping (``name`` optional); unknown or missing keys are a ConfigError naming
     ``source``. A relative tokenizer folder is taken relative to ``base_dir`` (the preset file's folder)."""
     unknown = set(data) - set(_PRESET_KEYS)
@@ -94,10 +98,17 @@ def preset_from_dict(data: dict[str, Any], source: str, default_name: str, base_
     data = copy.deepcopy(data)
     tok = data.get("tokenizer")
     if tok is not None:
-        if not (isinstance(tok, dict) and "hf" in tok and set(tok) <= {"hf", "open_clip"} and isinstance(tok["hf"], str)
-                and isinstance(tok.get("open_clip", {}), dict)):
-            raise ConfigError(f"{source}: tokenizer {tok!r}; valid: omit it (open_clip BPE), {{hf: FOLDER}} or "
-                              "{hf: FOLDER, open_clip: {HFTokenizer kwargs}}")
+        if not (
+            isinstance(tok, dict)
+            and "hf" in tok
+            and set(tok) <= {"hf", "open_clip"}
+            and isinstance(tok["hf"], str)
+            and isinstance(tok.get("open_clip", {}), dict)
+        ):
+            raise ConfigError(
+                f"{source}: tokenizer {tok!r}; valid: omit it (open_clip BPE), {{hf: FOLDER}} or "
+                "{hf: FOLDER, open_clip: {HFTokenizer kwargs}}"
+            )
         folder = Path(tok["hf"])
         if not folder.is_absolute() and base_dir is not None:  # relative to the preset file
             data["tokenizer"] = {**tok, "hf": str((Path(base_dir) / folder).resolve())}
@@ -115,8 +126,10 @@ def load_preset(name_or_path: str) -> ModelPreset:
     if not (path.suffix in (".yaml", ".yml") and path.is_file()):
         path = configs_dir() / "models" / f"{name_or_path}.yaml"
     if not path.is_file():
-        raise ConfigError(f"unknown model preset {name_or_path!r}; valid: {', '.join(available_presets())} "
-                          "(or a path to a preset .yaml)")
+        raise ConfigError(
+            f"unknown model preset {name_or_path!r}; valid: {', '.join(available_presets())} "
+            "(or a path to a preset .yaml)"
+        )
     return preset_from_dict(load_yaml(path), str(path), path.stem, path.parent)
 
 

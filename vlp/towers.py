@@ -37,8 +37,16 @@ def _tiny_resnet(name: str, pretrained: bool, stem_pool: bool, **kwargs) -> ResN
     kwargs.pop("pretrained_cfg_overlay", None)
     grid = 2 if stem_pool else 4  # final feature map of a 64 px image
     cfg = PretrainedCfg(architecture=name, input_size=(3, 64, 64), pool_size=(grid, grid), num_classes=1000)
-    model = build_model_with_cfg(ResNet, name, pretrained=False, pretrained_cfg=cfg, block=BasicBlock,
-                                 layers=[1, 1, 1, 1], norm_layer=partial(_group_norm), **kwargs)
+    model = build_model_with_cfg(
+        ResNet,
+        name,
+        pretrained=False,
+        pretrained_cfg=cfg,
+        block=BasicBlock,
+        layers=[1, 1, 1, 1],
+        norm_layer=partial(_group_norm),
+        **kwargs,
+    )
     if not stem_pool:
         model.maxpool = nn.Identity()
     return model

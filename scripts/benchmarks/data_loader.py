@@ -42,14 +42,16 @@ def photo_like(rng, width: int, height: int):
     import numpy as np
     from PIL import Image
 
-    low = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize((width, height),
-                                                                                   Image.Resampling.BICUBIC)
+    low = Image.fromarray(rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)).resize(
+        (width, height), Image.Resampling.BICUBIC
+    )
     arr = np.asarray(low, dtype=np.int16) + rng.integers(-12, 13, (height, width, 1), dtype=np.int16)
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
 
 
-def write_benchmark_shards(out: Path, num_samples: int, shard_size: int, min_side: int, max_side: int,
-                           seed: int = 0) -> str:
+def write_benchmark_shards(
+    out: Path, num_samples: int, shard_size: int, min_side: int, max_side: int, seed: int = 0
+) -> str:
     """Shards of photo-like JPEGs (q90, shorter side in [min_side, max_side]) with captions; reused if present."""
     import numpy as np
 
@@ -73,8 +75,12 @@ def write_benchmark_shards(out: Path, num_samples: int, shard_size: int, min_sid
             buf = io.BytesIO()
             photo_like(rng, w, h).save(buf, format="JPEG", quality=90)
             caption = " ".join(rng.choice(words, size=int(rng.integers(5, 14))))
-            samples.append((f"{s:06d}{i:06d}", {"jpg": buf.getvalue(), "txt": caption.encode(),
-                                                "json": json.dumps({"w": w, "h": h}).encode()}))
+            samples.append(
+                (
+                    f"{s:06d}{i:06d}",
+                    {"jpg": buf.getvalue(), "txt": caption.encode(), "json": json.dumps({"w": w, "h": h}).encode()},
+                )
+            )
         name = f"bench-{s:06d}.tar"
         write_shard(out / name, samples)
         counts[name] = len(samples)
@@ -113,8 +119,15 @@ def time_batches(loader, warmup: int, batches: int, batch_size: int) -> float:
 def run_vlp(spec, tf, tok, args) -> float:
     from data_pipelines.loader import build_train_loader
 
-    stream = build_train_loader(spec, Transform(tf, tok), args.batch_size, seed=0, workers=args.workers,
-                                shuffle_buffer=args.shuffle_buffer, mode=args.mode)
+    stream = build_train_loader(
+        spec,
+        Transform(tf, tok),
+        args.batch_size,
+        seed=0,
+        workers=args.workers,
+        shuffle_buffer=args.shuffle_buffer,
+        mode=args.mode,
+    )
     try:
         return time_batches(stream, args.warmup, args.batches, args.batch_size)
     finally:
@@ -141,9 +154,17 @@ def run_open_clip(spec, tf, tok, args) -> float:
 
     open_clip_compat()
 
-    ns = SimpleNamespace(train_data=spec, val_data=None, dataset_resampled=args.mode == "resampled",
-                         train_num_samples=None, train_data_upsampling_factors=None, batch_size=args.batch_size,
-                         workers=args.workers, world_size=1, seed=0)
+    ns = SimpleNamespace(
+        train_data=spec,
+        val_data=None,
+        dataset_resampled=args.mode == "resampled",
+        train_num_samples=None,
+        train_data_upsampling_factors=None,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        world_size=1,
+        seed=0,
+    )
     info = get_wds_dataset(ns, tf, is_train=True, epoch=0, tokenizer=tok)
     loader = info.dataloader
     try:
@@ -174,8 +195,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-side", type=int, default=512)
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--batches", type=int, default=40, help="timed batches per run (within one epoch)")
-    p.add_argument("--repeats", type=int, default=3,
-                   help="interleaved rounds (each runs both loaders; the one that goes first alternates)")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="interleaved rounds (each runs both loaders; the one that goes first alternates)",
+    )
     p.add_argument("--shuffle-buffer", type=int, default=1000, help="vlp's shuffle window")
     p.add_argument("--mode", choices=["epoch", "resampled"], default="epoch")
     p.add_argument("--data-dir", default=None, help="where the benchmark shards are cached")
@@ -207,15 +232,25 @@ def main(argv: list[str] | None = None) -> dict:
         order = ["vlp", "open_clip"] if r % 2 == 0 else ["open_clip", "vlp"]
         for name in order:
             runs[name].append(runners[name](spec, tf, tok, args))
-        print(f"round {r} ({order[0]} first, load {round_load[-1]}): vlp {runs['vlp'][-1]:.1f} samples/s, "
-              f"open_clip {runs['open_clip'][-1]:.1f} samples/s", file=sys.stderr)
+        print(
+            f"round {r} ({order[0]} first, load {round_load[-1]}): vlp {runs['vlp'][-1]:.1f} samples/s, "
+            f"open_clip {runs['open_clip'][-1]:.1f} samples/s",
+            file=sys.stderr,
+        )
     med = {k: statistics.median(v) for k, v in runs.items()}
     result = {
-        "benchmark": "data_loader", "mode": args.mode, "model_transform": args.model,
-        "image_size": preset.image_size, "batch_size": args.batch_size, "workers": args.workers,
-        "num_samples": args.num_samples, "shard_size": args.shard_size,
-        "image_shorter_side": [args.min_side, args.max_side], "warmup_batches": args.warmup,
-        "timed_batches": args.batches, "repeats": args.repeats,
+        "benchmark": "data_loader",
+        "mode": args.mode,
+        "model_transform": args.model,
+        "image_size": preset.image_size,
+        "batch_size": args.batch_size,
+        "workers": args.workers,
+        "num_samples": args.num_samples,
+        "shard_size": args.shard_size,
+        "image_shorter_side": [args.min_side, args.max_side],
+        "warmup_batches": args.warmup,
+        "timed_batches": args.batches,
+        "repeats": args.repeats,
         "samples_per_s": {k: [round(x, 1) for x in v] for k, v in runs.items()},
         "median_samples_per_s": {k: round(v, 1) for k, v in med.items()},
         "ratio_vlp_over_open_clip": round(med["vlp"] / med["open_clip"], 3),
@@ -223,11 +258,17 @@ def main(argv: list[str] | None = None) -> dict:
         "load_average_before": [round(x, 2) for x in load_before],
         "load_1min_per_round": round_load,
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
-        "machine": {"cpu": cpu_model(), "cpus": os.cpu_count(), "platform": platform.platform(),
-                    "python": platform.python_version(),
-                    "torch": torch.__version__, "webdataset": webdataset.__version__,
-                    "open_clip": open_clip.__version__},
-        "shard_write_s": round(write_s, 1), "shards": spec,
+        "machine": {
+            "cpu": cpu_model(),
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "webdataset": webdataset.__version__,
+            "open_clip": open_clip.__version__,
+        },
+        "shard_write_s": round(write_s, 1),
+        "shards": spec,
     }
     print(json.dumps(result, indent=1))
     return result

@@ -561,8 +561,16 @@ class Suite:
         )
         resumed = [m["resumed_from_step"] for m in _read_jsonl(run / "metrics.jsonl") if "resumed_from_step" in m]
         rec.update(resumed_from=resumed, checkpoints=_checkpoint_steps(run))
-        rec["ok"] = (first.rc == 0 and second.rc == 0 and rec["finite"] and rec["checkpoint"] and rec["steps"] == full
-                     and rec["resume"] == "taken" and half in resumed and full in rec["checkpoints"])
+        rec["ok"] = (
+            first.rc == 0
+            and second.rc == 0
+            and rec["finite"]
+            and rec["checkpoint"]
+            and rec["steps"] == full
+            and rec["resume"] == "taken"
+            and half in resumed
+            and full in rec["checkpoints"]
+        )
         return rec
 
     def smoke_eval(self, run: Path) -> dict:

@@ -70,8 +70,10 @@ def _build_loss(spec: dict, world: int, rank: int):
         def lce(i, x, t, b):
             s = t.clamp(max=max_scale).exp()
             labels = torch.arange(i.shape[0], device=i.device)
-            return (F.linear_cross_entropy(i * s, x, labels, options=options)
-                    + F.linear_cross_entropy(x * s, i, labels, options=options)) / 2
+            return (
+                F.linear_cross_entropy(i * s, x, labels, options=options)
+                + F.linear_cross_entropy(x * s, i, labels, options=options)
+            ) / 2
 
         return lce
     raise ValueError(f"unknown impl {impl!r}; valid: {', '.join(IMPLS)}")
@@ -126,10 +128,14 @@ def run_child(spec: dict) -> dict:
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
-    return {"peak_extra_mb": round(peak / 2**20, 1), "time_min_s": round(min(times), 4),
-            "time_median_s": round(statistics.median(times), 4), "times_s": [round(x, 4) for x in times],
-            "cpu_time_min_s": round(min(cpu_times), 4),
-            "memory": "torch.cuda.max_memory_allocated" if cuda else method}
+    return {
+        "peak_extra_mb": round(peak / 2**20, 1),
+        "time_min_s": round(min(times), 4),
+        "time_median_s": round(statistics.median(times), 4),
+        "times_s": [round(x, 4) for x in times],
+        "cpu_time_min_s": round(min(cpu_times), 4),
+        "memory": "torch.cuda.max_memory_allocated" if cuda else method,
+    }
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -152,19 +158,33 @@ def quadratic_gb(spec: dict) -> float:
     elt = 2 if spec["dtype"] in ("bfloat16", "float16") and spec["device"] == "cuda" else 4
     b, w = spec["batch"], spec["world_size"]
     rows, cols = {"naive": (w * b, w * b), "open_clip": (b, w * b if spec["loss"] == "clip" else b)}.get(
-        spec["impl"], (b, b))
+        spec["impl"], (b, b)
+    )
     return 5 * rows * cols * elt * w / 2**30
 
 
 def measure(spec: dict, timeout: float) -> dict:
     """Run one measurement in fresh subprocess(es); the record is the spec plus results (max over ranks)."""
     world = spec["world_size"]
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(world),
-               OMP_NUM_THREADS=str(spec["threads"]))
+    env = dict(
+        os.environ,
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(_free_port()),
+        WORLD_SIZE=str(world),
+        OMP_NUM_THREADS=str(spec["threads"]),
+    )
     root = str(Path(__file__).resolve().parents[2])
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    procs = [subprocess.Popen([sys.executable, __file__, "--child", json.dumps(spec)], env=dict(env, RANK=str(r)),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, "--child", json.dumps(spec)],
+            env=dict(env, RANK=str(r)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(world)
+    ]
     outs, status = [], "ok"
     deadline = time.time() + timeout
     for p in procs:
@@ -197,33 +217,50 @@ def ratios(records: list[dict]) -> list[dict]:
         for other in records:
             if other["impl"] == "chunked" or other["status"] != "ok" or any(other[k] != ch[k] for k in key):
                 continue
-            out.append({**{k: ch[k] for k in key}, "chunk_size": ch["chunk_size"], "vs": other["impl"],
-                        "time_ratio_chunked_over_other": round(ch["time_min_s"] / other["time_min_s"], 3),
-                        "cpu_time_ratio_chunked_over_other": round(ch["cpu_time_min_s"] / other["cpu_time_min_s"], 3),
-                        "memory_ratio_other_over_chunked": round(other["peak_extra_mb"]
-                                                                 / max(ch["peak_extra_mb"], 0.1), 1)})
+            out.append(
+                {
+                    **{k: ch[k] for k in key},
+                    "chunk_size": ch["chunk_size"],
+                    "vs": other["impl"],
+                    "time_ratio_chunked_over_other": round(ch["time_min_s"] / other["time_min_s"], 3),
+                    "cpu_time_ratio_chunked_over_other": round(ch["cpu_time_min_s"] / other["cpu_time_min_s"], 3),
+                    "memory_ratio_other_over_chunked": round(other["peak_extra_mb"] / max(ch["peak_extra_mb"], 0.1), 1),
+                }
+            )
     return out
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[4096, 8192, 16384],
-                    help="per-rank batch sizes B")
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[4096, 8192, 16384], help="per-rank batch sizes B")
     ap.add_argument("--dims", type=int, nargs="+", default=[128, 512], help="feature dimensions D")
     ap.add_argument("--losses", nargs="+", choices=LOSSES, default=list(LOSSES))
     ap.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
-    ap.add_argument("--chunk-sizes", type=int, nargs="+", default=None,
-                    help="tile edges for the chunked losses (default: vlp's LossConfig default)")
+    ap.add_argument(
+        "--chunk-sizes",
+        type=int,
+        nargs="+",
+        default=None,
+        help="tile edges for the chunked losses (default: vlp's LossConfig default)",
+    )
     ap.add_argument("--world-sizes", type=int, nargs="+", default=[1], help="processes (gloo on CPU)")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16", "float64"])
     ap.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up run")
-    ap.add_argument("--rounds", type=int, default=1,
-                    help="run the whole plan this many times, interleaved, and keep each measurement's best "
-                         "round (robust against load from other processes)")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the whole plan this many times, interleaved, and keep each measurement's best "
+        "round (robust against load from other processes)",
+    )
     ap.add_argument("--threads", type=int, default=None, help="torch threads per process (default: cores / world)")
-    ap.add_argument("--max-quadratic-gb", type=float, default=8.0,
-                    help="skip logits-materialising implementations whose estimated peak exceeds this")
+    ap.add_argument(
+        "--max-quadratic-gb",
+        type=float,
+        default=8.0,
+        help="skip logits-materialising implementations whose estimated peak exceeds this",
+    )
     ap.add_argument("--timeout", type=float, default=3600.0, help="seconds per measurement")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -247,10 +284,21 @@ def main(argv: list[str] | None = None) -> None:
                     for impl in args.impls:
                         if impl == "torch_lce" and (loss != "clip" or world > 1):
                             continue
-                        for chunk in (chunk_sizes if impl == "chunked" else [None]):
-                            plan.append({"loss": loss, "impl": impl, "batch": batch, "dim": dim, "chunk_size": chunk,
-                                         "world_size": world, "device": args.device, "dtype": args.dtype,
-                                         "repeats": args.repeats, "threads": threads})
+                        for chunk in chunk_sizes if impl == "chunked" else [None]:
+                            plan.append(
+                                {
+                                    "loss": loss,
+                                    "impl": impl,
+                                    "batch": batch,
+                                    "dim": dim,
+                                    "chunk_size": chunk,
+                                    "world_size": world,
+                                    "device": args.device,
+                                    "dtype": args.dtype,
+                                    "repeats": args.repeats,
+                                    "threads": threads,
+                                }
+                            )
     load_before = os.getloadavg()
     rounds: list[list[dict]] = [[] for _ in plan]
     for _ in range(args.rounds):
@@ -273,15 +321,26 @@ def main(argv: list[str] | None = None) -> None:
         best = dict(min(ok, key=lambda r: r["time_min_s"]))
         best["peak_extra_mb"] = max(r["peak_extra_mb"] for r in ok)
         best["cpu_time_min_s"] = min(r["cpu_time_min_s"] for r in ok)
-        best["rounds"] = [{"time_min_s": r["time_min_s"], "cpu_time_min_s": r["cpu_time_min_s"],
-                           "peak_extra_mb": r["peak_extra_mb"], "load_avg_1m": r["load_avg_1m"]} for r in ok]
+        best["rounds"] = [
+            {
+                "time_min_s": r["time_min_s"],
+                "cpu_time_min_s": r["cpu_time_min_s"],
+                "peak_extra_mb": r["peak_extra_mb"],
+                "load_avg_1m": r["load_avg_1m"],
+            }
+            for r in ok
+        ]
         records.append(best)
     import torch
 
     doc = {
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpus": os.cpu_count(), "torch": torch.__version__,
-                    "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None},
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
+        },
         "load_avg_before": [round(x, 2) for x in load_before],
         "load_avg_after": [round(x, 2) for x in os.getloadavg()],
         "results": records,

@@ -59,8 +59,13 @@ OOM_EXIT = 3
 
 
 def _single_process_env() -> None:
-    for k, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1"),
-                 ("MASTER_PORT", str(29500 + os.getpid() % 1000))):
+    for k, v in (
+        ("RANK", "0"),
+        ("LOCAL_RANK", "0"),
+        ("WORLD_SIZE", "1"),
+        ("MASTER_ADDR", "127.0.0.1"),
+        ("MASTER_PORT", str(29500 + os.getpid() % 1000)),
+    ):
         os.environ.setdefault(k, v)
 
 
@@ -76,9 +81,13 @@ def _batches(preset, batch: int, count: int, device):
 
     g = torch.Generator().manual_seed(0)
     size = preset.image_size
-    return [{"image": torch.randn(batch, 3, size, size, generator=g).to(device),
-             "text": torch.randint(1, 49000, (batch, preset.context_length), generator=g).to(device)}
-            for _ in range(count)]
+    return [
+        {
+            "image": torch.randn(batch, 3, size, size, generator=g).to(device),
+            "text": torch.randint(1, 49000, (batch, preset.context_length), generator=g).to(device),
+        }
+        for _ in range(count)
+    ]
 
 
 def model_flops_per_sample(preset, loss: str, device) -> float:
@@ -139,8 +148,14 @@ def run_vlp(args, device) -> dict:
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
     objective = get_objective(cfg.loss.name).build(cfg, world_info(), model=model, preset=preset)
-    engine = build_engine(build_accelerator(cfg), objective, build_optimizer(objective, cfg.optim), cfg, world_info(),
-                          objective.hidden_size())
+    engine = build_engine(
+        build_accelerator(cfg),
+        objective,
+        build_optimizer(objective, cfg.optim),
+        cfg,
+        world_info(),
+        objective.hidden_size(),
+    )
     batches = _batches(preset, args.batch_size, 2, device)
     losses = []
 
@@ -154,10 +169,16 @@ def run_vlp(args, device) -> dict:
     cpu_times: list[float] = []
     times = time_steps(step, device, args.warmup, args.steps, cpu_times)
     kind = f"{engine.kind} ZeRO-{engine.stage}" if engine.kind == "deepspeed" else engine.kind
-    out = {"step_time_s": statistics.median(times), "samples_per_s": args.batch_size / statistics.median(times),
-           "engine": kind, "precision": cfg.train.precision, "final_loss": losses[-1],
-           "patch_dropout": args.patch_dropout, "compile": args.compile,
-           "step_cpu_time_s": statistics.median(cpu_times)}
+    out = {
+        "step_time_s": statistics.median(times),
+        "samples_per_s": args.batch_size / statistics.median(times),
+        "engine": kind,
+        "precision": cfg.train.precision,
+        "final_loss": losses[-1],
+        "patch_dropout": args.patch_dropout,
+        "compile": args.compile,
+        "step_cpu_time_s": statistics.median(cpu_times),
+    }
     if device.type == "cuda":
         out["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
     return out
@@ -200,15 +221,32 @@ def run_open_clip(args, device) -> dict:
 
     data = {"train": SimpleNamespace(dataloader=Loader(), set_epoch=lambda epoch: None)}
     precision = "amp_bf16" if device.type == "cuda" else "fp32"
-    ns = SimpleNamespace(device=str(device), precision=precision, distill=False, accum_freq=1, skip_scheduler=True,
-                         grad_clip_norm=1.0, horovod=False, rank=0, local_rank=0, world_size=1, log_every_n_steps=10**9,
-                         batch_size=args.batch_size, wandb=False, save_logs=False)
+    ns = SimpleNamespace(
+        device=str(device),
+        precision=precision,
+        distill=False,
+        accum_freq=1,
+        skip_scheduler=True,
+        grad_clip_norm=1.0,
+        horovod=False,
+        rank=0,
+        local_rank=0,
+        world_size=1,
+        log_every_n_steps=10**9,
+        batch_size=args.batch_size,
+        wandb=False,
+        save_logs=False,
+    )
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     train_one_epoch(model, data, loss, 0, optimizer, None, None, None, ns, tb_writer=None)
-    times = [b - a for a, b in zip(stamps[args.warmup:-1], stamps[args.warmup + 1:])]
-    out = {"step_time_s": statistics.median(times), "samples_per_s": args.batch_size / statistics.median(times),
-           "engine": "open_clip_train.train_one_epoch", "precision": precision}
+    times = [b - a for a, b in zip(stamps[args.warmup : -1], stamps[args.warmup + 1 :])]
+    out = {
+        "step_time_s": statistics.median(times),
+        "samples_per_s": args.batch_size / statistics.median(times),
+        "engine": "open_clip_train.train_one_epoch",
+        "precision": precision,
+    }
     if device.type == "cuda":
         out["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
     return out
@@ -257,12 +295,41 @@ def run_open_clip_on_shards(args) -> dict:
     preset, lc, oc_ = load_preset(args.model), LossConfig(name=args.loss), OptimConfig()
     device = torch.device(args.device)
     precision = "amp_bf16" if device.type == "cuda" else "fp32"
-    oa = parse_args(["--train-data", args.shards, "--train-num-samples", str(args.train_num_samples),
-                     "--dataset-type", "webdataset", "--batch-size", str(args.batch_size), "--workers",
-                     str(args.workers), "--precision", precision, "--lr", str(oc_.lr), "--wd", str(oc_.weight_decay),
-                     "--beta1", str(oc_.beta1), "--beta2", str(oc_.beta2), "--eps", str(oc_.eps), "--warmup",
-                     str(oc_.warmup_steps), "--grad-clip-norm", str(oc_.grad_clip), "--seed", "0",
-                     "--log-every-n-steps", str(10**9)] + (["--siglip"] if args.loss == "siglip" else []))
+    oa = parse_args(
+        [
+            "--train-data",
+            args.shards,
+            "--train-num-samples",
+            str(args.train_num_samples),
+            "--dataset-type",
+            "webdataset",
+            "--batch-size",
+            str(args.batch_size),
+            "--workers",
+            str(args.workers),
+            "--precision",
+            precision,
+            "--lr",
+            str(oc_.lr),
+            "--wd",
+            str(oc_.weight_decay),
+            "--beta1",
+            str(oc_.beta1),
+            "--beta2",
+            str(oc_.beta2),
+            "--eps",
+            str(oc_.eps),
+            "--warmup",
+            str(oc_.warmup_steps),
+            "--grad-clip-norm",
+            str(oc_.grad_clip),
+            "--seed",
+            "0",
+            "--log-every-n-steps",
+            str(10**9),
+        ]
+        + (["--siglip"] if args.loss == "siglip" else [])
+    )
     oa.device, oa.rank, oa.local_rank, oa.world_size, oa.distributed, oa.distill = str(device), 0, 0, 1, False, False
     oa.wandb = oa.save_logs = False  # set by open_clip_train.main from --report-to / --logs
     torch.manual_seed(0)
@@ -276,9 +343,14 @@ def run_open_clip_on_shards(args) -> dict:
 
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
-        [{"params": [p for n, p in named if exclude(n, p)], "weight_decay": 0.0},
-         {"params": [p for n, p in named if not exclude(n, p)], "weight_decay": oc_.weight_decay}],
-        lr=oc_.lr, betas=(oc_.beta1, oc_.beta2), eps=oc_.eps)
+        [
+            {"params": [p for n, p in named if exclude(n, p)], "weight_decay": 0.0},
+            {"params": [p for n, p in named if not exclude(n, p)], "weight_decay": oc_.weight_decay},
+        ],
+        lr=oc_.lr,
+        betas=(oc_.beta1, oc_.beta2),
+        eps=oc_.eps,
+    )
     scheduler = cosine_lr(optimizer, oc_.lr, oc_.warmup_steps, args.steps)
     loss = SigLipLoss(rank=0, world_size=1) if args.loss == "siglip" else ClipLoss(rank=0, world_size=1)
     inner = data["train"].dataloader
@@ -314,10 +386,32 @@ def _threads_env(args) -> dict[str, str]:
 
 def run_vlp_on_shards(args, out_dir: Path) -> dict:
     """scripts/pretrain.py on the shards (a fresh process); step times from its metrics.jsonl."""
-    cmd = [sys.executable, str(ROOT / "scripts" / "pretrain.py"), "--model", args.model, "--loss", args.loss,
-           "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--workers", str(args.workers),
-           "--train-shards", args.shards, "--train-num-samples", str(args.train_num_samples), "--eval.zeroshot",
-           "false", "--checkpoint.export", "false", "--output-dir", str(out_dir), "--train.log_every", "1000"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "scripts" / "pretrain.py"),
+        "--model",
+        args.model,
+        "--loss",
+        args.loss,
+        "--batch-size",
+        str(args.batch_size),
+        "--steps",
+        str(args.steps),
+        "--workers",
+        str(args.workers),
+        "--train-shards",
+        args.shards,
+        "--train-num-samples",
+        str(args.train_num_samples),
+        "--eval.zeroshot",
+        "false",
+        "--checkpoint.export",
+        "false",
+        "--output-dir",
+        str(out_dir),
+        "--train.log_every",
+        "1000",
+    ]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=_threads_env(args))
     wall = time.perf_counter() - t0
@@ -325,8 +419,11 @@ def run_vlp_on_shards(args, out_dir: Path) -> dict:
         raise RuntimeError(f"pretrain.py failed:\n{proc.stderr[-3000:]}")
     records = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     times = [r["step_time_s"] for r in records if "step_time_s" in r]
-    return {**_median_after_warmup(times, args.warmup), "wall_s": wall,
-            "final_loss": [r["loss"] for r in records if "loss" in r][-1]}
+    return {
+        **_median_after_warmup(times, args.warmup),
+        "wall_s": wall,
+        "final_loss": [r["loss"] for r in records if "loss" in r][-1],
+    }
 
 
 def run_shards_pairs(args) -> dict:
@@ -341,10 +438,29 @@ def run_shards_pairs(args) -> dict:
                 if who == "vlp":
                     r = run_vlp_on_shards(args, Path(tmp) / f"vlp-{pair}")
                 else:
-                    cmd = [sys.executable, __file__, "--open-clip-shards-child", "--model", args.model, "--loss",
-                           args.loss, "--batch-size", str(args.batch_size), "--steps", str(args.steps), "--warmup",
-                           str(args.warmup), "--workers", str(args.workers), "--shards", args.shards,
-                           "--train-num-samples", str(args.train_num_samples), "--device", args.device]
+                    cmd = [
+                        sys.executable,
+                        __file__,
+                        "--open-clip-shards-child",
+                        "--model",
+                        args.model,
+                        "--loss",
+                        args.loss,
+                        "--batch-size",
+                        str(args.batch_size),
+                        "--steps",
+                        str(args.steps),
+                        "--warmup",
+                        str(args.warmup),
+                        "--workers",
+                        str(args.workers),
+                        "--shards",
+                        args.shards,
+                        "--train-num-samples",
+                        str(args.train_num_samples),
+                        "--device",
+                        args.device,
+                    ]
                     t0 = time.perf_counter()
                     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=_threads_env(args))
                     if proc.returncode != 0:
@@ -358,8 +474,7 @@ def run_shards_pairs(args) -> dict:
     for pair in range(args.pairs):
         v, o = (next(r for r in runs if r["pair"] == pair and r["framework"] == f) for f in ("vlp", "open_clip_train"))
         ratios.append(v["samples_per_s"] / o["samples_per_s"])
-    return {"runs": runs, "vlp_over_open_clip_per_pair": ratios,
-            "vlp_over_open_clip_median": statistics.median(ratios)}
+    return {"runs": runs, "vlp_over_open_clip_per_pair": ratios, "vlp_over_open_clip_median": statistics.median(ratios)}
 
 
 def probe(args) -> int:
@@ -375,9 +490,27 @@ def probe(args) -> int:
 
 def find_max_batch(args) -> int:
     def fits(b: int) -> bool:
-        cmd = [sys.executable, __file__, "--probe", "--batch-size", str(b), "--steps", "2", "--warmup", "1",
-               "--model", args.model, "--loss", args.loss, "--loss-impl", args.loss_impl, "--deepspeed",
-               args.deepspeed, "--device", args.device] + (["--grad-checkpointing"] if args.grad_checkpointing else [])
+        cmd = [
+            sys.executable,
+            __file__,
+            "--probe",
+            "--batch-size",
+            str(b),
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--model",
+            args.model,
+            "--loss",
+            args.loss,
+            "--loss-impl",
+            args.loss_impl,
+            "--deepspeed",
+            args.deepspeed,
+            "--device",
+            args.device,
+        ] + (["--grad-checkpointing"] if args.grad_checkpointing else [])
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode not in (0, OOM_EXIT):
             raise RuntimeError(f"probe at batch {b} failed:\n{proc.stderr[-3000:]}")
@@ -441,18 +574,40 @@ def main() -> int:
     args.batch_size = find_max_batch(args) if args.batch_size == "auto" else int(args.batch_size)
     device = torch.device(args.device)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    machine = {"machine": socket.gethostname(), "device": gpu, "cpus": os.cpu_count(), "load_avg": os.getloadavg(),
-               "torch": torch.__version__, "model": args.model, "loss": args.loss, "per_device_batch": args.batch_size}
+    machine = {
+        "machine": socket.gethostname(),
+        "device": gpu,
+        "cpus": os.cpu_count(),
+        "load_avg": os.getloadavg(),
+        "torch": torch.__version__,
+        "model": args.model,
+        "loss": args.loss,
+        "per_device_batch": args.batch_size,
+    }
     if args.shards:
         if args.train_num_samples is None:
             p.error("--shards needs --train-num-samples")
-        doc = {**machine, "mode": "shards", "steps": args.steps, "warmup": args.warmup, "workers": args.workers,
-               **run_shards_pairs(args), "load_avg_end": os.getloadavg()}
+        doc = {
+            **machine,
+            "mode": "shards",
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "workers": args.workers,
+            **run_shards_pairs(args),
+            "load_avg_end": os.getloadavg(),
+        }
         print(json.dumps(doc, indent=1))
         return 0
     if args.sweep:
-        doc = {**machine, "mode": "sweep", "engine": args.deepspeed, "steps_timed": args.steps,
-               "warmup": args.warmup, "sweep": run_sweep(args, device), "load_avg_end": os.getloadavg()}
+        doc = {
+            **machine,
+            "mode": "sweep",
+            "engine": args.deepspeed,
+            "steps_timed": args.steps,
+            "warmup": args.warmup,
+            "sweep": run_sweep(args, device),
+            "load_avg_end": os.getloadavg(),
+        }
         print(json.dumps(doc, indent=1))
         return 0
     from vlp.model import load_preset
@@ -476,12 +631,22 @@ def main() -> int:
             r["model_tflops_per_s"] = flops * r["samples_per_s"] / 1e12
             if peak:
                 r["mfu"] = r["model_tflops_per_s"] / peak
-    doc = {"machine": socket.gethostname(), "device": gpu, "peak_bf16_tflops": peak, "model": args.model,
-           "loss": args.loss, "per_device_batch": args.batch_size, "steps_timed": args.steps,
-           "model_gflops_per_sample": flops / 1e9, "torch": torch.__version__, "results": results}
+    doc = {
+        "machine": socket.gethostname(),
+        "device": gpu,
+        "peak_bf16_tflops": peak,
+        "model": args.model,
+        "loss": args.loss,
+        "per_device_batch": args.batch_size,
+        "steps_timed": args.steps,
+        "model_gflops_per_sample": flops / 1e9,
+        "torch": torch.__version__,
+        "results": results,
+    }
     if len(results) == 2 and all("samples_per_s" in r for r in results.values()):
-        doc["vlp_over_open_clip_samples_per_s"] = (results["vlp"]["samples_per_s"]
-                                                   / results["open_clip_train"]["samples_per_s"])
+        doc["vlp_over_open_clip_samples_per_s"] = (
+            results["vlp"]["samples_per_s"] / results["open_clip_train"]["samples_per_s"]
+        )
     print(json.dumps(doc, indent=1, default=lambda x: None if isinstance(x, float) and math.isnan(x) else str(x)))
     return 0
 

@@ -78,8 +78,13 @@ class ZeroShotModel:
         return next(self.module.parameters()).dtype
 
     @classmethod
-    def from_dual_tower(cls, model: nn.Module, tokenizer: Callable | None = None, preprocess: Callable | None = None,
-                        description: dict[str, Any] | None = None) -> ZeroShotModel:
+    def from_dual_tower(
+        cls,
+        model: nn.Module,
+        tokenizer: Callable | None = None,
+        preprocess: Callable | None = None,
+        description: dict[str, Any] | None = None,
+    ) -> ZeroShotModel:
         """Wrap a :class:`vlp.model.DualTower` (tokenizer and eval transform from its preset unless given)."""
         from vlp.model import build_tokenizer, build_transforms
 
@@ -96,8 +101,9 @@ class ZeroShotModel:
         )
 
     @classmethod
-    def from_open_clip(cls, model: nn.Module, tokenizer: Callable, preprocess: Callable,
-                       description: dict[str, Any] | None = None) -> ZeroShotModel:
+    def from_open_clip(
+        cls, model: nn.Module, tokenizer: Callable, preprocess: Callable, description: dict[str, Any] | None = None
+    ) -> ZeroShotModel:
         """Wrap an open_clip ``CLIP`` / ``CustomTextCLIP`` with its tokenizer and eval preprocessing."""
         bias = getattr(model, "logit_bias", None)
         return cls(
@@ -232,8 +238,9 @@ def _to_display(x: torch.Tensor, preprocess: Callable) -> np.ndarray:
     return (img.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
 
 
-def encode_texts_split(model: ZeroShotModel, texts: Sequence[str], batch_size: int, distributed: bool = True
-                       ) -> torch.Tensor:
+def encode_texts_split(
+    model: ZeroShotModel, texts: Sequence[str], batch_size: int, distributed: bool = True
+) -> torch.Tensor:
     """Normalised text features [len(texts), D] (float32, CPU) on every rank; each rank encodes an equal slice."""
     rank, world = _world(distributed)
     n = len(texts)
@@ -266,9 +273,13 @@ class EncodedImages:
 def encode_source(model: ZeroShotModel, source: ImageSource, options: EvalOptions) -> EncodedImages:
     """Encode every decodable image of ``source``, this rank taking its share; gathered, in source order."""
     rank, world = _world(options.distributed)
-    loader = DataLoader(_RankImages(source, model.preprocess, rank, world), batch_size=options.batch_size,
-                        num_workers=options.workers, collate_fn=_as_list,
-                        generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(
+        _RankImages(source, model.preprocess, rank, world),
+        batch_size=options.batch_size,
+        num_workers=options.workers,
+        collate_fn=_as_list,
+        generator=torch.Generator().manual_seed(0),
+    )
     feats, meta, examples = [], [], {}
     skipped = batches = 0
     shape = None
@@ -322,15 +333,21 @@ def evaluate_set(model: ZeroShotModel, eval_set: EvalSet, options: EvalOptions) 
     rank, _ = _world(options.distributed)
     with preserved_state(model.module):
         enc = encode_source(model, eval_set.source, options)
-        results: dict[str, Any] = {"source": eval_set.source.describe(), "num_images": len(enc.keys),
-                                   "skipped_images": enc.skipped, "classification": {}, "retrieval": {}}
+        results: dict[str, Any] = {
+            "source": eval_set.source.describe(),
+            "num_images": len(enc.keys),
+            "skipped_images": enc.skipped,
+            "classification": {},
+            "retrieval": {},
+        }
         if enc.skipped:
             log.warning("%s: skipped %d undecodable image(s)", eval_set.source.name, enc.skipped)
         for fam, classnames in eval_set.source.families.items():
             rows = [j for j, lab in enumerate(enc.labels) if fam in lab]
             prompts = format_prompts(classnames, eval_set.templates[fam])
-            weights = classifier_from_prompt_features(encode_texts_split(model, prompts, options.batch_size,
-                                                                         options.distributed), len(classnames))
+            weights = classifier_from_prompt_features(
+                encode_texts_split(model, prompts, options.batch_size, options.distributed), len(classnames)
+            )
             if rank != 0:
                 continue
             if not rows:
@@ -342,23 +359,36 @@ def evaluate_set(model: ZeroShotModel, eval_set: EvalSet, options: EvalOptions) 
             m["num_templates"] = len(eval_set.templates[fam])
             if options.num_examples:
                 ex_rows = [r for r in rows if enc.indices[r] < options.num_examples]
-                preds = top_predictions(enc.features[ex_rows] @ weights, classnames, options.top_k_examples,
-                                        model.logit_scale, model.logit_bias)
-                m["examples"] = [{"index": enc.indices[r], "key": enc.keys[r], "label": classnames[enc.labels[r][fam]],
-                                  "correct": p[0]["index"] == enc.labels[r][fam], "top": p}
-                                 for r, p in zip(ex_rows, preds)]
+                preds = top_predictions(
+                    enc.features[ex_rows] @ weights,
+                    classnames,
+                    options.top_k_examples,
+                    model.logit_scale,
+                    model.logit_bias,
+                )
+                m["examples"] = [
+                    {
+                        "index": enc.indices[r],
+                        "key": enc.keys[r],
+                        "label": classnames[enc.labels[r][fam]],
+                        "correct": p[0]["index"] == enc.labels[r][fam],
+                        "top": p,
+                    }
+                    for r, p in zip(ex_rows, preds)
+                ]
             results["classification"][fam] = m
         if eval_set.retrieval:
             with_caps = [j for j, caps in enumerate(enc.captions) if caps]
             texts = [c for j in with_caps for c in enc.captions[j]]
             owner = torch.tensor([k for k, j in enumerate(with_caps) for _ in enc.captions[j]], dtype=torch.long)
             if not texts:
-                raise ValueError(f"retrieval on {eval_set.source.name!r}: no captions found "
-                                 "(check the caption key, e.g. 'txt' or 'json:caption')")
+                raise ValueError(
+                    f"retrieval on {eval_set.source.name!r}: no captions found "
+                    "(check the caption key, e.g. 'txt' or 'json:caption')"
+                )
             text_feats = encode_texts_split(model, texts, options.batch_size, options.distributed)
             if rank == 0:
-                results["retrieval"][eval_set.retrieval] = retrieval_metrics(enc.features[with_caps], text_feats,
-                                                                             owner)
+                results["retrieval"][eval_set.retrieval] = retrieval_metrics(enc.features[with_caps], text_feats, owner)
     if rank != 0:
         return EvalOutput(None)
     return EvalOutput(results, {task: enc.examples for task in results["classification"]})
@@ -368,20 +398,25 @@ def merge_outputs(outputs: Sequence[EvalOutput], model: ZeroShotModel) -> EvalOu
     """One results document for several evaluation sets (task names must be distinct)."""
     if any(o.results is None for o in outputs):
         return EvalOutput(None)
-    merged: dict[str, Any] = {"model": {**model.description, "logit_scale": model.logit_scale,
-                                        "logit_bias": model.logit_bias},
-                              "classification": {}, "retrieval": {}, "sources": []}
+    merged: dict[str, Any] = {
+        "model": {**model.description, "logit_scale": model.logit_scale, "logit_bias": model.logit_bias},
+        "classification": {},
+        "retrieval": {},
+        "sources": [],
+    }
     images: dict[str, dict[int, np.ndarray]] = {}
     for o in outputs:
         res = o.results
         assert res is not None
-        merged["sources"].append({**res["source"], "num_images": res["num_images"],
-                                  "skipped_images": res["skipped_images"]})
+        merged["sources"].append(
+            {**res["source"], "num_images": res["num_images"], "skipped_images": res["skipped_images"]}
+        )
         for kind in ("classification", "retrieval"):
             for name, value in res[kind].items():
                 if name in merged[kind]:
-                    raise ValueError(f"two evaluation sets both define the {kind} task {name!r}; give them "
-                                     "distinct names")
+                    raise ValueError(
+                        f"two evaluation sets both define the {kind} task {name!r}; give them distinct names"
+                    )
                 merged[kind][name] = value
         images.update(o.example_images)
     return EvalOutput(merged, images)

@@ -44,8 +44,15 @@ def plot_confusion(task: str, metrics: Mapping[str, Any], path: Path) -> Path:
             for i in range(c):
                 for j in range(c):
                     if cm[i, j]:
-                        ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=7,
-                                color="white" if norm[i, j] > 0.5 else "black")
+                        ax.text(
+                            j,
+                            i,
+                            int(cm[i, j]),
+                            ha="center",
+                            va="center",
+                            fontsize=7,
+                            color="white" if norm[i, j] > 0.5 else "black",
+                        )
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     ax.set_title(f"{task}: confusion (top-1 {metrics['top1']:.1%}, {metrics['num_images']} images)")
@@ -81,8 +88,14 @@ def plot_per_class(task: str, metrics: Mapping[str, Any], path: Path) -> Path:
     return path
 
 
-def plot_examples(task: str, metrics: Mapping[str, Any], images: Mapping[int, np.ndarray], path: Path,
-                  columns: int = 4, show_top: int = 3) -> Path | None:
+def plot_examples(
+    task: str,
+    metrics: Mapping[str, Any],
+    images: Mapping[int, np.ndarray],
+    path: Path,
+    columns: int = 4,
+    show_top: int = 3,
+) -> Path | None:
     """A grid of the example images, each with its true class and top predictions (green: top-1 correct)."""
     examples = [e for e in metrics.get("examples", []) if e["index"] in images]
     if not examples:
@@ -106,8 +119,9 @@ def plot_examples(task: str, metrics: Mapping[str, Any], images: Mapping[int, np
     return path
 
 
-def write_plots(results: Mapping[str, Any], example_images: Mapping[str, Mapping[int, np.ndarray]],
-                out_dir: str | Path) -> list[Path]:
+def write_plots(
+    results: Mapping[str, Any], example_images: Mapping[str, Mapping[int, np.ndarray]], out_dir: str | Path
+) -> list[Path]:
     """Every classification task's three plots in ``out_dir``; returns the files written."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -74,12 +74,16 @@ def _folder_class_names(root: Path, folders: list[str], classnames: ClassNames |
     if isinstance(classnames, Mapping):
         missing = [k for k in classnames if k not in folders]
         if missing:
-            raise ConfigError(f"missing class folder {root / missing[0]} for class {classnames[missing[0]]!r} "
-                              f"({len(missing)} of {len(classnames)} classes have no folder)")
+            raise ConfigError(
+                f"missing class folder {root / missing[0]} for class {classnames[missing[0]]!r} "
+                f"({len(missing)} of {len(classnames)} classes have no folder)"
+            )
         unnamed = [f for f in folders if f not in classnames]
         if unnamed:
-            raise ConfigError(f"class folder {root / unnamed[0]} has no entry in the class-name mapping "
-                              f"({len(unnamed)} folder(s) unnamed)")
+            raise ConfigError(
+                f"class folder {root / unnamed[0]} has no entry in the class-name mapping "
+                f"({len(unnamed)} folder(s) unnamed)"
+            )
         order = list(classnames)
         return order, [classnames[k] for k in order]
     names = list(classnames)
@@ -88,17 +92,23 @@ def _folder_class_names(root: Path, folders: list[str], classnames: ClassNames |
     if by_name and len(by_name) == len(folders):  # folders are named after the classes: match by name
         missing = [n for n in names if n not in folder_set and n.replace(" ", "_") not in folder_set]
         if missing:
-            raise ConfigError(f"missing class folder {root / missing[0]} for class {missing[0]!r} "
-                              f"({len(missing)} of {len(names)} listed classes have no folder)")
+            raise ConfigError(
+                f"missing class folder {root / missing[0]} for class {missing[0]!r} "
+                f"({len(missing)} of {len(names)} listed classes have no folder)"
+            )
         order = [n if n in folder_set else n.replace(" ", "_") for n in names]
         return order, names
     if by_name and len(names) > len(folders):
         missing = [n for n in names if n not in folder_set and n.replace(" ", "_") not in folder_set]
-        raise ConfigError(f"missing class folder {root / missing[0]} for class {missing[0]!r} "
-                          f"({len(names)} class names but {len(folders)} class folders in {root})")
+        raise ConfigError(
+            f"missing class folder {root / missing[0]} for class {missing[0]!r} "
+            f"({len(names)} class names but {len(folders)} class folders in {root})"
+        )
     if len(names) != len(folders):
-        raise ConfigError(f"class-name count mismatch: {len(names)} class names given but {len(folders)} class "
-                          f"folders in {root}; give one name per class folder (in sorted folder order)")
+        raise ConfigError(
+            f"class-name count mismatch: {len(names)} class names given but {len(folders)} class "
+            f"folders in {root}; give one name per class folder (in sorted folder order)"
+        )
     return folders, names  # e.g. ImageNet: wnid folders in sorted order, names by position
 
 
@@ -122,11 +132,11 @@ class ImageFolderSource(ImageSource):
         self.families = {self.name: names}
         self._files: list[tuple[Path, int]] = []
         for idx, folder in enumerate(self._folders):
-            files = sorted(p for p in (self.root / folder).rglob("*")
-                           if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            files = sorted(
+                p for p in (self.root / folder).rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+            )
             if not files:
-                raise ConfigError(f"class folder {self.root / folder} has no images "
-                                  f"({', '.join(IMAGE_EXTENSIONS)})")
+                raise ConfigError(f"class folder {self.root / folder} has no images ({', '.join(IMAGE_EXTENSIONS)})")
             self._files.extend((f, idx) for f in files)
 
     def __len__(self) -> int:
@@ -174,8 +184,10 @@ def map_label(raw: Any, names: list[str], lookup: dict[str, int], family: str, k
         raw = str(raw)
     if isinstance(raw, int):
         if not 0 <= raw < len(names):
-            raise ConfigError(f"class-name count mismatch: sample {key} has {family} label {raw} but only "
-                              f"{len(names)} class names are given (valid labels 0..{len(names) - 1})")
+            raise ConfigError(
+                f"class-name count mismatch: sample {key} has {family} label {raw} but only "
+                f"{len(names)} class names are given (valid labels 0..{len(names) - 1})"
+            )
         return raw
     if isinstance(raw, str):
         s = raw.strip()
@@ -183,8 +195,9 @@ def map_label(raw: Any, names: list[str], lookup: dict[str, int], family: str, k
             return lookup[s]
         if s.lstrip("-").isdigit():
             return map_label(int(s), names, lookup, family, key)
-    raise ConfigError(f"sample {key}: {family} label {raw!r} is not among the {len(names)} class names "
-                      f"(first few: {names[:5]})")
+    raise ConfigError(
+        f"sample {key}: {family} label {raw!r} is not among the {len(names)} class names (first few: {names[:5]})"
+    )
 
 
 def _field(sample: dict, key: str, what: str) -> Any:
@@ -214,9 +227,14 @@ class WebDatasetSource(ImageSource):
     labels index them; string labels are looked up by name). Samples are read in shard order.
     """
 
-    def __init__(self, shards: str, label_keys: Mapping[str, str] | None = None,
-                 classnames: Mapping[str, ClassNames] | None = None, caption_key: str | None = None,
-                 name: str | None = None) -> None:
+    def __init__(
+        self,
+        shards: str,
+        label_keys: Mapping[str, str] | None = None,
+        classnames: Mapping[str, ClassNames] | None = None,
+        caption_key: str | None = None,
+        name: str | None = None,
+    ) -> None:
         self.spec = shards
         self.urls = expand_shards(shards)
         self.label_keys = dict(label_keys or {})
@@ -228,8 +246,10 @@ class WebDatasetSource(ImageSource):
         classnames = dict(classnames or {})
         missing = [f for f in self.label_keys if f not in classnames]
         if missing:
-            raise ConfigError(f"WebDataset source {shards!r}: class names for {missing[0]!r} are needed "
-                              "(pass a class-name file: the shards carry only labels)")
+            raise ConfigError(
+                f"WebDataset source {shards!r}: class names for {missing[0]!r} are needed "
+                "(pass a class-name file: the shards carry only labels)"
+            )
         self._maps = {f: _label_map(classnames[f]) for f in self.label_keys}
         self.families = {f: m[0] for f, m in self._maps.items()}
         self.name = name or Path(self.urls[0]).parent.name or "shards"
@@ -237,8 +257,9 @@ class WebDatasetSource(ImageSource):
     def _samples(self) -> Iterator[dict]:
         import webdataset as wds
 
-        pipeline = wds.DataPipeline(wds.SimpleShardList(self.urls),
-                                    wds.tarfile_to_samples(handler=wds.warn_and_continue))
+        pipeline = wds.DataPipeline(
+            wds.SimpleShardList(self.urls), wds.tarfile_to_samples(handler=wds.warn_and_continue)
+        )
         return iter(pipeline)
 
     def records(self) -> Iterator[Record]:
@@ -267,8 +288,14 @@ class WebDatasetSource(ImageSource):
             yield Record(key, lambda b=sample[member]: _open_rgb(b), labels, captions)
 
     def describe(self) -> dict[str, Any]:
-        return {"type": "webdataset", "name": self.name, "shards": self.spec, "num_shards": len(self.urls),
-                "label_keys": self.label_keys, "caption_key": self.caption_key}
+        return {
+            "type": "webdataset",
+            "name": self.name,
+            "shards": self.spec,
+            "num_shards": len(self.urls),
+            "label_keys": self.label_keys,
+            "caption_key": self.caption_key,
+        }
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -301,8 +328,15 @@ class HFDatasetSource(ImageSource):
     """A Hugging Face dataset (saved with ``save_to_disk``, or anything ``load_dataset`` reads) with an image
     column and a ``ClassLabel`` column; the ``ClassLabel`` names are the class names unless overridden."""
 
-    def __init__(self, path: str, split: str | None = None, image_key: str = "image", label_key: str = "label",
-                 classnames: ClassNames | None = None, name: str | None = None) -> None:
+    def __init__(
+        self,
+        path: str,
+        split: str | None = None,
+        image_key: str = "image",
+        label_key: str = "label",
+        classnames: ClassNames | None = None,
+        name: str | None = None,
+    ) -> None:
         import datasets
 
         ds = _load_hf(path, split)
@@ -313,8 +347,10 @@ class HFDatasetSource(ImageSource):
         if isinstance(feature, datasets.ClassLabel):
             base = list(feature.names)
         elif classnames is None:
-            raise ConfigError(f"{path}: column {label_key!r} is {type(feature).__name__}, not a ClassLabel; "
-                              "pass class names (--classnames FILE) for its integer labels")
+            raise ConfigError(
+                f"{path}: column {label_key!r} is {type(feature).__name__}, not a ClassLabel; "
+                "pass class names (--classnames FILE) for its integer labels"
+            )
         else:
             base = None
         if classnames is None:
@@ -329,8 +365,10 @@ class HFDatasetSource(ImageSource):
         else:
             names = list(classnames)
             if base is not None and len(names) != len(base):
-                raise ConfigError(f"class-name count mismatch: {len(names)} class names given but the ClassLabel "
-                                  f"column {label_key!r} of {path} has {len(base)} classes")
+                raise ConfigError(
+                    f"class-name count mismatch: {len(names)} class names given but the ClassLabel "
+                    f"column {label_key!r} of {path} has {len(base)} classes"
+                )
         self.path, self.split, self.image_key, self.label_key = path, split, image_key, label_key
         self.name = name or Path(path).name
         self.families = {self.name: names}
@@ -354,5 +392,12 @@ class HFDatasetSource(ImageSource):
             yield Record(str(i), lambda i=i: self._load(i), {self.name: label})
 
     def describe(self) -> dict[str, Any]:
-        return {"type": "hf_dataset", "name": self.name, "path": self.path, "split": self.split,
-                "image_key": self.image_key, "label_key": self.label_key, "num_images": len(self)}
+        return {
+            "type": "hf_dataset",
+            "name": self.name,
+            "path": self.path,
+            "split": self.split,
+            "image_key": self.image_key,
+            "label_key": self.label_key,
+            "num_images": len(self),
+        }

@@ -53,17 +53,23 @@ def load_model(cfg: ZeroShotEvalConfig, device: torch.device) -> tuple[ZeroShotM
 
         model, run_cfg = load_trained_model(cfg.checkpoint)
         model.to(device)
-        desc = {"type": "vlp", "checkpoint": str(cfg.checkpoint), "preset": run_cfg.model.name,
-                "objective": run_cfg.objective,
-                "loss": run_cfg.image_text_loss}
+        desc = {
+            "type": "vlp",
+            "checkpoint": str(cfg.checkpoint),
+            "preset": run_cfg.model.name,
+            "objective": run_cfg.objective,
+            "loss": run_cfg.image_text_loss,
+        }
         return ZeroShotModel.from_dual_tower(model, description=desc), run_cfg
     import open_clip
 
     name = cfg.open_clip_model
     schema = name.split(":", 1)[0] if ":" in name else None
     if schema is None and name not in open_clip.list_models():
-        raise ConfigError(f"unknown open_clip model {name!r}; valid: one of open_clip.list_models() "
-                          f"(e.g. {', '.join(open_clip.list_models()[:4])}, ...) or local-dir:PATH")
+        raise ConfigError(
+            f"unknown open_clip model {name!r}; valid: one of open_clip.list_models() "
+            f"(e.g. {', '.join(open_clip.list_models()[:4])}, ...) or local-dir:PATH"
+        )
     if cfg.pretrained and "/" in cfg.pretrained and not Path(cfg.pretrained).is_file():
         raise ConfigError(f"--pretrained weights file not found: {cfg.pretrained}")
     try:
@@ -81,12 +87,16 @@ def build_sets(cfg: ZeroShotEvalConfig, run_cfg: Any) -> list[EvalSet]:
     sets: list[EvalSet] = []
     if heldout:
         if run_cfg is None:
-            raise ConfigError("no data to evaluate: give --image-folder, --wds-shards, --hf-dataset or "
-                              "--retrieval-shards (held-out data comes only with a vlp --checkpoint)")
+            raise ConfigError(
+                "no data to evaluate: give --image-folder, --wds-shards, --hf-dataset or "
+                "--retrieval-shards (held-out data comes only with a vlp --checkpoint)"
+            )
         sets.extend(heldout_sets(run_cfg, *run_heldout_data(run_cfg)))
         if not sets:
-            raise ConfigError(f"the run {cfg.checkpoint} has no held-out data configured (data.eval_shards); "
-                              "give --image-folder, --wds-shards, --hf-dataset or --retrieval-shards")
+            raise ConfigError(
+                f"the run {cfg.checkpoint} has no held-out data configured (data.eval_shards); "
+                "give --image-folder, --wds-shards, --hf-dataset or --retrieval-shards"
+            )
     if cfg.data.enabled:
         sets.append(labelled_set(cfg.data))
     if cfg.retrieval_shards:
@@ -113,8 +123,9 @@ def run_zeroshot_eval(cfg: ZeroShotEvalConfig) -> dict[str, Any] | None:
     init_distributed_from_env(device)
     model, run_cfg = load_model(cfg, device)
     sets = build_sets(cfg, run_cfg)
-    options = EvalOptions(batch_size=cfg.batch_size, workers=cfg.workers,
-                          num_examples=cfg.num_examples if cfg.plots else 0)
+    options = EvalOptions(
+        batch_size=cfg.batch_size, workers=cfg.workers, num_examples=cfg.num_examples if cfg.plots else 0
+    )
     out = evaluate(model, sets, options)
     if out.results is None:
         return None

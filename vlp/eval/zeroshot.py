@@ -29,8 +29,9 @@ def builtin_classnames(name: str) -> list[str]:
 
     if name == "imagenet":
         return list(IMAGENET_CLASSNAMES)
-    raise ConfigError(f"unknown built-in class names {name!r}; valid: {', '.join(BUILTIN_CLASSNAMES)} "
-                      "(or a .txt / .json file)")
+    raise ConfigError(
+        f"unknown built-in class names {name!r}; valid: {', '.join(BUILTIN_CLASSNAMES)} (or a .txt / .json file)"
+    )
 
 
 def builtin_templates(name: str) -> list[Template]:
@@ -39,8 +40,9 @@ def builtin_templates(name: str) -> list[Template]:
 
     sets = {"openai": OPENAI_IMAGENET_TEMPLATES, "simple": SIMPLE_IMAGENET_TEMPLATES}
     if name not in sets:
-        raise ConfigError(f"unknown built-in templates {name!r}; valid: {', '.join(BUILTIN_TEMPLATES)} "
-                          "(or a .txt / .json file)")
+        raise ConfigError(
+            f"unknown built-in templates {name!r}; valid: {', '.join(BUILTIN_TEMPLATES)} (or a .txt / .json file)"
+        )
     return list(sets[name])
 
 
@@ -101,7 +103,7 @@ def load_templates(spec: str) -> list[Template]:
     if isinstance(data, dict) and "templates" in data:
         data = data["templates"]
     if not isinstance(data, list) or not all(isinstance(t, str) for t in data):
-        raise ConfigError(f"{path}: expected a list of template strings such as \"a photo of a {{}}.\"")
+        raise ConfigError(f'{path}: expected a list of template strings such as "a photo of a {{}}."')
     data = [t.strip() for t in data if t.strip()]
     if not data:
         raise ConfigError(f"{path}: the template file is empty; put one template per line, e.g. 'a photo of a {{}}.'")
@@ -121,8 +123,10 @@ def check_templates(templates: Sequence[Template], where: str = "templates") -> 
         except (IndexError, KeyError, ValueError):
             ok = False
         if not ok:
-            raise ConfigError(f"{where}: template {i + 1} {t!r} needs exactly one '{{}}' where the class name goes "
-                              "(and no other braces)")
+            raise ConfigError(
+                f"{where}: template {i + 1} {t!r} needs exactly one '{{}}' where the class name goes "
+                "(and no other braces)"
+            )
 
 
 def format_prompts(classnames: Sequence[str], templates: Sequence[Template]) -> list[str]:
@@ -199,8 +203,10 @@ def classification_metrics(
         "top5": topk_correct(similarities, targets, 5) / n,
         "mean_per_class": sum(present) / len(present),
         "chance": 1.0 / c,
-        "per_class": [{"class": name, "accuracy": acc, "support": int(s)}
-                      for name, acc, s in zip(classnames, per_class, support.tolist())],
+        "per_class": [
+            {"class": name, "accuracy": acc, "support": int(s)}
+            for name, acc, s in zip(classnames, per_class, support.tolist())
+        ],
         "confusion_matrix": confusion.tolist(),
         "probabilities": {
             "logit_scale": float(logit_scale),
@@ -210,17 +216,24 @@ def classification_metrics(
     }
     if logit_bias is not None:
         sigmoid = (logits + logit_bias).sigmoid()
-        out["probabilities"].update({
-            "logit_bias": float(logit_bias),
-            "sigmoid_true_class_mean": float(sigmoid[rows, targets].mean()),
-            "sigmoid_top1_mean": float(sigmoid.max(1).values.mean()),
-            "sigmoid_true_class_above_half": float((sigmoid[rows, targets] > 0.5).float().mean()),
-        })
+        out["probabilities"].update(
+            {
+                "logit_bias": float(logit_bias),
+                "sigmoid_true_class_mean": float(sigmoid[rows, targets].mean()),
+                "sigmoid_top1_mean": float(sigmoid.max(1).values.mean()),
+                "sigmoid_true_class_above_half": float((sigmoid[rows, targets] > 0.5).float().mean()),
+            }
+        )
     return out
 
 
-def top_predictions(similarities: torch.Tensor, classnames: Sequence[str], k: int = 5, logit_scale: float = 100.0,
-                    logit_bias: float | None = None) -> list[list[dict[str, Any]]]:
+def top_predictions(
+    similarities: torch.Tensor,
+    classnames: Sequence[str],
+    k: int = 5,
+    logit_scale: float = 100.0,
+    logit_bias: float | None = None,
+) -> list[list[dict[str, Any]]]:
     """Per image, its ``k`` best classes with softmax (and, with a bias, sigmoid) probabilities."""
     logits = logit_scale * similarities.float()
     soft = logits.softmax(1)

@@ -107,11 +107,17 @@ def hf_full_config(model: DualTower | nn.Module):
         vision = towers.clip_vision_config(clip.visual)
         text = towers.clip_text_config(clip)
         if vision["projection_dim"] != text["projection_dim"]:
-            raise NotRepresentableError(f"image and text embeddings differ in width ({vision['projection_dim']} vs "
-                                        f"{text['projection_dim']})")
+            raise NotRepresentableError(
+                f"image and text embeddings differ in width ({vision['projection_dim']} vs {text['projection_dim']})"
+            )
         extra = {} if bias is None else {"logit_bias": bias}
-        cfg = CLIPConfig(text_config=text, vision_config=vision, projection_dim=vision["projection_dim"],
-                         logit_scale_init_value=scale, **extra)
+        cfg = CLIPConfig(
+            text_config=text,
+            vision_config=vision,
+            projection_dim=vision["projection_dim"],
+            logit_scale_init_value=scale,
+            **extra,
+        )
         cfg.architectures = ["CLIPModel"]
     else:
         vision = towers.siglip_vision_config(clip.visual)
@@ -122,7 +128,8 @@ def hf_full_config(model: DualTower | nn.Module):
         if text["projection_size"] != vision["hidden_size"]:
             raise NotRepresentableError(
                 f"text embedding width {text['projection_size']} differs from the image embedding width "
-                f"{vision['hidden_size']} (SiglipModel compares the MAP-pooled image features directly)")
+                f"{vision['hidden_size']} (SiglipModel compares the MAP-pooled image features directly)"
+            )
         cfg = SiglipConfig(text_config=text, vision_config=vision)
         cfg.architectures = ["SiglipModel"]
     return cfg
@@ -185,15 +192,27 @@ def image_processor_dict(preset: ModelPreset, family: str) -> dict[str, Any]:
     }
     processor = "CLIPProcessor" if family == "clip" else "SiglipProcessor"
     if mode == "shortest":  # resize the shorter side to `size`, then centre-crop size x size
-        return {"image_processor_type": "CLIPImageProcessor", "processor_class": processor, **common,
-                "size": {"shortest_edge": size}, "do_center_crop": True,
-                "crop_size": {"height": size, "width": size}}
+        return {
+            "image_processor_type": "CLIPImageProcessor",
+            "processor_class": processor,
+            **common,
+            "size": {"shortest_edge": size},
+            "do_center_crop": True,
+            "crop_size": {"height": size, "width": size},
+        }
     if mode == "squash":  # resize to size x size, ignoring the aspect ratio
         kind = "CLIPImageProcessor" if family == "clip" else "SiglipImageProcessor"
-        return {"image_processor_type": kind, "processor_class": processor, **common,
-                "size": {"height": size, "width": size}, "do_center_crop": False}
-    raise NotRepresentableError(f"preprocess.resize_mode={mode!r} (resize the longer side and pad) has no "
-                                "transformers image processor; valid for export: shortest, squash")
+        return {
+            "image_processor_type": kind,
+            "processor_class": processor,
+            **common,
+            "size": {"height": size, "width": size},
+            "do_center_crop": False,
+        }
+    raise NotRepresentableError(
+        f"preprocess.resize_mode={mode!r} (resize the longer side and pad) has no "
+        "transformers image processor; valid for export: shortest, squash"
+    )
 
 
 def image_processor(processor: Mapping[str, Any]):
@@ -246,8 +265,13 @@ def build_hf_tokenizer(context_length: int, pad_token: str = "<|endoftext|>", at
     if pad_token not in vocab:
         vocab[pad_token] = len(vocab)
     names = ["input_ids", "attention_mask"] if attention_mask else ["input_ids"]
-    return CLIPTokenizer(vocab=vocab, merges=[tuple(m.split()) for m in merges], pad_token=pad_token,
-                         model_max_length=context_length, model_input_names=names)
+    return CLIPTokenizer(
+        vocab=vocab,
+        merges=[tuple(m.split()) for m in merges],
+        pad_token=pad_token,
+        model_max_length=context_length,
+        model_input_names=names,
+    )
 
 
 def write_own_tokenizer(out_dir: Path, folder: str, context_length: int) -> None:
@@ -280,12 +304,21 @@ def write_tokenizer(out_dir: Path, context_length: int, family: str) -> None:
     (out_dir / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     cfg_path = out_dir / "tokenizer_config.json"
     cfg = json.loads(cfg_path.read_text())
-    cfg.update({"processor_class": "CLIPProcessor" if not siglip else "SiglipProcessor",
-                "model_input_names": ["input_ids"] if siglip else ["input_ids", "attention_mask"],
-                "do_lower_case": True, "errors": "replace"})
+    cfg.update(
+        {
+            "processor_class": "CLIPProcessor" if not siglip else "SiglipProcessor",
+            "model_input_names": ["input_ids"] if siglip else ["input_ids", "attention_mask"],
+            "do_lower_case": True,
+            "errors": "replace",
+        }
+    )
     cfg_path.write_text(json.dumps(cfg, indent=2))
-    special = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-               "pad_token": PAD_TOKEN if siglip else "<|endoftext|>"}
+    special = {
+        "bos_token": "<|startoftext|>",
+        "eos_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>",
+        "pad_token": PAD_TOKEN if siglip else "<|endoftext|>",
+    }
     (out_dir / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
 
 
@@ -295,12 +328,31 @@ def write_tokenizer(out_dir: Path, context_length: int, family: str) -> None:
 
 
 # Every file name an export or import writes: --overwrite removes these and nothing else.
-OUTPUT_FILES = {"config.json", "preprocessor_config.json", WEIGHTS_NAME, "tokenizer.json", "tokenizer_config.json",
-                "vocab.json", "merges.txt", "special_tokens_map.json", "open_clip_config.json",
-                "open_clip_model.safetensors", "preset.yaml", "checkpoint.pt", "config.yaml", "added_tokens.json",
-                "processor_config.json", "chat_template.jinja", "spiece.model", "tokenizer.model", "README.md",
-                "open_clip_pytorch_model.bin", "tokenizer", "source.json",
-                "image_projection.safetensors"}
+OUTPUT_FILES = {
+    "config.json",
+    "preprocessor_config.json",
+    WEIGHTS_NAME,
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "open_clip_config.json",
+    "open_clip_model.safetensors",
+    "preset.yaml",
+    "checkpoint.pt",
+    "config.yaml",
+    "added_tokens.json",
+    "processor_config.json",
+    "chat_template.jinja",
+    "spiece.model",
+    "tokenizer.model",
+    "README.md",
+    "open_clip_pytorch_model.bin",
+    "tokenizer",
+    "source.json",
+    "image_projection.safetensors",
+}
 
 
 def prepare_output_dir(out_dir: str | Path, overwrite: bool) -> Path:
@@ -312,11 +364,14 @@ def prepare_output_dir(out_dir: str | Path, overwrite: bool) -> Path:
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise ConfigError(f"--output {out} is not empty; pass --overwrite true to replace its contents")
-        foreign = sorted(p.name for p in out.iterdir()
-                         if p.name not in OUTPUT_FILES or not (p.is_file() or p.name == "tokenizer"))
+        foreign = sorted(
+            p.name for p in out.iterdir() if p.name not in OUTPUT_FILES or not (p.is_file() or p.name == "tokenizer")
+        )
         if foreign:
-            raise ConfigError(f"--output {out} holds files an export does not write ({', '.join(foreign[:5])}); "
-                              "refusing to overwrite it, choose an empty folder")
+            raise ConfigError(
+                f"--output {out} holds files an export does not write ({', '.join(foreign[:5])}); "
+                "refusing to overwrite it, choose an empty folder"
+            )
         for p in out.iterdir():
             if p.is_dir():
                 shutil.rmtree(p)
@@ -332,8 +387,10 @@ def save_weights(state: Mapping[str, torch.Tensor], path: Path, dtype: torch.dty
 
     if any(t.device.type == "meta" for t in state.values()):
         raise ConfigError("cannot save a model built on the meta device (it has no weights)")
-    tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous().cpu()
-               for k, v in state.items()}
+    tensors = {
+        k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous().cpu()
+        for k, v in state.items()
+    }
     tmp = path.with_name(f".{path.name}.tmp")
     save_file(tensors, str(tmp), metadata={"format": "pt"})
     tmp.replace(path)
@@ -350,8 +407,9 @@ def _config_dict(cfg) -> dict[str, Any]:
     return data
 
 
-def export_hf_vision(model: DualTower, out_dir: str | Path, overwrite: bool = False,
-                     info: dict[str, Any] | None = None) -> Path:
+def export_hf_vision(
+    model: DualTower, out_dir: str | Path, overwrite: bool = False, info: dict[str, Any] | None = None
+) -> Path:
     """Write the vision tower as a transformers folder (config.json, preprocessor_config.json, model.safetensors).
 
     A timm tower that is not a SigLIP ViT becomes a ``TimmWrapperModel`` (vlp/export/timm_wrapper.py)."""
@@ -385,8 +443,9 @@ def export_hf_vision(model: DualTower, out_dir: str | Path, overwrite: bool = Fa
     return out
 
 
-def export_hf_full(model: DualTower, out_dir: str | Path, overwrite: bool = False,
-                   info: dict[str, Any] | None = None) -> Path:
+def export_hf_full(
+    model: DualTower, out_dir: str | Path, overwrite: bool = False, info: dict[str, Any] | None = None
+) -> Path:
     """Write both towers as CLIPModel / SiglipModel with tokenizer and image processor files."""
     cfg = hf_full_config(model)
     state = hf_full_state(model)
@@ -394,11 +453,16 @@ def export_hf_full(model: DualTower, out_dir: str | Path, overwrite: bool = Fals
     processor = image_processor_dict(model.preset, family)
     _, bias = towers.logit_values(model.clip)
     if family == "clip" and bias is not None:
-        log.warning("CLIPModel has no logit bias: b=%.4f is kept in config.json as `logit_bias`; softmax "
-                    "probabilities (the zero-shot pipeline) do not depend on it", bias)
+        log.warning(
+            "CLIPModel has no logit bias: b=%.4f is kept in config.json as `logit_bias`; softmax "
+            "probabilities (the zero-shot pipeline) do not depend on it",
+            bias,
+        )
     if family == "siglip" and bias is None:
-        log.warning("this model was trained without a logit bias; SiglipModel gets logit_bias = 0 and the "
-                    "zero-shot pipeline will report sigmoid scores, not the softmax this model was trained for")
+        log.warning(
+            "this model was trained without a logit bias; SiglipModel gets logit_bias = 0 and the "
+            "zero-shot pipeline will report sigmoid scores, not the softmax this model was trained for"
+        )
     out = prepare_output_dir(out_dir, overwrite)
     _write_json(out / "config.json", _config_dict(cfg))
     write_image_processor(out, processor)
@@ -426,8 +490,10 @@ def read_hf_config(folder: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{folder}: no config.json (expected a transformers CLIP/SigLIP model folder)")
     cfg = json.loads(path.read_text())
     if cfg.get("model_type") not in ("clip", "siglip", *VISION_ONLY):
-        raise ConfigError(f"{folder}: model_type {cfg.get('model_type')!r} is not importable; valid: clip, siglip, "
-                          "clip_vision_model, siglip_vision_model")
+        raise ConfigError(
+            f"{folder}: model_type {cfg.get('model_type')!r} is not importable; valid: clip, siglip, "
+            "clip_vision_model, siglip_vision_model"
+        )
     return cfg
 
 
@@ -451,8 +517,10 @@ def read_hf_state(folder: str | Path) -> dict[str, torch.Tensor]:
         raise ConfigError(f"{folder}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin")
     cfg = read_hf_config(folder)
     if cfg["model_type"] in VISION_ONLY:
-        state = {k if k.startswith(("vision_model.", "visual_projection.")) else f"vision_model.{k}": v
-                 for k, v in state.items()}
+        state = {
+            k if k.startswith(("vision_model.", "visual_projection.")) else f"vision_model.{k}": v
+            for k, v in state.items()
+        }
     return {k: v for k, v in state.items() if not k.endswith("position_ids")}
 
 
@@ -473,16 +541,21 @@ def _norm_act(cfg: Mapping[str, Any], where: str) -> tuple[dict[str, Any], dict[
         return norm, None, False
     if act in ("gelu_pytorch_tanh", "gelu_new"):
         return norm, {"approximate": "tanh"}, False
-    raise NotRepresentableError(f"{where} hidden_act={act!r} has no open_clip equivalent; valid: gelu, quick_gelu, "
-                                "gelu_pytorch_tanh")
+    raise NotRepresentableError(
+        f"{where} hidden_act={act!r} has no open_clip equivalent; valid: gelu, quick_gelu, gelu_pytorch_tanh"
+    )
 
 
 def _preprocess_from_hf(folder: Path, image_size: int) -> dict[str, Any]:
     path = folder / "preprocessor_config.json"
     if not path.is_file():
         log.warning("%s: no preprocessor_config.json; keeping OpenAI mean/std, bicubic, shortest-side resize", folder)
-        return {"mean": list(OPENAI_MEAN), "std": list(OPENAI_STD), "interpolation": "bicubic",
-                "resize_mode": "shortest"}
+        return {
+            "mean": list(OPENAI_MEAN),
+            "std": list(OPENAI_STD),
+            "interpolation": "bicubic",
+            "resize_mode": "shortest",
+        }
     pp = json.loads(path.read_text())
     interp = {v: k for k, v in RESAMPLE.items()}.get(int(pp.get("resample", 3)), "bicubic")
     size = pp.get("size", {})
@@ -494,22 +567,35 @@ def _preprocess_from_hf(folder: Path, image_size: int) -> dict[str, Any]:
     elif isinstance(size, dict) and "height" in size and not pp.get("do_center_crop", False):
         mode = "squash"
     else:
-        raise NotRepresentableError(f"{path}: resize {size} with do_center_crop={pp.get('do_center_crop')} matches "
-                                    "no open_clip resize_mode (shortest or squash)")
+        raise NotRepresentableError(
+            f"{path}: resize {size} with do_center_crop={pp.get('do_center_crop')} matches "
+            "no open_clip resize_mode (shortest or squash)"
+        )
     sizes = {size.get("shortest_edge", size.get("height")), size.get("width", image_size)}
     if mode == "shortest":
         crop = pp.get("crop_size", {"height": image_size, "width": image_size})
         sizes |= {crop.get("height"), crop.get("width")} if isinstance(crop, dict) else {crop}
     if sizes != {image_size}:
-        raise NotRepresentableError(f"{path}: resize/crop sizes {sorted(map(str, sizes))} differ from the model's "
-                                    f"image_size {image_size} (our transform resizes to the model's input size)")
-    return {"mean": list(pp.get("image_mean", OPENAI_MEAN)), "std": list(pp.get("image_std", OPENAI_STD)),
-            "interpolation": interp, "resize_mode": mode}
+        raise NotRepresentableError(
+            f"{path}: resize/crop sizes {sorted(map(str, sizes))} differ from the model's "
+            f"image_size {image_size} (our transform resizes to the model's input size)"
+        )
+    return {
+        "mean": list(pp.get("image_mean", OPENAI_MEAN)),
+        "std": list(pp.get("image_std", OPENAI_STD)),
+        "interpolation": interp,
+        "resize_mode": mode,
+    }
 
 
 SIGLIP_TIMM_BASE = "vit_base_patch16_siglip_224"  # timm's SigLIP ViT: no class token, MAP pooling, LayerNorm eps 1e-6
-_TIMM_ACT = {"gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu_fast": "gelu_tanh",
-             "quick_gelu": "quick_gelu"}
+_TIMM_ACT = {
+    "gelu": "gelu",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_new": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+    "quick_gelu": "quick_gelu",
+}
 
 
 def siglip_vision_cfg(vc: Mapping[str, Any]) -> dict[str, Any]:
@@ -522,8 +608,10 @@ def siglip_vision_cfg(vc: Mapping[str, Any]) -> dict[str, Any]:
     image_size = int(vc["image_size"])
     base = {"image_size": image_size, "timm_model_pretrained": False, "timm_pool": "map", "timm_proj": "none"}
     if not vc.get("vision_use_head", True):
-        raise NotRepresentableError("SigLIP vision_use_head=false (no attention-pooling head) is not importable; "
-                                    "valid: a SiglipVisionModel with its MAP head")
+        raise NotRepresentableError(
+            "SigLIP vision_use_head=false (no attention-pooling head) is not importable; "
+            "valid: a SiglipVisionModel with its MAP head"
+        )
     eps = float(vc.get("layer_norm_eps", 1e-6))
     if not math.isclose(eps, 1e-6):
         raise NotRepresentableError(f"SigLIP vision layer_norm_eps={eps}: timm's SigLIP ViT uses 1e-6; valid: 1e-6")
@@ -536,9 +624,15 @@ def siglip_vision_cfg(vc: Mapping[str, Any]) -> dict[str, Any]:
         except NotRepresentableError:
             pass
     width = int(vc["hidden_size"])
-    kwargs = {"img_size": image_size, "patch_size": int(vc["patch_size"]), "embed_dim": width,
-              "depth": int(vc["num_hidden_layers"]), "num_heads": int(vc["num_attention_heads"]),
-              "mlp_ratio": _mlp_ratio(width, int(vc["intermediate_size"])), "act_layer": _TIMM_ACT[act]}
+    kwargs = {
+        "img_size": image_size,
+        "patch_size": int(vc["patch_size"]),
+        "embed_dim": width,
+        "depth": int(vc["num_hidden_layers"]),
+        "num_heads": int(vc["num_attention_heads"]),
+        "mlp_ratio": _mlp_ratio(width, int(vc["intermediate_size"])),
+        "act_layer": _TIMM_ACT[act],
+    }
     if int(vc.get("num_channels", 3)) != 3:
         kwargs["in_chans"] = int(vc["num_channels"])
     return {**base, "timm_model_name": SIGLIP_TIMM_BASE, "timm_model_kwargs": kwargs}
@@ -555,10 +649,12 @@ def _hf_tokenizer_check(folder: Path, vocab_size: int) -> None:
             f"{folder}: text vocab_size {vocab_size} is not open_clip's BPE and transformers cannot load the folder's "
             f"tokenizer ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); add its tokenizer files "
             "(sentencepiece is needed for SigLIP's) or import the vision tower alone (--vision-only true "
-            "--preset NAME)") from None
+            "--preset NAME)"
+        ) from None
     if len(tok) > vocab_size:
-        raise NotRepresentableError(f"{folder}: the tokenizer has {len(tok)} tokens but the text embedding table "
-                                    f"{vocab_size} rows")
+        raise NotRepresentableError(
+            f"{folder}: the tokenizer has {len(tok)} tokens but the text embedding table {vocab_size} rows"
+        )
 
 
 def _siglip_timm_name(vc: Mapping[str, Any]) -> str:
@@ -577,17 +673,30 @@ def _siglip_timm_name(vc: Mapping[str, Any]) -> str:
             continue
         if got == want:
             return name
-    raise NotRepresentableError(f"no timm SigLIP ViT matches this vision config ({want}); candidates tried: "
-                                f"{', '.join(candidates) or 'none'}")
+    raise NotRepresentableError(
+        f"no timm SigLIP ViT matches this vision config ({want}); candidates tried: {', '.join(candidates) or 'none'}"
+    )
 
 
 def _siglip_vision_signature(vc: Mapping[str, Any]) -> tuple:
-    return tuple(vc.get(k) for k in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                                     "image_size", "patch_size", "hidden_act", "layer_norm_eps"))
+    return tuple(
+        vc.get(k)
+        for k in (
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "image_size",
+            "patch_size",
+            "hidden_act",
+            "layer_norm_eps",
+        )
+    )
 
 
-def preset_from_hf(folder: str | Path, text_preset: ModelPreset | None = None,
-                   vision_only: bool = False) -> ModelPreset:
+def preset_from_hf(
+    folder: str | Path, text_preset: ModelPreset | None = None, vision_only: bool = False
+) -> ModelPreset:
     """A model preset with exactly the structure of an HF CLIP/SigLIP folder.
 
     A vision-only folder (or ``vision_only``) takes its text tower from ``text_preset`` (required then).
@@ -607,8 +716,11 @@ def preset_from_hf(folder: str | Path, text_preset: ModelPreset | None = None,
     if mt in ("clip", "clip_vision_model"):
         width = int(vc["hidden_size"])
         vision_cfg: dict[str, Any] = {
-            "image_size": image_size, "patch_size": int(vc["patch_size"]), "width": width,
-            "layers": int(vc["num_hidden_layers"]), "head_width": width // int(vc["num_attention_heads"]),
+            "image_size": image_size,
+            "patch_size": int(vc["patch_size"]),
+            "width": width,
+            "layers": int(vc["num_hidden_layers"]),
+            "head_width": width // int(vc["num_attention_heads"]),
             "mlp_ratio": _mlp_ratio(width, int(vc["intermediate_size"])),
         }
         embed_dim = int(cfg.get("projection_dim") or vc.get("projection_dim"))
@@ -629,8 +741,11 @@ def preset_from_hf(folder: str | Path, text_preset: ModelPreset | None = None,
         t_norm, t_act, t_quick = _norm_act(tc, "text")
         width = int(tc["hidden_size"])
         text_cfg = {
-            "context_length": int(tc["max_position_embeddings"]), "vocab_size": int(tc["vocab_size"]),
-            "width": width, "heads": int(tc["num_attention_heads"]), "layers": int(tc["num_hidden_layers"]),
+            "context_length": int(tc["max_position_embeddings"]),
+            "vocab_size": int(tc["vocab_size"]),
+            "width": width,
+            "heads": int(tc["num_attention_heads"]),
+            "layers": int(tc["num_hidden_layers"]),
             "mlp_ratio": _mlp_ratio(width, int(tc["intermediate_size"])),
         }
         if t_norm:
@@ -646,20 +761,34 @@ def preset_from_hf(folder: str | Path, text_preset: ModelPreset | None = None,
                 tokenizer = {"hf": str(folder.resolve())}
             text_cfg.update(no_causal_mask=True, proj_bias=True, pool_type="last")
             if int(tc.get("projection_size", width)) != embed_dim:
-                raise NotRepresentableError(f"SigLIP text projection_size {tc.get('projection_size')} != vision "
-                                            f"width {embed_dim}")
+                raise NotRepresentableError(
+                    f"SigLIP text projection_size {tc.get('projection_size')} != vision width {embed_dim}"
+                )
         elif text_cfg["vocab_size"] != BPE_VOCAB_SIZE:
-            raise NotRepresentableError(f"CLIP text vocab_size {text_cfg['vocab_size']} (the open_clip BPE tokenizer "
-                                        f"has {BPE_VOCAB_SIZE}); import the vision tower alone (--vision-only true)")
+            raise NotRepresentableError(
+                f"CLIP text vocab_size {text_cfg['vocab_size']} (the open_clip BPE tokenizer "
+                f"has {BPE_VOCAB_SIZE}); import the vision tower alone (--vision-only true)"
+            )
     if mt in ("clip", "clip_vision_model") and tc is not None and v_quick != t_quick:
         raise NotRepresentableError("CLIP towers with different activations (open_clip has one quick_gelu flag)")
     quick = v_quick if mt.startswith("clip") else t_quick
     if tc is None and mt.startswith("clip") and v_quick != text_preset.quick_gelu:
-        log.warning("the text tower of preset %r is built with %s to match the image tower (open_clip has one "
-                    "quick_gelu flag for both); it is freshly initialised", text_preset.name,
-                    "QuickGELU" if v_quick else "GELU")
-    return ModelPreset(name=folder.name, embed_dim=embed_dim, vision_cfg=vision_cfg, text_cfg=text_cfg,
-                       custom_text=custom_text, quick_gelu=quick, preprocess=preprocess, tokenizer=tokenizer)
+        log.warning(
+            "the text tower of preset %r is built with %s to match the image tower (open_clip has one "
+            "quick_gelu flag for both); it is freshly initialised",
+            text_preset.name,
+            "QuickGELU" if v_quick else "GELU",
+        )
+    return ModelPreset(
+        name=folder.name,
+        embed_dim=embed_dim,
+        vision_cfg=vision_cfg,
+        text_cfg=text_cfg,
+        custom_text=custom_text,
+        quick_gelu=quick,
+        preprocess=preprocess,
+        tokenizer=tokenizer,
+    )
 
 
 def load_hf_weights(model: DualTower | nn.Module, folder: str | Path, vision_only: bool = False) -> dict[str, Any]:
@@ -674,8 +803,9 @@ def load_hf_weights(model: DualTower | nn.Module, folder: str | Path, vision_onl
     family = towers.tower_family(clip)
     hf_family = "clip" if cfg["model_type"].startswith("clip") else "siglip"
     if hf_family != family:
-        raise ConfigError(f"{folder} holds a {hf_family.upper()} model but the target preset has a {family} vision "
-                          "tower")
+        raise ConfigError(
+            f"{folder} holds a {hf_family.upper()} model but the target preset has a {family} vision tower"
+        )
     if vision_only or cfg["model_type"] in VISION_ONLY:
         keep = ("vision_model.", "visual_projection.")
         rules = vision_rules(clip)
@@ -697,16 +827,19 @@ def load_hf_weights(model: DualTower | nn.Module, folder: str | Path, vision_onl
     bad = [k for k in target if k in ours and tuple(ours[k].shape) != tuple(target[k].shape)]
     if bad or set(ours) != set(target):
         detail = "; ".join(f"{k}: {tuple(ours[k].shape)} vs {tuple(target[k].shape)}" for k in bad[:5])
-        raise ConfigError(f"{folder} does not match the target model: missing {sorted(set(target) - set(ours))[:5]}, "
-                          f"unexpected {sorted(set(ours) - set(target))[:5]}, shapes {detail}")
+        raise ConfigError(
+            f"{folder} does not match the target model: missing {sorted(set(target) - set(ours))[:5]}, "
+            f"unexpected {sorted(set(ours) - set(target))[:5]}, shapes {detail}"
+        )
     with torch.no_grad():
         for k, v in ours.items():
             target[k].copy_(v.to(target[k].dtype))
     return {"tensors": len(ours), "family": family, "vision_only": vision_only or cfg["model_type"] in VISION_ONLY}
 
 
-def import_hf(folder: str | Path, preset: ModelPreset | str | None = None, loss: str | None = None,
-              vision_only: bool = False) -> tuple[DualTower, LossConfig]:
+def import_hf(
+    folder: str | Path, preset: ModelPreset | str | None = None, loss: str | None = None, vision_only: bool = False
+) -> tuple[DualTower, LossConfig]:
     """Build our model from a local HF CLIP/SigLIP folder (for fine-tuning here).
 
     Without ``preset`` the structure is derived from the folder. With one, a whole-model import must match it; for a
@@ -736,10 +869,25 @@ def import_hf(folder: str | Path, preset: ModelPreset | str | None = None, loss:
     return model, loss_cfg
 
 
-_VISION_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
-                  "patch_size", "hidden_act", "layer_norm_eps")
-_TEXT_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "max_position_embeddings", "hidden_act", "layer_norm_eps")
+_VISION_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "image_size",
+    "patch_size",
+    "hidden_act",
+    "layer_norm_eps",
+)
+_TEXT_FIELDS = (
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "max_position_embeddings",
+    "hidden_act",
+    "layer_norm_eps",
+)
 _SAME_ACT = {"gelu_new": "gelu_pytorch_tanh", "gelu_fast": "gelu_pytorch_tanh"}
 
 
@@ -765,8 +913,14 @@ def check_structure(model: DualTower, hf_cfg: Mapping[str, Any], vision_only: bo
         raise ConfigError(f"{what}: different structure ({'; '.join(bad)})")
 
 
-def save_imported(model: DualTower, loss: LossConfig, out_dir: str | Path, overwrite: bool = False,
-                  source: str | Path | None = None, source_format: str = "transformers") -> Path:
+def save_imported(
+    model: DualTower,
+    loss: LossConfig,
+    out_dir: str | Path,
+    overwrite: bool = False,
+    source: str | Path | None = None,
+    source_format: str = "transformers",
+) -> Path:
     """A run directory for an imported model: preset.yaml, checkpoint.pt ({model, config}) and config.yaml, so that
     ``scripts/pretrain.py --config DIR/config.yaml`` fine-tunes it and ``load_trained_model(DIR)`` reloads it."""
     import yaml
@@ -776,8 +930,14 @@ def save_imported(model: DualTower, loss: LossConfig, out_dir: str | Path, overw
 
     out = prepare_output_dir(out_dir, overwrite).resolve()
     preset = model.preset
-    preset_data = {"embed_dim": preset.embed_dim, "custom_text": preset.custom_text, "quick_gelu": preset.quick_gelu,
-                   "vision_cfg": preset.vision_cfg, "text_cfg": preset.text_cfg, "preprocess": preset.preprocess}
+    preset_data = {
+        "embed_dim": preset.embed_dim,
+        "custom_text": preset.custom_text,
+        "quick_gelu": preset.quick_gelu,
+        "vision_cfg": preset.vision_cfg,
+        "text_cfg": preset.text_cfg,
+        "preprocess": preset.preprocess,
+    }
     if preset.tokenizer:  # the checkpoint's own tokenizer travels with the run
         from transformers import AutoTokenizer
 
@@ -792,7 +952,9 @@ def save_imported(model: DualTower, loss: LossConfig, out_dir: str | Path, overw
     atomic_save({"model": model.state_dict(), "config": to_dict(cfg)}, out / "checkpoint.pt")
     if source is not None:  # what the model cards of later exports name as base_model
         (out / "source.json").write_text(json.dumps({"source": str(source), "format": source_format}) + "\n")
-    (out / "config.yaml").write_text(yaml.safe_dump({"model": {"name": model_cfg.name,
-                                                                "pretrained": model_cfg.pretrained},
-                                                      "loss": loss_data}, sort_keys=False))
+    (out / "config.yaml").write_text(
+        yaml.safe_dump(
+            {"model": {"name": model_cfg.name, "pretrained": model_cfg.pretrained}, "loss": loss_data}, sort_keys=False
+        )
+    )
     return out

@@ -100,8 +100,10 @@ def _backward(rule: Rule, src: list[torch.Tensor]) -> list[torch.Tensor]:
         return [_clone(x.reshape(()))]
     if rule.op == "pad_row":
         if x.device.type != "meta" and not torch.equal(x[-1], x[0]):
-            raise KeyMapError(f"{rule.hf[0]}: the last (padding) row differs from row 0; this checkpoint pads with "
-                              "a token of its own, which the open_clip tokenizer (padding with id 0) cannot reproduce")
+            raise KeyMapError(
+                f"{rule.hf[0]}: the last (padding) row differs from row 0; this checkpoint pads with "
+                "a token of its own, which the open_clip tokenizer (padding with id 0) cannot reproduce"
+            )
         return [_clone(x[:-1])]
     if len(rule.hf) == 1:
         return _split(x, len(rule.ours), rule.parts, rule.hf[0])
@@ -128,20 +130,24 @@ def _apply(state: Mapping[str, torch.Tensor], rules: Sequence[Rule], to_hf: bool
         if missing:
             parts.append(f"missing {len(missing)} key(s): {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
         if unexpected:
-            parts.append(f"unexpected {len(unexpected)} key(s): {', '.join(unexpected[:8])}"
-                         f"{' ...' if len(unexpected) > 8 else ''}")
+            parts.append(
+                f"unexpected {len(unexpected)} key(s): {', '.join(unexpected[:8])}"
+                f"{' ...' if len(unexpected) > 8 else ''}"
+            )
         raise KeyMapError(f"{what}: " + "; ".join(parts))
     return out
 
 
-def ours_to_hf(state: Mapping[str, torch.Tensor], rules: Sequence[Rule],
-               what: str = "export") -> dict[str, torch.Tensor]:
+def ours_to_hf(
+    state: Mapping[str, torch.Tensor], rules: Sequence[Rule], what: str = "export"
+) -> dict[str, torch.Tensor]:
     """Our state dict (open_clip model keys) -> HF state dict; every key must be covered exactly once."""
     return _apply(state, rules, to_hf=True, what=what)
 
 
-def hf_to_ours(state: Mapping[str, torch.Tensor], rules: Sequence[Rule],
-               what: str = "import") -> dict[str, torch.Tensor]:
+def hf_to_ours(
+    state: Mapping[str, torch.Tensor], rules: Sequence[Rule], what: str = "import"
+) -> dict[str, torch.Tensor]:
     """HF state dict -> our state dict (open_clip model keys); the exact inverse of :func:`ours_to_hf`."""
     return _apply(state, rules, to_hf=False, what=what)
 
@@ -185,8 +191,9 @@ def timm_block_rules(o: str, h: str) -> list[Rule]:
     ]
 
 
-def clip_vision_rules(layers: int, o: str = "visual", h: str = "vision_model",
-                      projection: str | None = "visual_projection.weight") -> list[Rule]:
+def clip_vision_rules(
+    layers: int, o: str = "visual", h: str = "vision_model", projection: str | None = "visual_projection.weight"
+) -> list[Rule]:
     """open_clip VisionTransformer <-> HF CLIPVisionModel (+ ``visual_projection``)."""
     rules = [
         Rule((f"{o}.class_embedding",), (f"{h}.embeddings.class_embedding",)),
@@ -202,8 +209,9 @@ def clip_vision_rules(layers: int, o: str = "visual", h: str = "vision_model",
     return rules
 
 
-def clip_text_rules(layers: int, o: str = "", h: str = "text_model",
-                    projection: str = "text_projection.weight") -> list[Rule]:
+def clip_text_rules(
+    layers: int, o: str = "", h: str = "text_model", projection: str = "text_projection.weight"
+) -> list[Rule]:
     """open_clip CLIP's built-in text tower (keys at the model's top level) <-> HF CLIPTextModel."""
     rules = [
         Rule((f"{o}token_embedding.weight",), (f"{h}.embeddings.token_embedding.weight",)),
@@ -246,8 +254,9 @@ def siglip_text_rules(layers: int, o: str = "text", h: str = "text_model", bpe: 
     to row 0 (what open_clip pads with); a tower with its own transformers tokenizer keeps its table as it is.
     """
     rules = [
-        Rule((f"{o}.token_embedding.weight",), (f"{h}.embeddings.token_embedding.weight",),
-             "pad_row" if bpe else "copy"),
+        Rule(
+            (f"{o}.token_embedding.weight",), (f"{h}.embeddings.token_embedding.weight",), "pad_row" if bpe else "copy"
+        ),
         Rule((f"{o}.positional_embedding",), (f"{h}.embeddings.position_embedding.weight",)),
     ]
     for i in range(layers):

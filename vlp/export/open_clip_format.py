@@ -30,17 +30,21 @@ def check_open_clip_buildable(model: DualTower) -> None:
         args = ", ".join(f"{k}={v}" for k, v in vc["timm_model_kwargs"].items())
         raise NotRepresentableError(
             f"cannot export to open_clip: the image tower is timm {name!r} built with timm.create_model arguments "
-            f"({args}) that open_clip's TimmModel does not pass; use --format hf-full or hf-vision")
+            f"({args}) that open_clip's TimmModel does not pass; use --format hf-full or hf-vision"
+        )
     if name:
         owner = registered_outside_timm(name)
         if owner:
             raise NotRepresentableError(
                 f"cannot export to open_clip: the image tower is timm {type(model.visual.trunk).__name__} {name!r}, "
                 f"registered by {owner} and not by timm, so open_clip builds it only with vlp imported; no export "
-                "format works for it: load the run with vlp")
+                "format works for it: load the run with vlp"
+            )
     if preset.tokenizer and "open_clip" not in preset.tokenizer:
-        raise NotRepresentableError("cannot export to open_clip: the text tower uses its own transformers tokenizer "
-                                    f"({preset.tokenizer['hf']}), not open_clip's BPE; use --format hf-full")
+        raise NotRepresentableError(
+            "cannot export to open_clip: the text tower uses its own transformers tokenizer "
+            f"({preset.tokenizer['hf']}), not open_clip's BPE; use --format hf-full"
+        )
 
 
 def open_clip_config(model: DualTower) -> dict:
@@ -57,8 +61,12 @@ def open_clip_config(model: DualTower) -> dict:
     if vc.get("timm_model_name"):
         vc["timm_model_pretrained"] = False
     pp = preset.preprocess or {}
-    preprocess = {"size": preset.image_size, "mode": "RGB", "interpolation": pp.get("interpolation") or "bicubic",
-                  "resize_mode": pp.get("resize_mode") or "shortest"}
+    preprocess = {
+        "size": preset.image_size,
+        "mode": "RGB",
+        "interpolation": pp.get("interpolation") or "bicubic",
+        "resize_mode": pp.get("resize_mode") or "shortest",
+    }
     if pp.get("mean") is not None:
         preprocess["mean"] = list(pp["mean"])
     if pp.get("std") is not None:
@@ -66,8 +74,7 @@ def open_clip_config(model: DualTower) -> dict:
     return {"model_cfg": model_cfg, "preprocess_cfg": preprocess}
 
 
-def export_open_clip(model: DualTower, out_dir: str | Path, overwrite: bool = False,
-                     info: dict | None = None) -> Path:
+def export_open_clip(model: DualTower, out_dir: str | Path, overwrite: bool = False, info: dict | None = None) -> Path:
     """Write open_clip_config.json + open_clip_model.safetensors (+ README.md, the model card)."""
     from vlp.export.card import write_model_card
     from vlp.export.towers import tower_family_name
@@ -83,8 +90,9 @@ def export_open_clip(model: DualTower, out_dir: str | Path, overwrite: bool = Fa
 
         write_own_tokenizer(out, model.preset.tokenizer["hf"], model.preset.context_length)
     arch = "CustomTextCLIP" if model.preset.custom_text else "CLIP"
-    write_model_card(out, "open_clip", tower_family_name(model.clip), f"open_clip {arch}",
-                     info or {"preset": model.preset.name})
+    write_model_card(
+        out, "open_clip", tower_family_name(model.clip), f"open_clip {arch}", info or {"preset": model.preset.name}
+    )
     log.info("wrote open_clip folder %s", out)
     return out
 
@@ -112,8 +120,9 @@ def read_open_clip(path: str | Path, model_config: str | None = None) -> tuple[d
             raise ConfigError("--model-config applies to a weights file; a folder holds its own open_clip_config.json")
         cfg_file = p / CONFIG_NAME
         if not cfg_file.is_file():
-            raise ConfigError(f"{p}: no {CONFIG_NAME} (expected an open_clip local-dir folder, or a weights file with "
-                              "--model-config)")
+            raise ConfigError(
+                f"{p}: no {CONFIG_NAME} (expected an open_clip local-dir folder, or a weights file with --model-config)"
+            )
         data = json.loads(cfg_file.read_text())
         weights = next((p / n for n in WEIGHT_NAMES if (p / n).is_file()), None)
         if weights is None:
@@ -121,15 +130,19 @@ def read_open_clip(path: str | Path, model_config: str | None = None) -> tuple[d
     elif p.is_file():
         weights = p
         if not model_config:
-            raise ConfigError(f"{p} is a weights file: pass --model-config (an open_clip model config JSON file or a "
-                              "built-in open_clip model name such as ViT-B-32)")
+            raise ConfigError(
+                f"{p} is a weights file: pass --model-config (an open_clip model config JSON file or a "
+                "built-in open_clip model name such as ViT-B-32)"
+            )
         if Path(model_config).is_file():
             data = json.loads(Path(model_config).read_text())
         else:
             builtin = open_clip.get_model_config(model_config)
             if builtin is None:
-                raise ConfigError(f"--model-config {model_config!r} is neither a file nor an open_clip model name; "
-                                  f"valid names include {', '.join(open_clip.list_models()[:6])}, ...")
+                raise ConfigError(
+                    f"--model-config {model_config!r} is neither a file nor an open_clip model name; "
+                    f"valid names include {', '.join(open_clip.list_models()[:6])}, ..."
+                )
             data = {"model_cfg": builtin}
     else:
         raise ConfigError(f"--checkpoint {p}: no such file or directory")
@@ -146,11 +159,14 @@ def preset_from_open_clip(name: str, model_cfg: dict, preprocess_cfg: dict, fold
     from vlp.export.hf import OPENAI_MEAN, OPENAI_STD
 
     mc = json.loads(json.dumps(model_cfg))
-    unsupported = sorted(set(mc) & {"multimodal_cfg"}) + (["text_cfg.hf_model_name"]
-                                                          if mc.get("text_cfg", {}).get("hf_model_name") else [])
+    unsupported = sorted(set(mc) & {"multimodal_cfg"}) + (
+        ["text_cfg.hf_model_name"] if mc.get("text_cfg", {}).get("hf_model_name") else []
+    )
     if unsupported:
-        raise ConfigError(f"{name}: open_clip {', '.join(unsupported)} (CoCa or a transformers text encoder) is not "
-                          "importable; valid: CLIP / CustomTextCLIP with open_clip's text transformer")
+        raise ConfigError(
+            f"{name}: open_clip {', '.join(unsupported)} (CoCa or a transformers text encoder) is not "
+            "importable; valid: CLIP / CustomTextCLIP with open_clip's text transformer"
+        )
     vc, tc = mc["vision_cfg"], mc["text_cfg"]
     timm_name = vc.get("timm_model_name")
     if timm_name:
@@ -161,24 +177,41 @@ def preset_from_open_clip(name: str, model_cfg: dict, preprocess_cfg: dict, fold
     if tc.get("hf_tokenizer_name"):
         source = folder if folder is not None else Path(tc["hf_tokenizer_name"])
         if not (source.is_dir() and any((source / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))):
-            raise ConfigError(f"{name}: text_cfg.hf_tokenizer_name {tc['hf_tokenizer_name']!r} names a hub tokenizer; "
-                              "nothing can be downloaded here: use a local-dir folder holding the tokenizer files")
+            raise ConfigError(
+                f"{name}: text_cfg.hf_tokenizer_name {tc['hf_tokenizer_name']!r} names a hub tokenizer; "
+                "nothing can be downloaded here: use a local-dir folder holding the tokenizer files"
+            )
         kwargs = dict(tc.get("tokenizer_kwargs") or {})
         if tc.get("tokenizer_mode"):
             kwargs["tokenizer_mode"] = tc["tokenizer_mode"]
         tokenizer = {"hf": str(source.resolve()), "open_clip": kwargs}
     size = vc.get("image_size", 224)
     size = size if isinstance(size, int) else int(size[0])
-    if int(preprocess_cfg.get("size", size) if not isinstance(preprocess_cfg.get("size"), list)
-           else preprocess_cfg["size"][0]) != size:
+    if (
+        int(
+            preprocess_cfg.get("size", size)
+            if not isinstance(preprocess_cfg.get("size"), list)
+            else preprocess_cfg["size"][0]
+        )
+        != size
+    ):
         raise ConfigError(f"{name}: preprocess size {preprocess_cfg['size']} differs from the image size {size}")
-    preprocess = {"mean": list(preprocess_cfg.get("mean") or OPENAI_MEAN),
-                  "std": list(preprocess_cfg.get("std") or OPENAI_STD),
-                  "interpolation": preprocess_cfg.get("interpolation") or "bicubic",
-                  "resize_mode": preprocess_cfg.get("resize_mode") or "shortest"}
-    return ModelPreset(name=name, embed_dim=int(mc["embed_dim"]), vision_cfg=vc, text_cfg=tc,
-                       custom_text=bool(mc.get("custom_text", False)), quick_gelu=bool(mc.get("quick_gelu", False)),
-                       preprocess=preprocess, tokenizer=tokenizer)
+    preprocess = {
+        "mean": list(preprocess_cfg.get("mean") or OPENAI_MEAN),
+        "std": list(preprocess_cfg.get("std") or OPENAI_STD),
+        "interpolation": preprocess_cfg.get("interpolation") or "bicubic",
+        "resize_mode": preprocess_cfg.get("resize_mode") or "shortest",
+    }
+    return ModelPreset(
+        name=name,
+        embed_dim=int(mc["embed_dim"]),
+        vision_cfg=vc,
+        text_cfg=tc,
+        custom_text=bool(mc.get("custom_text", False)),
+        quick_gelu=bool(mc.get("quick_gelu", False)),
+        preprocess=preprocess,
+        tokenizer=tokenizer,
+    )
 
 
 def import_open_clip(path: str | Path, model_config: str | None = None) -> tuple[DualTower, LossConfig]:
@@ -190,8 +223,9 @@ def import_open_clip(path: str | Path, model_config: str | None = None) -> tuple
 
     model_cfg, preprocess_cfg, weights = read_open_clip(path, model_config)
     p = Path(path)
-    preset = preset_from_open_clip(p.stem if p.is_file() else p.name, model_cfg, preprocess_cfg,
-                                   p if p.is_dir() else None)
+    preset = preset_from_open_clip(
+        p.stem if p.is_file() else p.name, model_cfg, preprocess_cfg, p if p.is_dir() else None
+    )
     if weights.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -201,16 +235,19 @@ def import_open_clip(path: str | Path, model_config: str | None = None) -> tuple
         state = state.get("state_dict", state)
     state = {k.removeprefix("module."): v for k, v in state.items()}
     has_bias = "logit_bias" in state
-    loss = LossConfig(name="siglip" if has_bias else "clip",
-                      init_logit_scale=model_cfg.get("init_logit_scale"),
-                      init_logit_bias=model_cfg.get("init_logit_bias") if has_bias else None)
+    loss = LossConfig(
+        name="siglip" if has_bias else "clip",
+        init_logit_scale=model_cfg.get("init_logit_scale"),
+        init_logit_bias=model_cfg.get("init_logit_bias") if has_bias else None,
+    )
     model = build_model(preset, loss)
     if has_bias != (model.logit_bias is not None):
-        raise ConfigError(f"{path}: the checkpoint {'has' if has_bias else 'lacks'} a logit bias but loss "
-                          f"{loss.name!r} {'does not use' if has_bias else 'needs'} one")
+        raise ConfigError(
+            f"{path}: the checkpoint {'has' if has_bias else 'lacks'} a logit bias but loss "
+            f"{loss.name!r} {'does not use' if has_bias else 'needs'} one"
+        )
     missing, unexpected = model.clip.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("attn_mask")]
     if missing or unexpected:
-        raise ConfigError(f"{path} does not match its model config: missing {missing[:5]}, unexpected "
-                          f"{unexpected[:5]}")
+        raise ConfigError(f"{path} does not match its model config: missing {missing[:5]}, unexpected {unexpected[:5]}")
     return model.eval(), loss

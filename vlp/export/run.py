@@ -15,8 +15,10 @@ FORMATS = ("hf-vision", "hf-full", "open_clip", "import-hf", "import-open_clip")
 def run_export(cfg: ExportConfig) -> Path:
     """Do the export (or import) that ``cfg`` describes; returns the folder written."""
     if not cfg.checkpoint:
-        raise ConfigError("--checkpoint is required (a run directory, a checkpoint file, or for import-hf a "
-                          "transformers model folder)")
+        raise ConfigError(
+            "--checkpoint is required (a run directory, a checkpoint file, or for import-hf a "
+            "transformers model folder)"
+        )
     if not cfg.output:
         raise ConfigError("--output is required (the folder to write)")
     if cfg.format != "import-hf" and (cfg.preset or cfg.loss or cfg.vision_only):
@@ -28,10 +30,12 @@ def run_export(cfg: ExportConfig) -> Path:
         from vlp.export.open_clip_format import import_open_clip
 
         model, loss = import_open_clip(cfg.checkpoint, cfg.model_config)
-        out = save_imported(model, loss, cfg.output, overwrite=cfg.overwrite, source=cfg.checkpoint,
-                            source_format="open_clip")
-        log.info("imported %s into %s (fine-tune: scripts/pretrain.py --config %s/config.yaml)", cfg.checkpoint,
-                 out, out)
+        out = save_imported(
+            model, loss, cfg.output, overwrite=cfg.overwrite, source=cfg.checkpoint, source_format="open_clip"
+        )
+        log.info(
+            "imported %s into %s (fine-tune: scripts/pretrain.py --config %s/config.yaml)", cfg.checkpoint, out, out
+        )
         return out
     if cfg.format == "import-hf":
         from vlp.export.hf import import_hf, save_imported
@@ -39,12 +43,14 @@ def run_export(cfg: ExportConfig) -> Path:
         if not Path(cfg.checkpoint).is_dir():
             raise ConfigError(f"--checkpoint {cfg.checkpoint}: expected a transformers model folder")
         if (Path(cfg.checkpoint) / "open_clip_config.json").is_file() and not (
-                Path(cfg.checkpoint) / "config.json").is_file():
+            Path(cfg.checkpoint) / "config.json"
+        ).is_file():
             raise ConfigError(f"--checkpoint {cfg.checkpoint} is an open_clip folder; use --format import-open_clip")
         model, loss = import_hf(cfg.checkpoint, preset=cfg.preset, loss=cfg.loss, vision_only=cfg.vision_only)
         out = save_imported(model, loss, cfg.output, overwrite=cfg.overwrite, source=cfg.checkpoint)
-        log.info("imported %s into %s (fine-tune: scripts/pretrain.py --config %s/config.yaml)", cfg.checkpoint,
-                 out, out)
+        log.info(
+            "imported %s into %s (fine-tune: scripts/pretrain.py --config %s/config.yaml)", cfg.checkpoint, out, out
+        )
         return out
     from vlp.checkpointing import load_trained_model
     from vlp.export.card import run_info

@@ -56,8 +56,9 @@ def _single_activation(acts: list[nn.Module], where: str, problems: list[str]) -
     names = {activation_name(a) for a in acts}
     if None in names:
         bad = next(a for a in acts if activation_name(a) is None)
-        problems.append(f"{where} activation {bad!r} has no transformers equivalent (valid: GELU, tanh-GELU, "
-                        "QuickGELU)")
+        problems.append(
+            f"{where} activation {bad!r} has no transformers equivalent (valid: GELU, tanh-GELU, QuickGELU)"
+        )
         return "gelu"
     if len(names) > 1:
         problems.append(f"{where} mixes activations {sorted(names)}; transformers uses one per tower")
@@ -87,21 +88,26 @@ def _square(size: Any, what: str, problems: list[str]) -> int:
     return h
 
 
-def _open_clip_blocks(blocks: nn.ModuleList, where: str,
-                      problems: list[str]) -> tuple[list[nn.Module], list[nn.Module]]:
+def _open_clip_blocks(
+    blocks: nn.ModuleList, where: str, problems: list[str]
+) -> tuple[list[nn.Module], list[nn.Module]]:
     """Check open_clip residual blocks are plain pre-LN blocks; return (activations, norms)."""
     acts, norms = [], []
     for i, blk in enumerate(blocks):
         if not isinstance(blk, ResidualAttentionBlock):
             attn = getattr(blk, "attn", None)
-            named = [name for name, on in (
-                ("qk_norm", not _is_identity(getattr(attn, "ln_q", None))),
-                ("scaled_cosine_attn", bool(getattr(attn, "scaled_cosine", False))),
-                ("scale_heads", getattr(attn, "head_scale", None) is not None),
-                ("scale_attn_inner", not _is_identity(getattr(attn, "ln_inner", None))),
-                ("scale_attn", not _is_identity(getattr(blk, "ln_attn", None))),
-                ("scale_fc", not _is_identity(getattr(getattr(blk, "mlp", None), "ln", None))),
-            ) if on]
+            named = [
+                name
+                for name, on in (
+                    ("qk_norm", not _is_identity(getattr(attn, "ln_q", None))),
+                    ("scaled_cosine_attn", bool(getattr(attn, "scaled_cosine", False))),
+                    ("scale_heads", getattr(attn, "head_scale", None) is not None),
+                    ("scale_attn_inner", not _is_identity(getattr(attn, "ln_inner", None))),
+                    ("scale_attn", not _is_identity(getattr(blk, "ln_attn", None))),
+                    ("scale_fc", not _is_identity(getattr(getattr(blk, "mlp", None), "ln", None))),
+                )
+                if on
+            ]
             problems.append(f"{where} block_type={type(blk).__name__}" + (f" with {', '.join(named)}" if named else ""))
             return acts, norms
         if not (_is_identity(blk.ls_1) and _is_identity(blk.ls_2)):
@@ -148,7 +154,8 @@ def outside_timm_error(visual: nn.Module, name: str, owner: str) -> NotRepresent
     return NotRepresentableError(
         f"the image tower is timm {type(visual.trunk).__name__} {name!r}, registered by {owner} and not by timm, so "
         "neither transformers (CLIP/SigLIP hold ViTs; TimmWrapperModel builds timm's own models) nor open_clip can "
-        "build it without vlp; no export format works for it: load the run with vlp")
+        "build it without vlp; no export format works for it: load the run with vlp"
+    )
 
 
 def tower_family_name(clip: nn.Module) -> str:
@@ -176,9 +183,12 @@ def tower_family(clip: nn.Module) -> Family:
             raise outside_timm_error(visual, name, owner)
         raise NotRepresentableError(
             f"the image tower is timm {type(visual.trunk).__name__} {name!r}; transformers' CLIP/SigLIP classes hold "
-            "only ViTs: use --format hf-vision (TimmWrapperModel) or --format open_clip")
-    raise NotRepresentableError(f"vision tower {type(visual).__name__} has no transformers CLIP/SigLIP equivalent "
-                                "(supported: open_clip VisionTransformer, timm ViT with MAP pooling)")
+            "only ViTs: use --format hf-vision (TimmWrapperModel) or --format open_clip"
+        )
+    raise NotRepresentableError(
+        f"vision tower {type(visual).__name__} has no transformers CLIP/SigLIP equivalent "
+        "(supported: open_clip VisionTransformer, timm ViT with MAP pooling)"
+    )
 
 
 def clip_vision_config(visual: nn.Module) -> dict[str, Any]:
@@ -190,8 +200,9 @@ def clip_vision_config(visual: nn.Module) -> dict[str, Any]:
     if visual.attn_pool is not None:
         problems.append("vision attentional_pool (CLIPVisionModel pools the class token)")
     elif visual.pool_type != "tok":
-        problems.append(f"vision pool_type={visual.pool_type!r} (average pooling; CLIPVisionModel pools the class "
-                        "token)")
+        problems.append(
+            f"vision pool_type={visual.pool_type!r} (average pooling; CLIPVisionModel pools the class token)"
+        )
     if _is_identity(visual.ln_pre):
         problems.append("vision no_ln_pre (CLIPVisionModel always applies pre_layrnorm)")
     if visual.proj is None:
@@ -271,15 +282,19 @@ def siglip_trunk_config(trunk: nn.Module, head: nn.Module | None = None) -> dict
     target = "SiglipVisionModel"
     problems: list[str] = []
     if type(trunk) is not TimmViT:
-        raise NotRepresentableError(f"{target}: timm trunk {type(trunk).__name__} is not a plain timm "
-                                    "VisionTransformer")
+        raise NotRepresentableError(
+            f"{target}: timm trunk {type(trunk).__name__} is not a plain timm VisionTransformer"
+        )
     if (head is not None and len(head)) or not _is_identity(trunk.head) or not _is_identity(trunk.fc_norm):
-        problems.append("a projection after the pooled features (timm_proj: linear/mlp or a classifier head; "
-                        "SiglipVisionModel ends at the attention-pooling head, use timm_proj: none)")
+        problems.append(
+            "a projection after the pooled features (timm_proj: linear/mlp or a classifier head; "
+            "SiglipVisionModel ends at the attention-pooling head, use timm_proj: none)"
+        )
     pool = trunk.attn_pool
     if not isinstance(pool, AttentionPoolLatent):
-        problems.append(f"vision pooling {trunk.global_pool!r} (SiglipVisionModel uses MAP attention pooling, "
-                        "timm_pool: map)")
+        problems.append(
+            f"vision pooling {trunk.global_pool!r} (SiglipVisionModel uses MAP attention pooling, timm_pool: map)"
+        )
     if trunk.num_prefix_tokens:
         problems.append(f"{trunk.num_prefix_tokens} class/register token(s) (SiglipVisionModel has none)")
     if trunk.pos_embed is None or trunk.dynamic_img_size:
@@ -326,8 +341,10 @@ def siglip_trunk_config(trunk: nn.Module, head: nn.Module | None = None) -> dict
         if pool.pool != "token" or pool.mlp is None or not isinstance(pool.proj, nn.Linear):
             problems.append(f"MAP head pool={pool.pool!r} or without output projection/MLP")
         elif isinstance(blk0.mlp, Mlp) and pool.mlp.fc1.out_features != blk0.mlp.fc1.out_features:
-            problems.append(f"MAP head MLP width {pool.mlp.fc1.out_features} differs from the blocks' "
-                            f"{blk0.mlp.fc1.out_features} (SigLIP's pooling head shares intermediate_size)")
+            problems.append(
+                f"MAP head MLP width {pool.mlp.fc1.out_features} differs from the blocks' "
+                f"{blk0.mlp.fc1.out_features} (SigLIP's pooling head shares intermediate_size)"
+            )
         if pool.num_heads != blk0.attn.num_heads:
             problems.append(f"MAP head with {pool.num_heads} heads, blocks with {blk0.attn.num_heads}")
         if pool.q.bias is None or pool.kv.bias is None:
@@ -366,8 +383,10 @@ def siglip_text_config(clip: nn.Module, own_tokenizer: bool = False) -> dict[str
     target = "SiglipTextModel"
     text = getattr(clip, "text", None)
     if not isinstance(text, TextTransformer):
-        raise NotRepresentableError(f"{target} needs an open_clip TextTransformer (custom_text: true), got "
-                                    f"{type(text).__name__ if text is not None else 'the CLIP built-in text tower'}")
+        raise NotRepresentableError(
+            f"{target} needs an open_clip TextTransformer (custom_text: true), got "
+            f"{type(text).__name__ if text is not None else 'the CLIP built-in text tower'}"
+        )
     problems: list[str] = []
     if text.attn_mask is not None:
         problems.append("causal text mask (SiglipTextModel attends bidirectionally; set no_causal_mask: true)")
@@ -424,5 +443,3 @@ def num_vision_layers(clip: nn.Module) -> int:
 
 def is_meta(module: nn.Module) -> bool:
     return any(p.device.type == "meta" for p in module.parameters())
-
-

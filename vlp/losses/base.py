@@ -92,14 +92,19 @@ def check_features(image_features: torch.Tensor, text_features: torch.Tensor) ->
     """Raise ValueError unless both are floating (n, d) matrices of the same shape, dtype and device."""
     for name, t in (("image_features", image_features), ("text_features", text_features)):
         if t.dim() != 2 or not t.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point (batch, dim) matrix, got shape "
-                             f"{tuple(t.shape)} and dtype {t.dtype}")
+            raise ValueError(
+                f"{name} must be a floating-point (batch, dim) matrix, got shape {tuple(t.shape)} and dtype {t.dtype}"
+            )
     if image_features.shape != text_features.shape:
-        raise ValueError(f"image_features {tuple(image_features.shape)} and text_features "
-                         f"{tuple(text_features.shape)} must have the same shape (one caption per image)")
+        raise ValueError(
+            f"image_features {tuple(image_features.shape)} and text_features "
+            f"{tuple(text_features.shape)} must have the same shape (one caption per image)"
+        )
     if image_features.dtype != text_features.dtype or image_features.device != text_features.device:
-        raise ValueError(f"image and text features must share dtype and device, got {image_features.dtype} on "
-                         f"{image_features.device} and {text_features.dtype} on {text_features.device}")
+        raise ValueError(
+            f"image and text features must share dtype and device, got {image_features.dtype} on "
+            f"{image_features.device} and {text_features.dtype} on {text_features.device}"
+        )
     if image_features.shape[0] == 0:
         raise ValueError("the local batch is empty; every rank needs at least one image-text pair")
 

@@ -127,8 +127,9 @@ class _ChunkedClipFunction(torch.autograd.Function):
                     _logaddexp_(lc_q[cs], col)
 
         lc0 = torch.full((n,), -math.inf, dtype=ct, device=img.device)
-        (lc,) = ring_visit([txt], [lc0], visit, sizes=sizes, identities=[-math.inf], combines=[_logaddexp_],
-                           group=group)
+        (lc,) = ring_visit(
+            [txt], [lc0], visit, sizes=sizes, identities=[-math.inf], combines=[_logaddexp_], group=group
+        )
         total = torch.stack([(lr - diag).sum() + (lc - diag).sum(), diag.sum()]).to(torch.float64)
         if info.world_size > 1:
             dist.all_reduce(total, group=group)
@@ -166,8 +167,9 @@ class _ChunkedClipFunction(torch.autograd.Function):
                     d_img[rs].addmm_(g, t_c)
                     d_txt_q[cs].addmm_(g.T, i_c)
 
-        (d_txt,) = ring_visit([txt, lc], [torch.zeros((n, d), dtype=ct, device=img.device)], visit, sizes=sizes,
-                              group=group)
+        (d_txt,) = ring_visit(
+            [txt, lc], [torch.zeros((n, d), dtype=ct, device=img.device)], visit, sizes=sizes, group=group
+        )
         big_n, world = sum(sizes), info.world_size
         grad_scale = None
         if ctx.needs_input_grad[2]:
@@ -175,7 +177,7 @@ class _ChunkedClipFunction(torch.autograd.Function):
             if world > 1:
                 dist.all_reduce(gs, group=group)
             # dL/ds = 1/(2N) sum G*S - 1/N sum S_ii, with S = X / s.
-            grad_scale = (grad_out.to(torch.float64) * (gs[0] / (2 * big_n) - ctx.diag_sum / (big_n * s)))
+            grad_scale = grad_out.to(torch.float64) * (gs[0] / (2 * big_n) - ctx.diag_sum / (big_n * s))
             grad_scale = grad_scale.to(scale.dtype).reshape(scale.shape)
         coef = grad_out.to(ct) * (world * s)
         grad_img = grad_txt = None

@@ -124,8 +124,7 @@ class _ChunkedSigLipFunction(torch.autograd.Function):
                     z = ws.get(0, rs.stop - rs.start, cs.stop - cs.start)
                     work = ws.get(1, rs.stop - rs.start, cs.stop - cs.start)
                     torch.mm(i_s, t_c.T, out=z).add_(b)
-                    tile_loss, tile_grad = _sigmoid_tile(z, work, owner == info.rank and rs == cs, exp_safe,
-                                                         need_grad)
+                    tile_loss, tile_grad = _sigmoid_tile(z, work, owner == info.rank and rs == cs, exp_safe, need_grad)
                     loss_sum += tile_loss
                     if need_grad:
                         grad_sum += tile_grad
@@ -183,6 +182,8 @@ class ChunkedSigLipLoss(ChunkedContrastiveLoss):
         check_features(image_features, text_features)
         scale = effective_scale(logit_scale, self.max_logit_scale)
         need_grad = torch.is_grad_enabled() and any(
-            t.requires_grad for t in (image_features, text_features, scale, logit_bias))
-        return _ChunkedSigLipFunction.apply(image_features, text_features, scale, logit_bias, self.chunk_size,
-                                            self.group, need_grad)
+            t.requires_grad for t in (image_features, text_features, scale, logit_bias)
+        )
+        return _ChunkedSigLipFunction.apply(
+            image_features, text_features, scale, logit_bias, self.chunk_size, self.group, need_grad
+        )

@@ -28,8 +28,17 @@ from vlp.objectives.registry import (
     section,
 )
 
-__all__ = ["OBJECTIVES", "ObjectiveSpec", "get_objective", "names", "register_objective", "register_section",
-           "run_config", "run_config_class", "section"]
+__all__ = [
+    "OBJECTIVES",
+    "ObjectiveSpec",
+    "get_objective",
+    "names",
+    "register_objective",
+    "register_section",
+    "run_config",
+    "run_config_class",
+    "section",
+]
 
 log = logging.getLogger(__name__)
 

@@ -197,8 +197,13 @@ def lock_towers(model: DualTower, cfg: Any) -> None:
     if m.lock_image or m.lock_text:
         total = sum(p.numel() for p in model.parameters())
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        log.info("locked towers (image=%s, text=%s): %d of %d parameters trainable", m.lock_image, m.lock_text,
-                 trainable, total)
+        log.info(
+            "locked towers (image=%s, text=%s): %d of %d parameters trainable",
+            m.lock_image,
+            m.lock_text,
+            trainable,
+            total,
+        )
 
 
 def build_dual_tower(cfg: Any, preset: ModelPreset | None = None) -> tuple[DualTower, ModelPreset]:
@@ -244,8 +249,7 @@ class DualTowerObjective(Objective):
     def evaluation(self, cfg: Any, data: RunData) -> RunEvaluation | None:
         from vlp.objectives.evaluation import DualTowerEvaluation
 
-        return DualTowerEvaluation.from_config(cfg, data, self.preset, zeroshot=self.trains_text,
-                                               ssl=self.has_ssl)
+        return DualTowerEvaluation.from_config(cfg, data, self.preset, zeroshot=self.trains_text, ssl=self.has_ssl)
 
     def summary(self) -> dict[str, Any]:
         return {"model": self.preset.name}

@@ -19,9 +19,11 @@ def _loss(loss_cfg: Any):
     return build_loss(loss_cfg)
 
 
-@register_objective("clip", "image_text",
-                    loss_defaults={"init_logit_scale": math.log(1 / 0.07), "init_logit_bias": None,
-                                   "max_logit_scale": math.log(100.0)})
+@register_objective(
+    "clip",
+    "image_text",
+    loss_defaults={"init_logit_scale": math.log(1 / 0.07), "init_logit_bias": None, "max_logit_scale": math.log(100.0)},
+)
 def build(cfg: Any, world: Any, model: Any = None, preset: Any = None):
     """Image-text contrastive training with the CLIP softmax loss (the ``loss`` section configures it)."""
     from vlp.objectives.image_text import build_image_text

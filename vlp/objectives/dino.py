@@ -43,16 +43,24 @@ class DINOConfig:
     """Keep the last layer fixed for this many epochs (epoch = samples per epoch / global batch, in steps)."""
 
     def __post_init__(self) -> None:
-        check_positive("ssl.dino", out_dim=self.out_dim, hidden_dim=self.hidden_dim,
-                        bottleneck_dim=self.bottleneck_dim, num_layers=self.num_layers,
-                        student_temp=self.student_temp, teacher_temp=self.teacher_temp,
-                        warmup_teacher_temp=self.warmup_teacher_temp)
+        check_positive(
+            "ssl.dino",
+            out_dim=self.out_dim,
+            hidden_dim=self.hidden_dim,
+            bottleneck_dim=self.bottleneck_dim,
+            num_layers=self.num_layers,
+            student_temp=self.student_temp,
+            teacher_temp=self.teacher_temp,
+            warmup_teacher_temp=self.warmup_teacher_temp,
+        )
         check_momentum("ssl.dino.momentum", self.momentum)
         check_momentum("ssl.dino.center_momentum", self.center_momentum)
         if self.local_crops < 0 or self.warmup_teacher_temp_steps < 0 or self.freeze_last_layer_epochs < 0:
-            raise ConfigError("ssl.dino.local_crops, warmup_teacher_temp_steps and freeze_last_layer_epochs must be "
-                              f">= 0, got {self.local_crops}, {self.warmup_teacher_temp_steps}, "
-                              f"{self.freeze_last_layer_epochs}")
+            raise ConfigError(
+                "ssl.dino.local_crops, warmup_teacher_temp_steps and freeze_last_layer_epochs must be "
+                f">= 0, got {self.local_crops}, {self.warmup_teacher_temp_steps}, "
+                f"{self.freeze_last_layer_epochs}"
+            )
 
 
 def method(cfg: Any, visual: Any, preset: Any):
@@ -71,17 +79,29 @@ def method(cfg: Any, visual: Any, preset: Any):
     dcfg, vcfg = section(cfg, "ssl.dino"), section(cfg, "ssl.views")
     mean, std = preset_norm(preset)
     local_size = vcfg.local_crop_size or default_local_size(preset.image_size, patch_size(visual))
-    views = multicrop_views(preset.image_size, local_size, dcfg.local_crops, scale_or(vcfg.crop_scale, (0.4, 1.0)),
-                            scale_or(vcfg.local_crop_scale, (0.05, 0.4)), mean, std)
+    views = multicrop_views(
+        preset.image_size,
+        local_size,
+        dcfg.local_crops,
+        scale_or(vcfg.crop_scale, (0.4, 1.0)),
+        scale_or(vcfg.local_crop_scale, (0.05, 0.4)),
+        mean,
+        std,
+    )
     freeze = 0
     if dcfg.freeze_last_layer_epochs > 0:
         global_batch = cfg.train.batch_size * world_info().world_size
         epoch = steps_per_epoch(epoch_num_samples(cfg), global_batch)
         freeze = int(round(dcfg.freeze_last_layer_epochs * epoch))
-        log.info("DINO: last layer frozen for the first %d steps (%.3g epochs of %d steps)", freeze,
-                 dcfg.freeze_last_layer_epochs, epoch)
+        log.info(
+            "DINO: last layer frozen for the first %d steps (%.3g epochs of %d steps)",
+            freeze,
+            dcfg.freeze_last_layer_epochs,
+            epoch,
+        )
     return DINO(visual, views, dcfg, freeze_last_layer_steps=freeze)
 
 
-register_ssl_objective("dino", DINOConfig, method,
-                       "DINO: self-distillation from a centred, sharpened EMA teacher over multi-crop views.")
+register_ssl_objective(
+    "dino", DINOConfig, method, "DINO: self-distillation from a centred, sharpened EMA teacher over multi-crop views."
+)

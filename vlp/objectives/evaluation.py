@@ -31,21 +31,31 @@ class DualTowerEvaluation(RunEvaluation):
         self._monitor_step = 0
         self._last: tuple[int, dict[str, Any]] | None = None  # (step, metrics) of the latest periodic evaluation
         if every and not sets:
-            log.warning("eval.every=%d but there is no held-out data to evaluate (set data.eval_shards or "
-                        "eval.classification); periodic evaluation is off", every)
+            log.warning(
+                "eval.every=%d but there is no held-out data to evaluate (set data.eval_shards or "
+                "eval.classification); periodic evaluation is off",
+                every,
+            )
 
     @classmethod
-    def from_config(cls, cfg: Any, data: RunData, preset: ModelPreset, zeroshot: bool, ssl: bool
-                    ) -> DualTowerEvaluation:
+    def from_config(
+        cls, cfg: Any, data: RunData, preset: ModelPreset, zeroshot: bool, ssl: bool
+    ) -> DualTowerEvaluation:
         """Resolve the held-out sets once, before training (a bad set fails before the first step)."""
         from vlp.objectives.registry import section
         from vlp.ssl.monitor import RepresentationMonitor
 
         transform = build_transforms(preset, is_train=False)
-        sets = heldout_sets(cfg, data.eval_shards, data.class_families, data.templates) \
-            if zeroshot and cfg.eval.zeroshot else []
-        monitor = RepresentationMonitor.from_config(section(cfg, "ssl.monitor"), data.eval_shards, transform,
-                                                    is_ssl_run=ssl) if world_info().is_main else None
+        sets = (
+            heldout_sets(cfg, data.eval_shards, data.class_families, data.templates)
+            if zeroshot and cfg.eval.zeroshot
+            else []
+        )
+        monitor = (
+            RepresentationMonitor.from_config(section(cfg, "ssl.monitor"), data.eval_shards, transform, is_ssl_run=ssl)
+            if world_info().is_main
+            else None
+        )
         options = EvalOptions(batch_size=cfg.eval.batch_size, workers=cfg.eval.workers)
         return cls(cfg.eval.every, sets, options, build_tokenizer(preset), transform, monitor)
 

@@ -18,8 +18,15 @@ from vlp.objectives.base import AuxiliaryTerm, DualTowerObjective, build_dual_to
 class ContrastiveObjective(DualTowerObjective):
     """Image-text loss on normalised tower outputs, plus ``aux_weight`` x an auxiliary term if one is given."""
 
-    def __init__(self, model: DualTower, loss_fn: ContrastiveLoss, image_transform, tokenizer,
-                 aux: AuxiliaryTerm | None = None, aux_weight: float = 1.0) -> None:
+    def __init__(
+        self,
+        model: DualTower,
+        loss_fn: ContrastiveLoss,
+        image_transform,
+        tokenizer,
+        aux: AuxiliaryTerm | None = None,
+        aux_weight: float = 1.0,
+    ) -> None:
         super().__init__()
         self.model = model
         self.loss_fn = loss_fn
@@ -46,8 +53,9 @@ class ContrastiveObjective(DualTowerObjective):
         if not any(p.requires_grad for p in self.model.visual.parameters()):
             out.append("image")
         visual = {id(p) for p in self.model.visual.parameters()}
-        scalars = {id(self.model.logit_scale)} | ({id(self.model.logit_bias)} if self.model.logit_bias is not None
-                                                   else set())
+        scalars = {id(self.model.logit_scale)} | (
+            {id(self.model.logit_bias)} if self.model.logit_bias is not None else set()
+        )
         text = [p for p in self.model.parameters() if id(p) not in visual and id(p) not in scalars]
         if not any(p.requires_grad for p in text):
             out.append("text")
@@ -70,8 +78,9 @@ class ContrastiveObjective(DualTowerObjective):
         """The contrastive loss of (possibly accumulated) embeddings, in fp32 even under autocast."""
         scale, bias = emb["logit_scale"], emb.get("logit_bias")
         with torch.autocast(device_type=emb["image"].device.type, enabled=False):
-            loss = self.loss_fn(emb["image"].float(), emb["text"].float(), scale.float(),
-                                None if bias is None else bias.float())
+            loss = self.loss_fn(
+                emb["image"].float(), emb["text"].float(), scale.float(), None if bias is None else bias.float()
+            )
         # logged values are copies taken at this forward pass (before the step's update), under every engine:
         # a detached view would share the parameter's storage and show the updated value except under ZeRO-3
         logs: dict[str, Any] = {"loss/contrastive": loss.detach(), "logit_scale": scale.detach().float().clone()}
@@ -102,8 +111,9 @@ class ContrastiveObjective(DualTowerObjective):
         return f"{self.preset.name} ({self._cfg.objective}) with {self._cfg.loss.name}/{self._cfg.loss.impl} loss{aux}"
 
 
-def build_image_text(cfg: Any, loss_factory: Callable[[Any], ContrastiveLoss], model: DualTower | None = None,
-                     preset: Any = None) -> ContrastiveObjective:
+def build_image_text(
+    cfg: Any, loss_factory: Callable[[Any], ContrastiveLoss], model: DualTower | None = None, preset: Any = None
+) -> ContrastiveObjective:
     """The image-text objective of ``cfg``: its DualTower (or ``model`` built from ``preset``),
     ``loss_factory(cfg.loss)`` (+ ``cfg.aux_ssl``)."""
     from vlp.objectives.registry import auxiliary_term
@@ -113,7 +123,13 @@ def build_image_text(cfg: Any, loss_factory: Callable[[Any], ContrastiveLoss], m
     aux = None
     if getattr(cfg, "aux_ssl", None):
         aux = auxiliary_term(cfg.aux_ssl)(cfg, model, preset)
-    obj = ContrastiveObjective(model, loss_factory(cfg.loss), build_transforms(preset, is_train=True),
-                               build_tokenizer(preset), aux, getattr(cfg, "aux_ssl_weight", 1.0))
+    obj = ContrastiveObjective(
+        model,
+        loss_factory(cfg.loss),
+        build_transforms(preset, is_train=True),
+        build_tokenizer(preset),
+        aux,
+        getattr(cfg, "aux_ssl_weight", 1.0),
+    )
     obj.attach(cfg, model, preset)
     return obj

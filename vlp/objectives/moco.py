@@ -63,5 +63,6 @@ def method(cfg: Any, visual: Any, preset: Any):
     return MoCoV2(visual, views, mcfg, global_batch=cfg.train.batch_size * world_info().world_size)
 
 
-register_ssl_objective("moco", MoCoConfig, method,
-                       "MoCo v3 (or v2 with a key queue): InfoNCE against a momentum encoder's keys.")
+register_ssl_objective(
+    "moco", MoCoConfig, method, "MoCo v3 (or v2 with a key queue): InfoNCE against a momentum encoder's keys."
+)

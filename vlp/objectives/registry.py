@@ -65,10 +65,16 @@ def register_section(path: str, config_cls: type, group_doc: str | None = None) 
     _RUN_CLASSES.clear()
 
 
-def register_objective(name: str, kind: str, *, sections: Mapping[str, type] | None = None, description: str = "",
-                       auxiliary: Callable[..., Any] | None = None,
-                       loss_defaults: Mapping[str, float | None] | None = None,
-                       check: Callable[[Any], None] | None = None) -> Callable:
+def register_objective(
+    name: str,
+    kind: str,
+    *,
+    sections: Mapping[str, type] | None = None,
+    description: str = "",
+    auxiliary: Callable[..., Any] | None = None,
+    loss_defaults: Mapping[str, float | None] | None = None,
+    check: Callable[[Any], None] | None = None,
+) -> Callable:
     """Decorator registering ``build(cfg, world) -> Objective`` as objective ``name``, with its config sections."""
     if kind not in KINDS:
         raise ValueError(f"objective {name}: kind must be one of {KINDS}, got {kind!r}")
@@ -76,8 +82,9 @@ def register_objective(name: str, kind: str, *, sections: Mapping[str, type] | N
     def deco(build: Callable[..., Any]) -> Callable[..., Any]:
         for path, cls in (sections or {}).items():
             register_section(path, cls)
-        OBJECTIVES[name] = ObjectiveSpec(name, kind, build, description or (build.__doc__ or "").strip(),
-                                         auxiliary, dict(loss_defaults or {}), check)
+        OBJECTIVES[name] = ObjectiveSpec(
+            name, kind, build, description or (build.__doc__ or "").strip(), auxiliary, dict(loss_defaults or {}), check
+        )
         if kind == "image_text":
             LOSS_DEFAULTS[name] = dict(loss_defaults or {})
         return build
@@ -99,8 +106,9 @@ def resolve(cfg: Any) -> ObjectiveSpec:
     if name == "contrastive":
         spec = get_objective(cfg.loss.name)
         if spec.kind != "image_text":
-            raise ConfigError(f"loss.name: {cfg.loss.name!r} is not an image-text loss; valid: "
-                              f"{', '.join(names('image_text'))}")
+            raise ConfigError(
+                f"loss.name: {cfg.loss.name!r} is not an image-text loss; valid: {', '.join(names('image_text'))}"
+            )
         return spec
     spec = get_objective(name)
     if spec.kind == "image_text" and hasattr(cfg, "loss"):
@@ -172,8 +180,7 @@ def run_config_class(base: type = PretrainConfig) -> type:
     for name, child in tree.items():
         cls = child if isinstance(child, type) else _group_class(name, child)
         fields.append((name, cls, field(default_factory=cls)))
-    made = dataclasses.make_dataclass(base.__name__, fields, bases=(base,),
-                                      namespace={"__doc__": base.__doc__})
+    made = dataclasses.make_dataclass(base.__name__, fields, bases=(base,), namespace={"__doc__": base.__doc__})
     made.__module__ = __name__
     made.__qualname__ = f"RunConfig_{base.__name__}"
     made.__name__ = made.__qualname__

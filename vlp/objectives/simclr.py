@@ -26,8 +26,13 @@ class SimCLRConfig:
     """Batch norm (over the global batch) in the projection MLP, as in SimCLR and SLIP."""
 
     def __post_init__(self) -> None:
-        check_positive("ssl.simclr", temperature=self.temperature, hidden_dim=self.hidden_dim, out_dim=self.out_dim,
-                        num_layers=self.num_layers)
+        check_positive(
+            "ssl.simclr",
+            temperature=self.temperature,
+            hidden_dim=self.hidden_dim,
+            out_dim=self.out_dim,
+            num_layers=self.num_layers,
+        )
 
 
 def method(cfg: Any, visual: Any, preset: Any):

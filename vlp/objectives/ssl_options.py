@@ -62,13 +62,16 @@ class SSLMonitorConfig:
     def __post_init__(self) -> None:
         if self.every is not None and self.every < 0:
             raise ConfigError(f"ssl.monitor.every must be >= 0 (0 turns it off), got {self.every}")
-        check_positive("ssl.monitor", knn_k=self.knn_k, knn_temperature=self.knn_temperature,
-                        max_images=self.max_images)
+        check_positive(
+            "ssl.monitor", knn_k=self.knn_k, knn_temperature=self.knn_temperature, max_images=self.max_images
+        )
 
 
-register_section("ssl.views", SSLViewsConfig,
-                 group_doc="Self-supervised image objectives (standalone --objective NAME, or --aux-ssl NAME beside "
-                           "CLIP/SigLIP).")
+register_section(
+    "ssl.views",
+    SSLViewsConfig,
+    group_doc="Self-supervised image objectives (standalone --objective NAME, or --aux-ssl NAME beside CLIP/SigLIP).",
+)
 register_section("ssl.monitor", SSLMonitorConfig)
 
 #: method(cfg, visual, preset) -> vlp.ssl.base.SSLMethod
@@ -93,5 +96,6 @@ def register_ssl_objective(name: str, config_cls: type, method: MethodBuilder, d
         return method(cfg, model.visual, preset)
 
     standalone.__doc__ = description
-    register_objective(name, "image", sections={f"ssl.{name}": config_cls}, auxiliary=auxiliary,
-                       description=description)(standalone)
+    register_objective(
+        name, "image", sections={f"ssl.{name}": config_cls}, auxiliary=auxiliary, description=description
+    )(standalone)

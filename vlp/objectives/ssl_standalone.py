@@ -61,6 +61,6 @@ class SSLObjective(DualTowerObjective):
             return {}
         tower_state = {k: v for k, v in self.tower.state_dict().items()}
         prefix = "visual."
-        visual_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        visual_state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         tower_state.update({f"clip.visual.{k}": v for k, v in visual_state.items()})
         return {"export": str(export_model(tower_state, run_dir))}

@@ -27,9 +27,11 @@ def check_not_zero3(module: nn.Module) -> None:
     inside the owning module's own forward.
     """
     if any(hasattr(p, "ds_id") for p in module.parameters()):
-        raise ConfigError("the SSL objectives (standalone and --aux-ssl) do not support DeepSpeed ZeRO-3 "
-                          "(partitioned parameters); use ZeRO-2, e.g. accelerate launch --config_file "
-                          "configs/accelerate/zero2.yaml, or ZeRO-0/1")
+        raise ConfigError(
+            "the SSL objectives (standalone and --aux-ssl) do not support DeepSpeed ZeRO-3 "
+            "(partitioned parameters); use ZeRO-2, e.g. accelerate launch --config_file "
+            "configs/accelerate/zero2.yaml, or ZeRO-0/1"
+        )
 
 
 def backbone_dim(visual: nn.Module) -> int:
@@ -76,8 +78,10 @@ def backbone_features(visual: nn.Module, images: torch.Tensor) -> torch.Tensor:
         patch_embed = getattr(visual.trunk, "patch_embed", None)  # timm ViTs take their own size; CNNs any size
         native = getattr(patch_embed, "img_size", None)
         if native is not None and tuple(images.shape[-2:]) != tuple(native):
-            raise ConfigError(f"timm ViT image towers take {tuple(native)} crops only, got "
-                              f"{tuple(images.shape[-2:])}; set --ssl.views.local_crop_size {native[-1]}")
+            raise ConfigError(
+                f"timm ViT image towers take {tuple(native)} crops only, got "
+                f"{tuple(images.shape[-2:])}; set --ssl.views.local_crop_size {native[-1]}"
+            )
         return visual.trunk(images)
     raise TypeError(f"unsupported vision tower {type(visual).__name__}")
 
@@ -105,5 +109,11 @@ def patch_size(visual: nn.Module) -> int:
     return 1
 
 
-__all__ = ["backbone_dim", "backbone_features", "check_not_zero3", "multi_view_features",
-           "patch_size", "projection_parameters"]
+__all__ = [
+    "backbone_dim",
+    "backbone_features",
+    "check_not_zero3",
+    "multi_view_features",
+    "patch_size",
+    "projection_parameters",
+]

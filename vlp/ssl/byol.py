@@ -49,8 +49,11 @@ class BYOL(SSLMethod):
             t1, t2 = multi_view_features(self.teacher["backbone"], views[:2])
             z1, z2 = self.teacher["projector"](t1).float(), self.teacher["projector"](t2).float()
         loss = byol_loss(p1, z2) + byol_loss(p2, z1)
-        return loss, {"loss/byol": loss.detach(), "ssl/byol/momentum": self.momentum,
-                      "ssl/byol/z_std": embedding_std(p1)}
+        return loss, {
+            "loss/byol": loss.detach(),
+            "ssl/byol/momentum": self.momentum,
+            "ssl/byol/z_std": embedding_std(p1),
+        }
 
     def update_teacher(self, index: int, total_steps: int) -> None:
         self.momentum = cosine_increase(self.base_momentum, 1.0, index, total_steps)

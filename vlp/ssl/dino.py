@@ -39,8 +39,14 @@ class DINOLoss(nn.Module):
         self.center_momentum = center_momentum
         self.register_buffer("center", torch.zeros(1, out_dim))
 
-    def forward(self, student_out: torch.Tensor, teacher_out: torch.Tensor, num_crops: int, teacher_temp: float,
-                update_center: bool = True) -> torch.Tensor:
+    def forward(
+        self,
+        student_out: torch.Tensor,
+        teacher_out: torch.Tensor,
+        num_crops: int,
+        teacher_temp: float,
+        update_center: bool = True,
+    ) -> torch.Tensor:
         """``student_out``: (num_crops * B, K), crops in order, the 2 global ones first; ``teacher_out``: (2B, K)."""
         student = (student_out.float() / self.student_temp).chunk(num_crops)
         teacher = F.softmax((teacher_out.float() - self.center) / teacher_temp, dim=-1).detach().chunk(2)
@@ -72,12 +78,18 @@ class DINO(SSLMethod):
 
     name = "dino"
 
-    def __init__(self, visual: nn.Module, views: MultiView, cfg: Any,
-                 freeze_last_layer_steps: int = 0) -> None:
+    def __init__(self, visual: nn.Module, views: MultiView, cfg: Any, freeze_last_layer_steps: int = 0) -> None:
         super().__init__(visual, views)
         self.cfg = cfg
-        self.head = DINOHead(backbone_dim(visual), cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim, cfg.num_layers,
-                             cfg.batch_norm, cfg.norm_last_layer)
+        self.head = DINOHead(
+            backbone_dim(visual),
+            cfg.out_dim,
+            cfg.hidden_dim,
+            cfg.bottleneck_dim,
+            cfg.num_layers,
+            cfg.batch_norm,
+            cfg.norm_last_layer,
+        )
         self.teacher = EMATeacher({"backbone": visual, "head": self.head})
         self.loss_fn = DINOLoss(cfg.out_dim, cfg.student_temp, cfg.center_momentum)
         self.freeze_last_layer_steps = freeze_last_layer_steps
@@ -85,8 +97,9 @@ class DINO(SSLMethod):
         self.momentum = cfg.momentum
 
     def teacher_temp(self, index: int) -> float:
-        return linear_warmup(self.cfg.warmup_teacher_temp, self.cfg.teacher_temp, index,
-                             self.cfg.warmup_teacher_temp_steps)
+        return linear_warmup(
+            self.cfg.warmup_teacher_temp, self.cfg.teacher_temp, index, self.cfg.warmup_teacher_temp_steps
+        )
 
     def compute(self, views: Sequence[torch.Tensor], visual: nn.Module) -> tuple[torch.Tensor, dict[str, Any]]:
         index = int(self.step)
@@ -98,9 +111,13 @@ class DINO(SSLMethod):
             teacher_out = self.teacher["head"](teacher_feats)
         temp = self.teacher_temp(index)
         loss = self.loss_fn(student_out, teacher_out, len(views), temp, update_center=self.training)
-        return loss, {"loss/dino": loss.detach(), "ssl/dino/teacher_temp": temp, "ssl/dino/momentum": self.momentum,
-                      "ssl/dino/last_layer_frozen": float(self.head.freeze_last_layer),
-                      "ssl/dino/z_std": embedding_std(student_feats[0])}
+        return loss, {
+            "loss/dino": loss.detach(),
+            "ssl/dino/teacher_temp": temp,
+            "ssl/dino/momentum": self.momentum,
+            "ssl/dino/last_layer_frozen": float(self.head.freeze_last_layer),
+            "ssl/dino/z_std": embedding_std(student_feats[0]),
+        }
 
     def update_teacher(self, index: int, total_steps: int) -> None:
         self.momentum = cosine_increase(self.cfg.momentum, 1.0, index, total_steps)

@@ -39,8 +39,17 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
         return super().forward(full)[world.rank * n : (world.rank + 1) * n]
 
 
-def mlp(in_dim: int, hidden_dim: int, out_dim: int, num_layers: int, *, batch_norm: bool = True,
-        last_batch_norm: bool = False, bias: bool = True, activation: type[nn.Module] = nn.ReLU) -> nn.Sequential:
+def mlp(
+    in_dim: int,
+    hidden_dim: int,
+    out_dim: int,
+    num_layers: int,
+    *,
+    batch_norm: bool = True,
+    last_batch_norm: bool = False,
+    bias: bool = True,
+    activation: type[nn.Module] = nn.ReLU,
+) -> nn.Sequential:
     """Linear layers with (global) batch norm and ``activation`` between them.
 
     ``last_batch_norm`` adds a non-affine batch norm after the last layer (MoCo v3).
@@ -78,14 +87,21 @@ class DINOHead(nn.Module):
     data-parallel wrappers see them used); with AdamW this leaves the normalised last layer unchanged.
     """
 
-    def __init__(self, in_dim: int, out_dim: int = 65536, hidden_dim: int = 2048, bottleneck_dim: int = 256,
-                 num_layers: int = 3, batch_norm: bool = False, norm_last_layer: bool = True) -> None:
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int = 65536,
+        hidden_dim: int = 2048,
+        bottleneck_dim: int = 256,
+        num_layers: int = 3,
+        batch_norm: bool = False,
+        norm_last_layer: bool = True,
+    ) -> None:
         super().__init__()
         if num_layers == 1:
             self.mlp = nn.Sequential(nn.Linear(in_dim, bottleneck_dim))
         else:
-            self.mlp = mlp(in_dim, hidden_dim, bottleneck_dim, num_layers, batch_norm=batch_norm,
-                           activation=nn.GELU)
+            self.mlp = mlp(in_dim, hidden_dim, bottleneck_dim, num_layers, batch_norm=batch_norm, activation=nn.GELU)
         self.mlp.apply(_trunc_normal_init)
         v = nn.Linear(bottleneck_dim, out_dim, bias=False).weight.detach().clone()  # PyTorch's default init
         self.last_v = nn.Parameter(v)

@@ -40,8 +40,9 @@ def moco_v3_loss(q: torch.Tensor, k: torch.Tensor, temperature: float) -> torch.
     return F.cross_entropy(q @ k_all.t() / temperature, labels) * (2 * temperature)
 
 
-def moco_v2_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def moco_v2_loss(
+    q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """InfoNCE with the positive key first and the queue (D, K) as negatives; returns (loss, top-1 accuracy)."""
     l_pos = (q * k).sum(dim=-1, keepdim=True)
     l_neg = q @ queue
@@ -104,8 +105,11 @@ class MoCoV3(SSLMethod):
             k1 = F.normalize(self.teacher["projector"](t1).float(), dim=-1)
             k2 = F.normalize(self.teacher["projector"](t2).float(), dim=-1)
         loss = moco_v3_loss(q1, k2, self.temperature) + moco_v3_loss(q2, k1, self.temperature)
-        return loss, {"loss/moco": loss.detach(), "ssl/moco/momentum": self.momentum,
-                      "ssl/moco/z_std": embedding_std(q1)}
+        return loss, {
+            "loss/moco": loss.detach(),
+            "ssl/moco/momentum": self.momentum,
+            "ssl/moco/z_std": embedding_std(q1),
+        }
 
     def update_teacher(self, index: int, total_steps: int) -> None:
         m = cosine_increase(self.base_momentum, 1.0, index, total_steps) if self.cosine else self.base_momentum
@@ -118,14 +122,14 @@ class MoCoV2(SSLMethod):
 
     name = "moco"
 
-    def __init__(self, visual: nn.Module, views: MultiView, cfg: Any,
-                 global_batch: int | None = None) -> None:
+    def __init__(self, visual: nn.Module, views: MultiView, cfg: Any, global_batch: int | None = None) -> None:
         super().__init__(visual, views)
         if global_batch is not None and cfg.queue_size % global_batch:
             lower = cfg.queue_size // global_batch * global_batch
             raise ConfigError(
                 f"ssl.moco.queue_size {cfg.queue_size} is not a multiple of the global batch {global_batch} "
-                f"(train.batch_size x processes); use e.g. {lower or global_batch} or {lower + global_batch}")
+                f"(train.batch_size x processes); use e.g. {lower or global_batch} or {lower + global_batch}"
+            )
         width = backbone_dim(visual)
         self.temperature = cfg.temperature
         self.base_momentum = cfg.resolved_momentum
@@ -144,8 +148,12 @@ class MoCoV2(SSLMethod):
         loss, acc = moco_v2_loss(q, k, self.queue.keys.clone().detach().float(), self.temperature)
         if self.training:
             self.queue.enqueue(all_gather_no_grad(k))
-        return loss, {"loss/moco": loss.detach(), "ssl/moco/acc": acc, "ssl/moco/momentum": self.momentum,
-                      "ssl/moco/z_std": embedding_std(q)}
+        return loss, {
+            "loss/moco": loss.detach(),
+            "ssl/moco/acc": acc,
+            "ssl/moco/momentum": self.momentum,
+            "ssl/moco/z_std": embedding_std(q),
+        }
 
     def update_teacher(self, index: int, total_steps: int) -> None:
         m = cosine_increase(self.base_momentum, 1.0, index, total_steps) if self.cosine else self.base_momentum

@@ -52,8 +52,16 @@ def mean_dim_std(features: torch.Tensor) -> float:
 class RepresentationMonitor:
     """Computes k-NN top-1 and the collapse statistic of an image tower on fixed held-out images every N steps."""
 
-    def __init__(self, images: Sequence[Image.Image], labels: Sequence[str] | None, transform: Callable,
-                 every: int, k: int = 20, temperature: float = 0.07, batch_size: int = 256) -> None:
+    def __init__(
+        self,
+        images: Sequence[Image.Image],
+        labels: Sequence[str] | None,
+        transform: Callable,
+        every: int,
+        k: int = 20,
+        temperature: float = 0.07,
+        batch_size: int = 256,
+    ) -> None:
         self.images = list(images)
         self.transform = transform
         self.every = every
@@ -66,8 +74,9 @@ class RepresentationMonitor:
         self.last: dict[str, float] = {}
 
     @classmethod
-    def from_config(cls, cfg, eval_shards: str | None, transform: Callable, is_ssl_run: bool
-                    ) -> RepresentationMonitor | None:
+    def from_config(
+        cls, cfg, eval_shards: str | None, transform: Callable, is_ssl_run: bool
+    ) -> RepresentationMonitor | None:
         """The monitor a run asks for (``cfg``: the ``ssl.monitor`` section, or a run config holding it), or None
         when it is off or there is no held-out data."""
         mcfg = cfg.ssl.monitor if hasattr(cfg, "ssl") else cfg
@@ -91,13 +100,19 @@ class RepresentationMonitor:
             log.warning("representation monitor: no images in %s; checks are off", eval_shards)
             return None
         if any(x is None for x in labels):
-            log.warning("representation monitor: held-out samples lack json field %r; k-NN is off, collapse "
-                        "monitor on", label_key)
+            log.warning(
+                "representation monitor: held-out samples lack json field %r; k-NN is off, collapse monitor on",
+                label_key,
+            )
             labels = None
         else:
             labels = [str(x) for x in labels]
-        log.info("representation monitor: %d held-out images%s, every %d steps", len(images),
-                 f", k-NN on {label_key!r} ({len(set(labels))} classes)" if labels else "", every)
+        log.info(
+            "representation monitor: %d held-out images%s, every %d steps",
+            len(images),
+            f", k-NN on {label_key!r} ({len(set(labels))} classes)" if labels else "",
+            every,
+        )
         return cls(images, labels, transform, every, mcfg.knn_k, mcfg.knn_temperature)
 
     @torch.no_grad()

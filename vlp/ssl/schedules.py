@@ -49,5 +49,7 @@ def epoch_num_samples(cfg) -> int:
         return int(cfg.data.train_num_samples)
     if not cfg.data.train_shards:
         return int(cfg.data.synthetic_train_samples)
-    raise ConfigError("an epoch-based SSL setting (ssl.dino.freeze_last_layer_epochs) needs the epoch size: pass "
-                      "--train-num-samples N (samples in your shards), or set --ssl.dino.freeze_last_layer_epochs 0")
+    raise ConfigError(
+        "an epoch-based SSL setting (ssl.dino.freeze_last_layer_epochs) needs the epoch size: pass "
+        "--train-num-samples N (samples in your shards), or set --ssl.dino.freeze_last_layer_epochs 0"
+    )

@@ -32,8 +32,14 @@ log = logging.getLogger(__name__)
 class CheckpointManager:
     """Writes, commits and prunes the checkpoints of one run (every rank holds one; writes are collective)."""
 
-    def __init__(self, run_dir: Path, keep: int, rank: int, barrier: Callable[[], None],
-                 before_commit: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        keep: int,
+        rank: int,
+        barrier: Callable[[], None],
+        before_commit: Callable[[int], None] | None = None,
+    ) -> None:
         self.root = Path(run_dir) / CHECKPOINTS
         self.keep = keep
         self.rank = rank
@@ -48,8 +54,9 @@ class CheckpointManager:
             name = f"step-{step:08d}.r{n}"
         return name
 
-    def save(self, step: int, write_shared: Callable[[Path], None], rank_state: dict[str, Any],
-             trainer_state: dict[str, Any]) -> Path:
+    def save(
+        self, step: int, write_shared: Callable[[Path], None], rank_state: dict[str, Any], trainer_state: dict[str, Any]
+    ) -> Path:
         """Write checkpoint ``step``; returns its directory. Collective.
 
         ``write_shared(dir)`` writes the model and optimiser (every rank, e.g. DeepSpeed's sharded save);
@@ -94,8 +101,6 @@ class CheckpointManager:
         except FileNotFoundError:
             latest = None
         complete = list_checkpoints(self.root)
-        for d in complete[:-self.keep]:
+        for d in complete[: -self.keep]:
             if latest is None or d.resolve() != latest.resolve():
                 shutil.rmtree(d, ignore_errors=True)
-
-

@@ -32,7 +32,6 @@ from vlp.preflight import DEEPSPEED_CONFIG_NAMES, check_deepspeed_version, resol
 log = logging.getLogger(__name__)
 
 
-
 # --------------------------------------------------------------------------------------------------------------
 # Precision and DeepSpeed configuration
 # --------------------------------------------------------------------------------------------------------------
@@ -91,8 +90,7 @@ def is_deepspeed(accelerator: Accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.DEEPSPEED
 
 
-def fill_deepspeed_config(accelerator: Accelerator, cfg: Any, world: WorldInfo, hidden_size: int
-                          ) -> dict[str, Any]:
+def fill_deepspeed_config(accelerator: Accelerator, cfg: Any, world: WorldInfo, hidden_size: int) -> dict[str, Any]:
     """Fill the ``auto`` fields of the active DeepSpeed config from the run, with torch.distributed's world size.
 
     Values the user wrote explicitly are kept. Returns the resulting config.
@@ -106,20 +104,26 @@ def fill_deepspeed_config(accelerator: Accelerator, cfg: Any, world: WorldInfo, 
         gradient_accumulation_steps=k,
         train_batch_size=micro * k * world.world_size,
         gradient_clipping=float(cfg.optim.grad_clip or 0.0),
-        **{"zero_optimization.reduce_bucket_size": h * h,
-           "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * h * h),
-           "zero_optimization.stage3_param_persistence_threshold": 10 * h},
+        **{
+            "zero_optimization.reduce_bucket_size": h * h,
+            "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * h * h),
+            "zero_optimization.stage3_param_persistence_threshold": 10 * h,
+        },
     )
     conf = plugin.deepspeed_config
     expected = conf["train_micro_batch_size_per_gpu"] * conf["gradient_accumulation_steps"] * world.world_size
     if conf["train_batch_size"] != expected:
-        raise ConfigError(f"DeepSpeed config: train_batch_size {conf['train_batch_size']} != micro batch "
-                          f"{conf['train_micro_batch_size_per_gpu']} x accumulation "
-                          f"{conf['gradient_accumulation_steps']} x {world.world_size} processes; set them to "
-                          '"auto" to take them from --batch-size and --accum-steps')
+        raise ConfigError(
+            f"DeepSpeed config: train_batch_size {conf['train_batch_size']} != micro batch "
+            f"{conf['train_micro_batch_size_per_gpu']} x accumulation "
+            f"{conf['gradient_accumulation_steps']} x {world.world_size} processes; set them to "
+            '"auto" to take them from --batch-size and --accum-steps'
+        )
     if "optimizer" in conf or "scheduler" in conf:
-        raise ConfigError("DeepSpeed config: remove its 'optimizer'/'scheduler' sections; vlp builds AdamW with "
-                          "its parameter groups and the warmup-cosine schedule itself (--lr, --warmup-steps)")
+        raise ConfigError(
+            "DeepSpeed config: remove its 'optimizer'/'scheduler' sections; vlp builds AdamW with "
+            "its parameter groups and the warmup-cosine schedule itself (--lr, --warmup-steps)"
+        )
     return conf
 
 
@@ -224,8 +228,9 @@ class TrainEngine:
 
     kind: str = "base"
 
-    def __init__(self, accelerator: Accelerator, objective: Objective, wrapped: Any, optimizer: Any,
-                 grad_clip: float | None) -> None:
+    def __init__(
+        self, accelerator: Accelerator, objective: Objective, wrapped: Any, optimizer: Any, grad_clip: float | None
+    ) -> None:
         self.accelerator = accelerator
         self.objective = objective
         self.wrapped = wrapped
@@ -271,8 +276,11 @@ class TrainEngine:
         """What actually trains (for summary.json): the wrapped model's and the optimiser's types, and under
         DeepSpeed the ZeRO stage and how many fp32 master weights this rank holds (its partition)."""
         inner = getattr(self.optimizer, "optimizer", self.optimizer)  # accelerate's wrapper -> the real one
-        info: dict[str, Any] = {"kind": self.kind, "model": type(self.wrapped).__name__,
-                                "optimizer": type(inner).__name__}
+        info: dict[str, Any] = {
+            "kind": self.kind,
+            "model": type(self.wrapped).__name__,
+            "optimizer": type(inner).__name__,
+        }
         if hasattr(self.wrapped, "zero_optimization_stage"):
             info["zero_stage"] = int(self.wrapped.zero_optimization_stage())
             groups = getattr(inner, "single_partition_of_fp32_groups", None)
@@ -288,8 +296,9 @@ class TrainEngine:
     evaluation_needs_collective: bool = False
 
     @contextlib.contextmanager
-    def evaluation_model(self, model: torch.nn.Module, build_plain: Callable[[], torch.nn.Module]
-                         ) -> Iterator[torch.nn.Module]:
+    def evaluation_model(
+        self, model: torch.nn.Module, build_plain: Callable[[], torch.nn.Module]
+    ) -> Iterator[torch.nn.Module]:
         """A model to evaluate (any subset of ranks may run it): ``model`` itself where its weights are whole
         and fp32 on every rank, else an fp32 replica ``build_plain()`` loaded with the gathered weights."""
         yield model
@@ -354,8 +363,10 @@ class NativeEngine(TrainEngine):
             missing, unexpected = self.objective.load_state_dict(state, strict=False)
             frozen = frozen_parameter_names(self.objective)
             if unexpected or set(missing) - frozen:
-                raise ConfigError(f"{directory}: checkpoint does not fit the objective (missing "
-                                  f"{sorted(set(missing) - frozen)[:3]}, unexpected {unexpected[:3]})")
+                raise ConfigError(
+                    f"{directory}: checkpoint does not fit the objective (missing "
+                    f"{sorted(set(missing) - frozen)[:3]}, unexpected {unexpected[:3]})"
+                )
         else:
             self.objective.load_state_dict(state)
         opt = torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True)
@@ -385,11 +396,15 @@ class DeepSpeedTrainEngine(TrainEngine):
 
     def forward(self, batch: dict[str, Any], **kwargs: Any) -> Any:
         batch = to_device(batch, self.device)
-        dtype = torch.bfloat16 if self.engine.bfloat16_enabled() else (
-            torch.float16 if self.engine.fp16_enabled() else None)
+        dtype = (
+            torch.bfloat16
+            if self.engine.bfloat16_enabled()
+            else (torch.float16 if self.engine.fp16_enabled() else None)
+        )
         if dtype is not None:  # DeepSpeed holds 16-bit weights: feed 16-bit images (tokens stay integers)
-            batch = {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
-                     for k, v in batch.items()}
+            batch = {
+                k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in batch.items()
+            }
         return self.engine(batch, **kwargs)
 
     def micro_step(self, last: bool) -> contextlib.AbstractContextManager:
@@ -430,8 +445,9 @@ class DeepSpeedTrainEngine(TrainEngine):
         return self.stage == 3
 
     @contextlib.contextmanager
-    def evaluation_model(self, model: torch.nn.Module, build_plain: Callable[[], torch.nn.Module]
-                         ) -> Iterator[torch.nn.Module]:
+    def evaluation_model(
+        self, model: torch.nn.Module, build_plain: Callable[[], torch.nn.Module]
+    ) -> Iterator[torch.nn.Module]:
         e = self.engine
         if self.stage < 3 and not (e.bfloat16_enabled() or e.fp16_enabled()):
             yield model
@@ -447,13 +463,22 @@ class DeepSpeedTrainEngine(TrainEngine):
         yield replica.to(self.device)
 
     def save(self, directory: Path) -> None:
-        self.engine.save_checkpoint(str(directory), tag=self.TAG, client_state={}, save_latest=False,
-                                    exclude_frozen_parameters=self.objective.exclude_frozen_from_checkpoints)
+        self.engine.save_checkpoint(
+            str(directory),
+            tag=self.TAG,
+            client_state={},
+            save_latest=False,
+            exclude_frozen_parameters=self.objective.exclude_frozen_from_checkpoints,
+        )
 
     def load(self, directory: Path) -> None:
-        path, _ = self.engine.load_checkpoint(str(directory), tag=self.TAG, load_optimizer_states=True,
-                                              load_lr_scheduler_states=False,
-                                              load_module_strict=not self.objective.exclude_frozen_from_checkpoints)
+        path, _ = self.engine.load_checkpoint(
+            str(directory),
+            tag=self.TAG,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=False,
+            load_module_strict=not self.objective.exclude_frozen_from_checkpoints,
+        )
         if path is None:
             raise ConfigError(f"{directory}: DeepSpeed could not load its checkpoint (tag {self.TAG!r})")
 
@@ -472,17 +497,28 @@ def apply_speed_features(objective: torch.nn.Module, cfg: Any) -> None:
             log.info("torch.compile: image trunk and text transformer of %s", tower.preset.name)
 
 
-def build_engine(accelerator: Accelerator, objective: Objective, optimizer: torch.optim.Optimizer,
-                 cfg: Any, world: WorldInfo, hidden_size: int) -> TrainEngine:
+def build_engine(
+    accelerator: Accelerator,
+    objective: Objective,
+    optimizer: torch.optim.Optimizer,
+    cfg: Any,
+    world: WorldInfo,
+    hidden_size: int,
+) -> TrainEngine:
     """accelerate.prepare the objective and optimiser, under DeepSpeed when the accelerator uses it."""
     apply_speed_features(objective, cfg)
     if is_deepspeed(accelerator):
         conf = fill_deepspeed_config(accelerator, cfg, world, hidden_size)
         wrapped, opt = accelerator.prepare(objective, optimizer)
-        log.info("DeepSpeed ZeRO stage %d, micro batch %d x %d accumulation x %d processes, bf16=%s fp16=%s",
-                 wrapped.zero_optimization_stage(), conf["train_micro_batch_size_per_gpu"],
-                 conf["gradient_accumulation_steps"], world.world_size, wrapped.bfloat16_enabled(),
-                 wrapped.fp16_enabled())
+        log.info(
+            "DeepSpeed ZeRO stage %d, micro batch %d x %d accumulation x %d processes, bf16=%s fp16=%s",
+            wrapped.zero_optimization_stage(),
+            conf["train_micro_batch_size_per_gpu"],
+            conf["gradient_accumulation_steps"],
+            world.world_size,
+            wrapped.bfloat16_enabled(),
+            wrapped.fp16_enabled(),
+        )
         return DeepSpeedTrainEngine(accelerator, objective, wrapped, opt, cfg.optim.grad_clip)
     wrapped, opt = accelerator.prepare(objective, optimizer)
     return NativeEngine(accelerator, objective, wrapped, opt, cfg.optim.grad_clip)

@@ -76,8 +76,9 @@ def all_finite(value: torch.Tensor) -> bool:
     return bool(flag.item())
 
 
-def plain_step(engine: TrainEngine, micro_batches: list[dict[str, Any]], loss_factor: float = 1.0,
-               grad_factor: float = 1.0) -> StepResult:
+def plain_step(
+    engine: TrainEngine, micro_batches: list[dict[str, Any]], loss_factor: float = 1.0, grad_factor: float = 1.0
+) -> StepResult:
     """Forward/backward of each micro-batch's own loss, scaled by 1/k (exact only for k = 1).
 
     ``loss_factor``/``grad_factor`` exist for fault-injection tests (NaN makes the loss / the gradients
@@ -101,8 +102,9 @@ def plain_step(engine: TrainEngine, micro_batches: list[dict[str, Any]], loss_fa
     return StepResult(torch.stack(losses).mean(), logs, finite=finite)
 
 
-def gradcache_step(engine: TrainEngine, micro_batches: list[dict[str, Any]], loss_factor: float = 1.0,
-                   grad_factor: float = 1.0) -> StepResult:
+def gradcache_step(
+    engine: TrainEngine, micro_batches: list[dict[str, Any]], loss_factor: float = 1.0, grad_factor: float = 1.0
+) -> StepResult:
     """Exact accumulation (module docstring): one loss and one embedding gradient over all micro-batches."""
     objective = engine.objective
     frozen = objective.frozen_outputs()
@@ -152,8 +154,13 @@ def gradcache_step(engine: TrainEngine, micro_batches: list[dict[str, Any]], los
     return StepResult(loss.detach(), logs, finite=True)
 
 
-def accumulate_step(engine: TrainEngine, micro_batches: list[dict[str, Any]], method: str,
-                    loss_factor: float = 1.0, grad_factor: float = 1.0) -> StepResult:
+def accumulate_step(
+    engine: TrainEngine,
+    micro_batches: list[dict[str, Any]],
+    method: str,
+    loss_factor: float = 1.0,
+    grad_factor: float = 1.0,
+) -> StepResult:
     """The forward/backward work of one optimiser step: ``method`` 'gradcache' or 'plain' (k = 1: one pass)."""
     if method == "gradcache" and len(micro_batches) > 1:
         return gradcache_step(engine, micro_batches, loss_factor, grad_factor)

@@ -50,28 +50,45 @@ class NonFiniteGuard:
         else:
             self.skipped_nonfinite += 1
             self.consecutive += 1
-            log.warning("step %d skipped: %s (%d in a row, stop at %d)", step, reason or "non-finite",
-                        self.consecutive, self.max_consecutive)
+            log.warning(
+                "step %d skipped: %s (%d in a row, stop at %d)",
+                step,
+                reason or "non-finite",
+                self.consecutive,
+                self.max_consecutive,
+            )
 
     @property
     def diverged(self) -> bool:
         return self.consecutive >= self.max_consecutive
 
     def message(self, step: int, checkpoint: str | None) -> str:
-        where = f"; the last good state (after step {self.last_good_step}, data position after step {step}) " \
-                f"is checkpointed in {checkpoint}" if checkpoint else ""
-        return (f"stopping at step {step}: {self.consecutive} consecutive steps had a non-finite loss or gradient "
-                f"(train.max_nonfinite_steps={self.max_consecutive}){where}. Lower the learning rate or check the "
-                "data, then continue with --resume latest")
+        where = (
+            f"; the last good state (after step {self.last_good_step}, data position after step {step}) "
+            f"is checkpointed in {checkpoint}"
+            if checkpoint
+            else ""
+        )
+        return (
+            f"stopping at step {step}: {self.consecutive} consecutive steps had a non-finite loss or gradient "
+            f"(train.max_nonfinite_steps={self.max_consecutive}){where}. Lower the learning rate or check the "
+            "data, then continue with --resume latest"
+        )
 
     def metrics(self) -> dict[str, float]:
-        return {"guard/skipped_nonfinite": float(self.skipped_nonfinite),
-                "guard/skipped_overflow": float(self.skipped_overflow),
-                "guard/consecutive_nonfinite": float(self.consecutive)}
+        return {
+            "guard/skipped_nonfinite": float(self.skipped_nonfinite),
+            "guard/skipped_overflow": float(self.skipped_overflow),
+            "guard/consecutive_nonfinite": float(self.consecutive),
+        }
 
     def state_dict(self) -> dict[str, Any]:
-        return {"skipped_nonfinite": self.skipped_nonfinite, "skipped_overflow": self.skipped_overflow,
-                "consecutive": self.consecutive, "last_good_step": self.last_good_step}
+        return {
+            "skipped_nonfinite": self.skipped_nonfinite,
+            "skipped_overflow": self.skipped_overflow,
+            "consecutive": self.consecutive,
+            "last_good_step": self.last_good_step,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.skipped_nonfinite = int(state.get("skipped_nonfinite", 0))

@@ -21,8 +21,14 @@ class MetricsWriter:
     and writes ``<out_dir>/tensorboard/``. Used on the main process only (``enabled=False`` elsewhere).
     """
 
-    def __init__(self, out_dir: str | Path, enabled: bool = True, tensorboard: bool = True,
-                 report_to: str | Sequence[str] = "tensorboard", project: str = "vlp") -> None:
+    def __init__(
+        self,
+        out_dir: str | Path,
+        enabled: bool = True,
+        tensorboard: bool = True,
+        report_to: str | Sequence[str] = "tensorboard",
+        project: str = "vlp",
+    ) -> None:
         self.enabled = enabled
         self._jsonl = None
         self.trackers: list[Any] = []
@@ -62,8 +68,10 @@ def tracker_names(report_to: str | Sequence[str]) -> list[str]:
     names = [n.strip() for n in items if n.strip() and n.strip() != "none"]
     for name in names:
         if name not in LOGGER_TYPE_TO_CLASS:
-            raise ConfigError(f"unknown tracker {name!r} in --report-to; valid: none, "
-                              f"{', '.join(sorted(LOGGER_TYPE_TO_CLASS))} (comma-separated for several)")
+            raise ConfigError(
+                f"unknown tracker {name!r} in --report-to; valid: none, "
+                f"{', '.join(sorted(LOGGER_TYPE_TO_CLASS))} (comma-separated for several)"
+            )
     return list(dict.fromkeys(names))
 
 
@@ -77,8 +85,10 @@ def start_tracker(name: str, out_dir: Path, project: str) -> Any:
         PartialState()
     installed = sorted(str(t) for t in get_available_trackers())
     if name not in installed:
-        raise ConfigError(f"--report-to {name}: the {name} package is not installed (pip install {name}); "
-                          f"installed trackers: {', '.join(installed) or 'none'}")
+        raise ConfigError(
+            f"--report-to {name}: the {name} package is not installed (pip install {name}); "
+            f"installed trackers: {', '.join(installed) or 'none'}"
+        )
     cls = LOGGER_TYPE_TO_CLASS[name]
     if name == "tensorboard":  # <run dir>/tensorboard/, as before the trackers went through accelerate
         tracker = cls("tensorboard", out_dir)
@@ -101,8 +111,10 @@ def memory_metrics(device: torch.device) -> dict[str, float]:
     """Peak memory: on GPU, tensor memory allocated since the previous call (then reset) and the allocator's
     reservation; on CPU, the process's peak resident set so far (GiB)."""
     if device.type == "cuda":
-        out = {"mem/peak_allocated_gb": torch.cuda.max_memory_allocated(device) / 2**30,
-               "mem/reserved_gb": torch.cuda.memory_reserved(device) / 2**30}
+        out = {
+            "mem/peak_allocated_gb": torch.cuda.max_memory_allocated(device) / 2**30,
+            "mem/reserved_gb": torch.cuda.memory_reserved(device) / 2**30,
+        }
         torch.cuda.reset_peak_memory_stats(device)
         return out
     return {"mem/peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}

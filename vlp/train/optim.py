@@ -36,8 +36,10 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     params = [p for g in groups for p in g["params"]]
     fused = fused_supported(params) if cfg.fused is None else cfg.fused
     if fused and not fused_supported(params):
-        raise ConfigError("optim.fused=true needs floating-point parameters on a CPU or CUDA device; "
-                          "use optim.fused=false (or leave it unset)")
+        raise ConfigError(
+            "optim.fused=true needs floating-point parameters on a CPU or CUDA device; "
+            "use optim.fused=false (or leave it unset)"
+        )
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None)
 
 
@@ -54,4 +56,5 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_st
     """LambdaLR applying :func:`warmup_cosine`; stepped once per optimiser step."""
     warmup = cfg.resolved_warmup_steps(total_steps)
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: warmup_cosine(s, warmup, max(total_steps, 1), cfg.min_lr_ratio))
+        optimizer, lambda s: warmup_cosine(s, warmup, max(total_steps, 1), cfg.min_lr_ratio)
+    )

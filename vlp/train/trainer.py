@@ -63,15 +63,16 @@ def resolve_data(cfg: Any) -> RunData:
     main = world_info().is_main
     synth = None
     if main:
-        synth = ensure_synthetic_data(cfg.data.synthetic_dir, cfg.data.synthetic_train_samples,
-                                      cfg.data.synthetic_eval_samples, seed=0)
+        synth = ensure_synthetic_data(
+            cfg.data.synthetic_dir, cfg.data.synthetic_train_samples, cfg.data.synthetic_eval_samples, seed=0
+        )
     barrier()
     if not main:
-        synth = ensure_synthetic_data(cfg.data.synthetic_dir, cfg.data.synthetic_train_samples,
-                                      cfg.data.synthetic_eval_samples, seed=0)
+        synth = ensure_synthetic_data(
+            cfg.data.synthetic_dir, cfg.data.synthetic_train_samples, cfg.data.synthetic_eval_samples, seed=0
+        )
     assert synth is not None
-    return RunData(synth.train_shards, cfg.data.eval_shards or synth.eval_shards, synth.class_families,
-                   synth.templates)
+    return RunData(synth.train_shards, cfg.data.eval_shards or synth.eval_shards, synth.class_families, synth.templates)
 
 
 def slice_batch(batch: dict[str, Any], start: int, stop: int) -> dict[str, Any]:
@@ -144,9 +145,11 @@ class Trainer:
         exact = cfg.train.accumulation == "gradcache"
         if cfg.train.accum_steps > 1 and exact and not self.objective.supports_gradcache:
             aux = " with --aux-ssl" if getattr(cfg, "aux_ssl", None) else ""
-            raise ConfigError(f"exact accumulation (train.accumulation=gradcache) needs a loss over per-sample "
-                              f"embeddings; objective {spec.name!r}{aux} has none: use --train.accumulation plain, "
-                              "or --accum-steps 1")
+            raise ConfigError(
+                f"exact accumulation (train.accumulation=gradcache) needs a loss over per-sample "
+                f"embeddings; objective {spec.name!r}{aux} has none: use --train.accumulation plain, "
+                "or --accum-steps 1"
+            )
         self.evaluation = self.objective.evaluation(cfg, data)
         self.global_batch = cfg.train.batch_size * cfg.train.accum_steps * world.world_size
         self.loader = self._build_loader()
@@ -156,12 +159,18 @@ class Trainer:
 
         optimizer = build_optimizer(self.objective, cfg.optim)
         self.scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)  # stepped by hand: once per step
-        self.engine: TrainEngine = build_engine(self.accelerator, self.objective, optimizer, cfg, world,
-                                                self.objective.hidden_size())
+        self.engine: TrainEngine = build_engine(
+            self.accelerator, self.objective, optimizer, cfg, world, self.objective.hidden_size()
+        )
         self.guard = NonFiniteGuard(cfg.train.max_nonfinite_steps)
         self.faults = FaultInjector()
-        self.checkpoints = CheckpointManager(out_dir, cfg.checkpoint.keep, world.rank, barrier,
-                                             before_commit=lambda s: self.faults.maybe_kill("sigkill-checkpoint", s))
+        self.checkpoints = CheckpointManager(
+            out_dir,
+            cfg.checkpoint.keep,
+            world.rank,
+            barrier,
+            before_commit=lambda s: self.faults.maybe_kill("sigkill-checkpoint", s),
+        )
         self.metrics = MetricsWriter(out_dir, enabled=world.is_main, report_to=cfg.train.report_to)
         self.step = 0
         self.losses: list[float] = []
@@ -171,10 +180,19 @@ class Trainer:
         self._batches = None
         if self.resume_from is not None:
             self._resume(self.resume_from)
-        log.info("training %s on %d process(es) [%s], global batch %d = %d x %d micro-batch(es) x %d, "
-                 "%d steps; outputs in %s", self.objective.describe(), world.world_size, self.engine.kind,
-                 self.global_batch, cfg.train.batch_size, cfg.train.accum_steps, world.world_size, cfg.train.steps,
-                 out_dir)
+        log.info(
+            "training %s on %d process(es) [%s], global batch %d = %d x %d micro-batch(es) x %d, "
+            "%d steps; outputs in %s",
+            self.objective.describe(),
+            world.world_size,
+            self.engine.kind,
+            self.global_batch,
+            cfg.train.batch_size,
+            cfg.train.accum_steps,
+            world.world_size,
+            cfg.train.steps,
+            out_dir,
+        )
 
     # ---------------------------------------------------------------------------------------------------- data
     def _build_loader(self):
@@ -184,12 +202,24 @@ class Trainer:
         else:
             batch, rank, size = cfg.train.batch_size, world.rank, world.world_size
         return build_train_loader(
-            self.data.train_shards, self.objective.sample_transform, batch, collate_fn=self.objective.collate,
-            seed=cfg.train.seed, rank=rank, world_size=size, workers=cfg.data.workers,
+            self.data.train_shards,
+            self.objective.sample_transform,
+            batch,
+            collate_fn=self.objective.collate,
+            seed=cfg.train.seed,
+            rank=rank,
+            world_size=size,
+            workers=cfg.data.workers,
             shuffle_buffer=cfg.data.shuffle_buffer,
-            caption_key=cfg.data.caption_key, require_text=self.objective.requires_text, mode=cfg.data.mode,
-            weights=cfg.data.source_weights, num_samples=cfg.data.train_num_samples, metadata=cfg.data.train_metadata,
-            max_consecutive_failures=cfg.data.max_consecutive_failures, timeout_s=cfg.data.loader_timeout_s)
+            caption_key=cfg.data.caption_key,
+            require_text=self.objective.requires_text,
+            mode=cfg.data.mode,
+            weights=cfg.data.source_weights,
+            num_samples=cfg.data.train_num_samples,
+            metadata=cfg.data.train_metadata,
+            max_consecutive_failures=cfg.data.max_consecutive_failures,
+            timeout_s=cfg.data.loader_timeout_s,
+        )
 
     def next_micro_batches(self) -> list[dict[str, Any]]:
         """This process's ``accum_steps`` micro-batches for the next optimiser step."""
@@ -205,8 +235,13 @@ class Trainer:
     # ---------------------------------------------------------------------------------------------------- steps
     def train_step(self, micro_batches: list[dict[str, Any]], step: int) -> tuple[float, StepOutcome, dict]:
         """Forward/backward over the micro-batches and the (possibly skipped) update; (loss, outcome, logs)."""
-        result = accumulate_step(self.engine, micro_batches, self.cfg.train.accumulation,
-                                 self.faults.loss_factor(step), self.faults.grad_factor(step))
+        result = accumulate_step(
+            self.engine,
+            micro_batches,
+            self.cfg.train.accumulation,
+            self.faults.loss_factor(step),
+            self.faults.grad_factor(step),
+        )
         outcome = self.engine.step() if result.backward_done else StepOutcome(False, None, "nonfinite_loss")
         if not result.finite:
             outcome = StepOutcome(False, outcome.grad_norm, "nonfinite_loss")
@@ -223,8 +258,9 @@ class Trainer:
                 if metrics := self.evaluation.begin(module, self.accelerator.device):
                     self.metrics.log(0, metrics)
         desc = "adapter" if self.spec.kind == "adapter" else "pretrain"
-        bar = tqdm(total=steps * g, initial=self.step * g, desc=desc, unit="sample", unit_scale=True,
-                   disable=not world.is_main)  # samples, of a known total
+        bar = tqdm(
+            total=steps * g, initial=self.step * g, desc=desc, unit="sample", unit_scale=True, disable=not world.is_main
+        )  # samples, of a known total
         engine.wrapped.train()
         first = self.step + 1
         self._t_start = time.perf_counter()
@@ -243,11 +279,18 @@ class Trainer:
                 self.objective.after_step(step, steps)
             dt = time.perf_counter() - t0
             self.losses.append(loss)
-            record = {"loss": loss, "lr": lr, "samples_per_s": g / dt,
-                      "samples_per_s_per_device": g / dt / world.world_size, "step_time_s": dt,
-                      "data_time_s": t_data, "step_applied": float(outcome.applied),
-                      **{k: float(v) for k, v in logs.items()}, **self.guard.metrics(),
-                      **memory_metrics(self.accelerator.device)}
+            record = {
+                "loss": loss,
+                "lr": lr,
+                "samples_per_s": g / dt,
+                "samples_per_s_per_device": g / dt / world.world_size,
+                "step_time_s": dt,
+                "data_time_s": t_data,
+                "step_applied": float(outcome.applied),
+                **{k: float(v) for k, v in logs.items()},
+                **self.guard.metrics(),
+                **memory_metrics(self.accelerator.device),
+            }
             if outcome.grad_norm is not None:
                 record["grad_norm"] = outcome.grad_norm
             every = cfg.train.log_every
@@ -257,8 +300,11 @@ class Trainer:
             self._periodic_evaluation(step)
             bar.update(g)
             if periodic or step == first:
-                bar.set_postfix(loss=f"{loss:.4f}", samples_s=f"{g / dt:.0f}",
-                                **({"epoch": f"{self.loader.epoch:.2f}"} if self.loader.epoch is not None else {}))
+                bar.set_postfix(
+                    loss=f"{loss:.4f}",
+                    samples_s=f"{g / dt:.0f}",
+                    **({"epoch": f"{self.loader.epoch:.2f}"} if self.loader.epoch is not None else {}),
+                )
             if self.guard.diverged:
                 path = self.save_checkpoint(step)
                 bar.close()
@@ -294,12 +340,22 @@ class Trainer:
         cfg, world = self.cfg, self.world
         data_all = None if cfg.train.global_stream else self.loader.global_state_dict()  # collective
         trainer_state = {
-            "version": 1, "step": step, "objective": self.spec.name, "samples_seen": step * self.global_batch,
-            "scheduler": self.scheduler.state_dict(), "guard": self.guard.state_dict(),
-            "scaler": self.engine.scaler_state(), "world_size": world.world_size, "engine": self.engine.kind,
-            "zero_stage": getattr(self.engine, "stage", None), "accum_steps": cfg.train.accum_steps,
-            "batch_size": cfg.train.batch_size, "global_stream": cfg.train.global_stream, "data": data_all,
-            "config": to_dict(cfg), "preset": preset_to_dict(self.preset) if self.preset is not None else None,
+            "version": 1,
+            "step": step,
+            "objective": self.spec.name,
+            "samples_seen": step * self.global_batch,
+            "scheduler": self.scheduler.state_dict(),
+            "guard": self.guard.state_dict(),
+            "scaler": self.engine.scaler_state(),
+            "world_size": world.world_size,
+            "engine": self.engine.kind,
+            "zero_stage": getattr(self.engine, "stage", None),
+            "accum_steps": cfg.train.accum_steps,
+            "batch_size": cfg.train.batch_size,
+            "global_stream": cfg.train.global_stream,
+            "data": data_all,
+            "config": to_dict(cfg),
+            "preset": preset_to_dict(self.preset) if self.preset is not None else None,
         }
         rank_state = {"rank": world.rank, "rng": rng_state(), "data": self.loader.state_dict()}
         self.last_checkpoint = self.checkpoints.save(step, self.engine.save, rank_state, trainer_state)
@@ -312,14 +368,20 @@ class Trainer:
         was_ds, is_ds = state.get("engine") == "deepspeed", self.engine.kind == "deepspeed"
         if was_ds != is_ds or (is_ds and state.get("zero_stage") != getattr(self.engine, "stage", None)):
             how = f"DeepSpeed ZeRO-{state.get('zero_stage')}" if was_ds else "without DeepSpeed"
-            raise ConfigError(f"--resume {ckpt}: the checkpoint was written {how}; resume with the same engine "
-                              "(--deepspeed / accelerate config)")
+            raise ConfigError(
+                f"--resume {ckpt}: the checkpoint was written {how}; resume with the same engine "
+                "(--deepspeed / accelerate config)"
+            )
         if is_ds and state["world_size"] != world.world_size:
-            raise ConfigError(f"--resume {ckpt}: a DeepSpeed ZeRO checkpoint of {state['world_size']} processes "
-                              f"cannot be loaded by {world.world_size}; resume with the same number of processes")
+            raise ConfigError(
+                f"--resume {ckpt}: a DeepSpeed ZeRO checkpoint of {state['world_size']} processes "
+                f"cannot be loaded by {world.world_size}; resume with the same number of processes"
+            )
         if state.get("global_stream", False) != cfg.train.global_stream:
-            raise ConfigError(f"--resume {ckpt}: train.global_stream was {state.get('global_stream')} in the "
-                              "checkpointed run; resume with the same value")
+            raise ConfigError(
+                f"--resume {ckpt}: train.global_stream was {state.get('global_stream')} in the "
+                "checkpointed run; resume with the same value"
+            )
         self.engine.load(ckpt)
         self.scheduler.load_state_dict(state["scheduler"])
         for group, lr in zip(self.scheduler.optimizer.param_groups, self.scheduler.get_last_lr()):
@@ -350,11 +412,16 @@ class Trainer:
         train_time = self._train_time
         done = len(self.losses)
         summary: dict[str, Any] = {
-            "steps": cfg.train.steps, "world_size": world.world_size, "global_batch": self.global_batch,
-            "accum_steps": cfg.train.accum_steps, "engine": self.engine.kind, "objective": cfg.objective,
+            "steps": cfg.train.steps,
+            "world_size": world.world_size,
+            "global_batch": self.global_batch,
+            "accum_steps": cfg.train.accum_steps,
+            "engine": self.engine.kind,
+            "objective": cfg.objective,
             "loss": cfg.image_text_loss if hasattr(cfg, "image_text_loss") else None,
             "first_loss": self.losses[0] if done else None,
-            "final_loss": self.losses[-1] if done else None, "train_time_s": train_time,
+            "final_loss": self.losses[-1] if done else None,
+            "train_time_s": train_time,
             "samples_per_s": self.global_batch * done / train_time if train_time > 0 else None,
             **self.guard.metrics(),
             **self.loader.log_metrics(with_faults=True),  # collective: data position and skipped data, all ranks
