@@ -100,107 +100,6 @@ def test_projector_learns_while_tower_and_llm_stay_bit_identical(tmp_path, synth
     assert lrs[0] == pytest.approx(5e-4) and lrs[1] == pytest.approx(1e-3) and lrs[-1] < 2e-6
 
 
-@pytest.mark.slow
-def test_two_process_zero2_equals_one_process(tmp_path, synthetic_data, tiny_llm):
-    """Same global batch (global_batch sharding): ZeRO-2 on 2 CPU processes vs plain AdamW on one process."""
-    common = [
-        "--llm",
-        str(tiny_llm),
-        "--steps",
-        "4",
-        "--workers",
-        "0",
-        "--train.global_stream",
-        "true",
-        "--train-shards",
-        synthetic_data.train_shards,
-        "--eval-shards",
-        synthetic_data.eval_shards,
-        "--data.eval_samples",
-        "16",
-        "--data.shuffle_buffer",
-        "100",
-        "--train.log_every",
-        "0",
-    ]
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    one_cfg = parse_cli(
-        AdapterConfig, [*common, "--batch-size", "8", "--output-dir", str(tmp_path / "one")], ADAPTER_ALIASES
-    )
-    run_training(one_cfg)  # one process, plain AdamW, in this process
-    accelerate = str(Path(sys.executable).with_name("accelerate"))
-    two = subprocess.run(
-        [
-            accelerate,
-            "launch",
-            "--config_file",
-            "configs/accelerate/zero2.yaml",
-            "--num_processes",
-            "2",
-            "--mixed_precision",
-            "no",
-            "scripts/train_adapter.py",
-            *common,
-            "--batch-size",
-            "4",
-            "--format",
-            "llava",
-            "--output-dir",
-            str(tmp_path / "two"),
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    assert two.returncode == 0, two.stderr[-3000:]
-    assert "DeepSpeed ZeRO stage 2, micro batch 4 x 1 accumulation x 2 processes" in two.stderr
-
-    a, _ = load_projector_state(tmp_path / "one")
-    b, _ = load_projector_state(tmp_path / "two")
-    diff = max((a[k] - b[k]).abs().max().item() for k in a)
-    torch.manual_seed(0)  # build_adapter's projector initialisation for seed 0
-    init = build_projector("mlp2x_gelu", 128, 64).state_dict()
-    moved = max((a[k] - init[k]).abs().max().item() for k in a)
-    print(f"projector max |1 process - 2 processes ZeRO-2| after 4 steps: {diff:.3g} (moved {moved:.3g} from init)")
-    assert diff <= 1e-6 and moved > 1e-3
-    s1 = json.loads((tmp_path / "one" / "summary.json").read_text())
-    s2 = json.loads((tmp_path / "two" / "summary.json").read_text())
-    assert s1["world_size"] == 1 and s2["world_size"] == 2 and s1["global_batch"] == s2["global_batch"] == 8
-    # what trained: plain AdamW in one process; a DeepSpeed engine with ZeRO-2's partitioned optimizer in two,
-    # rank 0 holding about half of the fp32 master weights
-    numel = sum(v.numel() for v in a.values())
-    print(f"engines: {s1['engine_info']} / {s2['engine_info']} (projector {numel} parameters)")
-    e1, e2 = s1["engine_info"], s2["engine_info"]
-    assert (e1["kind"], e1["model"], e1["optimizer"]) == ("single", "AdapterObjective", "AdamW")
-    assert e2["model"] == "DeepSpeedEngine" and e2["zero_stage"] == 2
-    assert e2["optimizer"] == "DeepSpeedZeroOptimizer"
-    assert numel // 2 <= e2["fp32_partition_numel"] < numel
-    assert s1["final_loss"] == pytest.approx(s2["final_loss"], rel=1e-6)
-    assert s1["eval_caption_loss"][-1][1] == pytest.approx(s2["eval_caption_loss"][-1][1], abs=1e-5)
-    # the 2-process run also exported a LLaVA folder holding the trained projector
-    from transformers import LlavaForConditionalGeneration
-
-    llava = LlavaForConditionalGeneration.from_pretrained(tmp_path / "two" / "llava")
-    assert llava.config.vision_feature_layer == -2 and llava.config.vision_feature_select_strategy == "default"
-    proj = llava.model.multi_modal_projector
-    assert torch.equal(proj.linear_1.weight, b["0.weight"]) and torch.equal(proj.linear_2.weight, b["2.weight"])
-    # and the frozen parts left the ZeRO-2 run bit-identical: the LLM as loaded, the tower as built for seed 0
-    from transformers import AutoModelForCausalLM
-
-    from adapters.export import hf_vision_tower
-    from adapters.vision import load_vision_tower
-
-    llm = AutoModelForCausalLM.from_pretrained(tiny_llm)
-    ref_lm = llm.model.state_dict()
-    got_lm = llava.model.language_model.state_dict()
-    assert got_lm.keys() == ref_lm.keys() and all(torch.equal(got_lm[k], v) for k, v in ref_lm.items())
-    assert torch.equal(llava.lm_head.weight, llm.lm_head.weight)
-    ref_tower = hf_vision_tower(load_vision_tower(None, "tiny", seed=0))[0].state_dict()
-    got_tower = llava.model.vision_tower.state_dict()
-    assert got_tower.keys() == ref_tower.keys() and all(torch.equal(got_tower[k], v) for k, v in ref_tower.items())
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # The adapter on the one engine: SIGKILL + --resume latest, 1 process and 2 processes under ZeRO-2
 # ---------------------------------------------------------------------------------------------------------------
@@ -230,22 +129,43 @@ def _adapter_launch(args: list[str], processes: int, faults: str | None = None) 
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("processes", [1, 2], ids=["1proc", "2proc-zero2"])
-def test_sigkill_then_resume_latest_matches_an_uninterrupted_adapter_run(tmp_path, synthetic_data, tiny_llm, processes):
-    """Killed at step 6 (checkpoints every 4), resumed with --resume latest: steps 5-8 equal the uninterrupted
-    run's, the projector too, and the checkpoints hold the projector and its optimiser only."""
+def _resumed_after_sigkill(args: list[str], run: Path, processes: int, ref: dict[int, float], ref_dir: Path) -> None:
+    """Kill the run at step 6 (checkpoints every 4), resume it with --resume latest, and compare steps 5-8 and
+    the projector with the uninterrupted run ``ref_dir``."""
     from vlp.checkpointing import read_latest
 
+    killed = _adapter_launch([*args, "--output-dir", str(run)], processes, faults="sigkill@6")
+    assert killed.returncode != 0 and read_latest(run / "checkpoints").name == "step-00000004"
+    assert max(losses_after_last_resume(run)) == 6
+    resumed = _adapter_launch([*args, "--output-dir", str(run), "--resume", "latest"], processes)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    got = losses_after_last_resume(run)
+    assert sorted(got) == sorted(ref) == list(range(1, 9))
+    rel = max(abs(got[s] - ref[s]) / abs(ref[s]) for s in range(5, 9))
+    a, _ = load_projector_state(ref_dir)
+    b, _ = load_projector_state(run)
+    diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    print(
+        f"{processes} process(es): resumed steps 5-8 vs uninterrupted: max relative loss difference {rel:.2e}, "
+        f"projector max |diff| {diff:.2e}"
+    )
+    assert rel <= 1e-6 and diff <= 1e-6
+
+
+@pytest.mark.slow
+def test_adapter_one_process_two_processes_zero2_and_sigkill_resume(tmp_path, synthetic_data, tiny_llm):
+    """On the same global batch (train.global_stream), 8 steps: one process (in this process, plain AdamW) and two
+    processes under ZeRO-2 train the same projector (<= 1e-6) and leave tower and LLM bit-identical; each, killed
+    at step 6 and resumed with --resume latest, continues exactly like its uninterrupted run."""
     args = [
         "--llm",
         str(tiny_llm),
         "--steps",
         "8",
-        "--batch-size",
-        str(8 // processes),
         "--workers",
         "0",
+        "--train.global_stream",
+        "true",
         "--train-shards",
         synthetic_data.train_shards,
         "--eval-shards",
@@ -261,32 +181,65 @@ def test_sigkill_then_resume_latest_matches_an_uninterrupted_adapter_run(tmp_pat
         "--eval-every",
         "0",
     ]
-    ref, crash = tmp_path / "ref", tmp_path / "crash"
-    done = _adapter_launch([*args, "--output-dir", str(ref)], processes)
+    one_args, two_args = [*args, "--batch-size", "8"], [*args, "--batch-size", "4"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    run_training(parse_cli(AdapterConfig, [*one_args, "--output-dir", str(one)], ADAPTER_ALIASES))
+    done = _adapter_launch([*two_args, "--format", "llava", "--output-dir", str(two)], 2)
     assert done.returncode == 0, done.stderr[-3000:]
-    killed = _adapter_launch([*args, "--output-dir", str(crash)], processes, faults="sigkill@6")
-    assert killed.returncode != 0 and read_latest(crash / "checkpoints").name == "step-00000004"
-    assert max(losses_after_last_resume(crash)) == 6
-    resumed = _adapter_launch([*args, "--output-dir", str(crash), "--resume", "latest"], processes)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "DeepSpeed ZeRO stage 2, micro batch 4 x 1 accumulation x 2 processes" in done.stderr
 
-    expect, got = losses_after_last_resume(ref), losses_after_last_resume(crash)
-    assert sorted(got) == sorted(expect) == list(range(1, 9))
-    rel = max(abs(got[s] - expect[s]) / abs(expect[s]) for s in range(5, 9))
-    a, _ = load_projector_state(ref)
-    b, _ = load_projector_state(crash)
+    a, _ = load_projector_state(one)
+    b, _ = load_projector_state(two)
     diff = max((a[k] - b[k]).abs().max().item() for k in a)
-    print(
-        f"{processes} process(es): resumed steps 5-8 vs uninterrupted: max relative loss difference {rel:.2e}, "
-        f"projector max |diff| {diff:.2e}"
-    )
-    assert rel <= 1e-6 and diff <= 1e-6
-    ckpt = read_latest(crash / "checkpoints")
-    if processes == 1:  # no frozen tower or LLM in the checkpoint: the projector's weights and nothing else
-        state = torch.load(ckpt / "objective.pt", weights_only=True)
-        assert sorted(state) == [
-            "model.projector.0.bias",
-            "model.projector.0.weight",
-            "model.projector.2.bias",
-            "model.projector.2.weight",
-        ]
+    torch.manual_seed(0)  # build_adapter's projector initialisation for seed 0
+    init = build_projector("mlp2x_gelu", 128, 64).state_dict()
+    moved = max((a[k] - init[k]).abs().max().item() for k in a)
+    print(f"projector max |1 process - 2 processes ZeRO-2| after 8 steps: {diff:.3g} (moved {moved:.3g} from init)")
+    assert diff <= 1e-6 and moved > 1e-3
+    s1 = json.loads((one / "summary.json").read_text())
+    s2 = json.loads((two / "summary.json").read_text())
+    assert s1["world_size"] == 1 and s2["world_size"] == 2 and s1["global_batch"] == s2["global_batch"] == 8
+    # what trained: plain AdamW in one process; a DeepSpeed engine with ZeRO-2's partitioned optimizer in two,
+    # rank 0 holding about half of the fp32 master weights
+    numel = sum(v.numel() for v in a.values())
+    e1, e2 = s1["engine_info"], s2["engine_info"]
+    print(f"engines: {e1} / {e2} (projector {numel} parameters)")
+    assert (e1["kind"], e1["model"], e1["optimizer"]) == ("single", "AdapterObjective", "AdamW")
+    assert e2["model"] == "DeepSpeedEngine" and e2["zero_stage"] == 2
+    assert e2["optimizer"] == "DeepSpeedZeroOptimizer"
+    assert numel // 2 <= e2["fp32_partition_numel"] < numel
+    assert s1["final_loss"] == pytest.approx(s2["final_loss"], rel=1e-6)
+    assert s1["eval_caption_loss"][-1][1] == pytest.approx(s2["eval_caption_loss"][-1][1], abs=1e-5)
+    # the 2-process run also exported a LLaVA folder holding the trained projector
+    from transformers import AutoModelForCausalLM, LlavaForConditionalGeneration
+
+    from adapters.export import hf_vision_tower
+    from adapters.vision import load_vision_tower
+
+    llava = LlavaForConditionalGeneration.from_pretrained(two / "llava")
+    assert llava.config.vision_feature_layer == -2 and llava.config.vision_feature_select_strategy == "default"
+    proj = llava.model.multi_modal_projector
+    assert torch.equal(proj.linear_1.weight, b["0.weight"]) and torch.equal(proj.linear_2.weight, b["2.weight"])
+    # and the frozen parts left the ZeRO-2 run bit-identical: the LLM as loaded, the tower as built for seed 0
+    llm = AutoModelForCausalLM.from_pretrained(tiny_llm)
+    ref_lm = llm.model.state_dict()
+    got_lm = llava.model.language_model.state_dict()
+    assert got_lm.keys() == ref_lm.keys() and all(torch.equal(got_lm[k], v) for k, v in ref_lm.items())
+    assert torch.equal(llava.lm_head.weight, llm.lm_head.weight)
+    ref_tower = hf_vision_tower(load_vision_tower(None, "tiny", seed=0))[0].state_dict()
+    got_tower = llava.model.vision_tower.state_dict()
+    assert got_tower.keys() == ref_tower.keys() and all(torch.equal(got_tower[k], v) for k, v in ref_tower.items())
+
+    # checkpoints hold the projector and its optimiser only: no frozen tower or LLM is rewritten at every save
+    from vlp.checkpointing import read_latest
+
+    state = torch.load(read_latest(one / "checkpoints") / "objective.pt", weights_only=True)
+    assert sorted(state) == [
+        "model.projector.0.bias",
+        "model.projector.0.weight",
+        "model.projector.2.bias",
+        "model.projector.2.weight",
+    ]
+    # SIGKILL at step 6 + --resume latest, in 1 process and in 2 processes under ZeRO-2
+    _resumed_after_sigkill(one_args, tmp_path / "crash1", 1, losses_after_last_resume(one), one)
+    _resumed_after_sigkill(two_args, tmp_path / "crash2", 2, losses_after_last_resume(two), two)
