@@ -70,6 +70,13 @@ class CaptionEvaluation(RunEvaluation):
         log.info("step %d: held-out caption loss %.4f", step, value)
         return {"eval/caption_loss": value}
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"curve": [[int(a), float(b)] for a, b in self.curve], "text_only": self.text_only}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.curve = [(int(a), float(b)) for a, b in state.get("curve", [])]
+        self.text_only = state.get("text_only")
+
     def final(self, module: nn.Module, device: torch.device, step: int | None = None) -> dict[str, Any]:
         if step is not None and not (self.curve and self.curve[-1][0] == step):
             self.evaluate(step, module, device)
@@ -87,6 +94,7 @@ class AdapterObjective(Objective):
 
     requires_text = True
     exclude_frozen_from_checkpoints = True  # the tower and the LLM are rebuilt from the config on resume
+    supports_zero3 = False  # the frozen parts and the evaluation run outside DeepSpeed's partitioning
     reported_loss_key = "loss/caption"
 
     def __init__(self, cfg: Any, parts: AdapterParts) -> None:

@@ -145,6 +145,16 @@ def _resumed_after_sigkill(args: list[str], run: Path, processes: int, ref: dict
     a, _ = load_projector_state(ref_dir)
     b, _ = load_projector_state(run)
     diff = max((a[k] - b[k]).abs().max().item() for k in a)
+    # the summary covers the whole run: the held-out curve from step 0, kept in the checkpoints
+    ref_summary = json.loads((ref_dir / "summary.json").read_text())
+    summary = json.loads((run / "summary.json").read_text())
+    assert [s for s, _ in summary["eval_caption_loss"]] == [0, 8]
+    got_curve, ref_curve = (
+        [v for _, v in summary["eval_caption_loss"]],
+        [v for _, v in ref_summary["eval_caption_loss"]],
+    )
+    assert got_curve == pytest.approx(ref_curve, rel=1e-6)
+    assert summary["eval_text_only_caption_loss"] == pytest.approx(ref_summary["eval_text_only_caption_loss"])
     print(
         f"{processes} process(es): resumed steps 5-8 vs uninterrupted: max relative loss difference {rel:.2e}, "
         f"projector max |diff| {diff:.2e}"

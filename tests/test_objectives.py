@@ -109,3 +109,55 @@ def test_every_ssl_method_is_also_an_auxiliary_term_and_clip_siglip_are_image_te
     assert sorted(n for n, s in specs.items() if s.auxiliary) == ["byol", "dino", "moco", "simclr"]
     run = run_config_class()()
     assert (run.ssl.simclr.temperature, run.ssl.moco.version, run.ssl.dino.out_dim) == (0.1, 3, 65536)
+
+
+def test_speed_features_reach_the_tower_of_a_standalone_ssl_objective():
+    from vlp.distributed import world_info
+    from vlp.train.engine import apply_speed_features
+
+    cfg = parse_cli(
+        run_config_class(),
+        [
+            "--objective",
+            "simclr",
+            "--model",
+            "tiny",
+            "--model.patch_dropout",
+            "0.5",
+            "--ssl.simclr.hidden_dim",
+            "32",
+            "--ssl.simclr.out_dim",
+            "16",
+        ],
+        PRETRAIN_ALIASES,
+    )
+    obj = registry.resolve(cfg).build(cfg, world_info())
+    assert type(obj.visual.patch_dropout).__name__ == "Identity"
+    apply_speed_features(obj, cfg)
+    assert type(obj.visual.patch_dropout).__name__ == "PatchDropout" and obj.visual.patch_dropout.prob == 0.5
+
+
+def test_resuming_with_another_loss_is_refused_before_anything_is_rewritten(tmp_path, synthetic_data):
+    from vlp.train.trainer import run_training
+
+    args = [
+        "--model",
+        "tiny",
+        "--steps",
+        "2",
+        "--batch-size",
+        "8",
+        "--workers",
+        "0",
+        "--train-shards",
+        synthetic_data.train_shards,
+        "--output-dir",
+        str(tmp_path / "run"),
+        "--no-eval.zeroshot",
+    ]
+    run_training(parse_cli(run_config_class(), [*args, "--loss", "clip"], PRETRAIN_ALIASES))
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    again = parse_cli(run_config_class(), [*args, "--loss", "siglip", "--resume", "latest"], PRETRAIN_ALIASES)
+    with pytest.raises(ConfigError, match="the checkpoint trained objective 'clip', this run 'siglip'"):
+        run_training(again)
+    assert (tmp_path / "run" / "config.yaml").read_text() == saved

@@ -191,3 +191,11 @@ def test_short_standalone_run_lowers_its_loss_without_collapse(tmp_path, synthet
     assert last < 0.95 * first, (objective, first, last)
     assert min(r[f"ssl/{objective}/z_std"] for r in steps[-5:]) * math.sqrt(32) > 0.1
     assert summary["monitor/embed_std_x_sqrt_d"] > 0.1, summary["monitor/embed_std_x_sqrt_d"]
+    # the run directory (no model.safetensors: export off) loads from its checkpoint: the trained image tower
+    from vlp.checkpointing import consolidated_state_dict, load_trained_model, read_latest
+
+    model, cfg = load_trained_model(out)
+    state = consolidated_state_dict(read_latest(out / "checkpoints"))
+    visual = {k.removeprefix("visual."): v for k, v in state.items() if k.startswith("visual.")}
+    assert cfg.objective == objective and visual
+    assert all(torch.equal(model.visual.state_dict()[k], v) for k, v in visual.items())

@@ -138,7 +138,7 @@ def load_trained_model(path: str | Path, map_location: str = "cpu"):
         trainer = torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)
         cfg = saved_pretrain_config(trainer["config"])
         model = build_model(run_preset(cfg.model.name, run_dir_of(path), trainer.get("preset")), cfg.loss)
-        model.load_state_dict(dualtower_state(consolidated_state_dict(path)))
+        load_objective_state(model, consolidated_state_dict(path))
         return model, cfg
     if path.is_dir():
         candidates = [path / EXPORT_NAME, path / "checkpoint.pt"]
@@ -296,6 +296,23 @@ def consolidated_state_dict(checkpoint: Path) -> dict[str, torch.Tensor]:
             raise FileNotFoundError(f"{ds_dir}: no DeepSpeed model states")
         state = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+
+
+def load_objective_state(model, objective_state: dict[str, torch.Tensor]) -> None:
+    """Load a DualTower from a checkpointed objective's state: the ``model.*`` entries of the image-text objectives,
+    or the ``visual.*`` entries of a standalone SSL objective (which trains the image tower alone: the text tower
+    and logit scale/bias keep ``model``'s own values)."""
+    if any(k.startswith("model.") for k in objective_state):
+        model.load_state_dict(dualtower_state(objective_state))
+        return
+    visual = {f"clip.visual.{k[len('visual.') :]}": v for k, v in objective_state.items() if k.startswith("visual.")}
+    if not visual:
+        raise KeyError("the objective's state dict holds no DualTower ('model.*') or image tower ('visual.*')")
+    missing, unexpected = model.load_state_dict(visual, strict=False)
+    if unexpected or any(k.startswith("clip.visual.") for k in missing):
+        raise KeyError(
+            f"the image tower's state does not fit the preset (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
 
 
 def dualtower_state(objective_state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

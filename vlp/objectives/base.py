@@ -52,6 +52,13 @@ class RunEvaluation:
         """Whether :meth:`evaluate` has work at ``step`` on this process."""
         return bool(self.every) and step % self.every == 0
 
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to report the whole run (e.g. the curve so far); kept in checkpoints."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
     def final(self, module: nn.Module, device: torch.device, step: int | None = None) -> dict[str, Any]:
         """The end-of-run evaluation after step ``step``."""
         return {}
@@ -70,6 +77,8 @@ class Objective(nn.Module):
     #: leave frozen parameters out of checkpoints (a frozen LLM is not rewritten at every save); resuming then
     #: needs the objective to rebuild them identically (from the run's config)
     exclude_frozen_from_checkpoints: bool = False
+    #: whether the objective runs under DeepSpeed ZeRO-3 (partitioned parameters)
+    supports_zero3: bool = True
     #: a key of the forward's logs to record as the step's loss instead of the backpropagated one (which may be
     #: a rank's scaled share of it)
     reported_loss_key: str | None = None

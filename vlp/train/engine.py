@@ -489,7 +489,11 @@ def apply_speed_features(objective: torch.nn.Module, cfg: Any) -> None:
     from vlp.model import DualTower
 
     patch_dropout = getattr(getattr(cfg, "model", None), "patch_dropout", 0.0)
-    for tower in (m for m in objective.modules() if isinstance(m, DualTower)):
+    towers = [m for m in objective.modules() if isinstance(m, DualTower)]
+    held = getattr(objective, "tower", None)  # a standalone SSL objective holds its DualTower by reference
+    if isinstance(held, DualTower) and held not in towers:
+        towers.append(held)
+    for tower in towers:
         if patch_dropout:  # 0 leaves the tower as built (a preset may set its own)
             tower.set_patch_dropout(patch_dropout)
         if cfg.train.compile:

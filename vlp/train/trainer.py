@@ -36,7 +36,7 @@ from vlp.checkpointing import (
 from vlp.config import ConfigError, save_yaml, to_dict
 from vlp.distributed import barrier, broadcast_object, world_info
 from vlp.objectives import registry
-from vlp.objectives.base import Objective, RunData
+from vlp.objectives.base import Objective, RunData, RunEvaluation
 from vlp.preflight import check_shards_exist
 from vlp.presets import preset_to_dict, save_run_preset
 from vlp.train.checkpoint import CheckpointManager
@@ -53,6 +53,34 @@ def resolve_output_dir(cfg: Any) -> Path:
     """The run directory: ``output_dir`` or runs/<time>-<objective>, identical on every rank."""
     out = cfg.output_dir or f"runs/{time.strftime('%Y%m%d-%H%M%S')}-{registry.resolve(cfg).name}"
     return Path(broadcast_object(out))
+
+
+def check_resume_config(ckpt: Path, cfg: Any, objective: str) -> None:
+    """Refuse, before config.yaml is rewritten, to resume a checkpoint of another objective, loss, LLM or tower:
+    the state would not fit (or, worse, would load into the wrong frozen model)."""
+    state = torch.load(ckpt / TRAINER_STATE, map_location="cpu", weights_only=True)
+    saved = state.get("config") or {}
+    was = state.get("objective")
+    if was is not None and was != objective:
+        raise ConfigError(
+            f"--resume {ckpt}: the checkpoint trained objective {was!r}, this run {objective!r}; "
+            f"resume with the run's own options (e.g. --config {run_dir_of(ckpt) / 'config.yaml'})"
+        )
+    for section, key in (
+        ("loss", "name"),
+        ("llm", "path"),
+        ("vision", "tower"),
+        ("vision", "preset"),
+        ("projector", "type"),
+    ):
+        if section in saved and hasattr(cfg, section):
+            old, new = saved[section].get(key), getattr(getattr(cfg, section), key)
+            if old != new:
+                raise ConfigError(
+                    f"--resume {ckpt}: the checkpoint was trained with {section}.{key}={old!r}, this "
+                    f"run has {new!r}; resume with the same value (or --config "
+                    f"{run_dir_of(ckpt) / 'config.yaml'})"
+                )
 
 
 def resolve_data(cfg: Any) -> RunData:
@@ -126,6 +154,8 @@ class Trainer:
         set_seed(cfg.train.seed)
         self.out_dir = out_dir = resolve_output_dir(cfg)
         self.resume_from = resolve_resume(resume, out_dir) if resume else None
+        if self.resume_from is not None:
+            check_resume_config(self.resume_from, cfg, spec.name)
         if resume == "latest" and self.resume_from is None:
             log.info("--resume latest: no checkpoint in %s yet, starting a fresh run", out_dir)
         # the dual tower's preset (a resumed run keeps its own), for objectives whose builder takes one
@@ -162,6 +192,11 @@ class Trainer:
         self.engine: TrainEngine = build_engine(
             self.accelerator, self.objective, optimizer, cfg, world, self.objective.hidden_size()
         )
+        if getattr(self.engine, "stage", None) == 3 and not self.objective.supports_zero3:
+            raise ConfigError(
+                f"objective {spec.name!r} does not support DeepSpeed ZeRO-3; use ZeRO-0/1/2 "
+                "(--deepspeed zero2 or configs/accelerate/zero2.yaml)"
+            )
         self.guard = NonFiniteGuard(cfg.train.max_nonfinite_steps)
         self.faults = FaultInjector()
         self.checkpoints = CheckpointManager(
@@ -253,7 +288,8 @@ class Trainer:
         """Run the remaining steps (from a resumed step onwards), checkpointing as configured."""
         cfg, world, engine = self.cfg, self.world, self.engine
         steps, g = cfg.train.steps, self.global_batch
-        if self.step == 0 and self.evaluation is not None:  # before the first update (e.g. the adapter's baseline)
+        ev = self.evaluation
+        if self.step == 0 and ev is not None and type(ev).begin is not RunEvaluation.begin:  # e.g. a baseline
             with self.engine.evaluation_model(self.objective.eval_module(), self.objective.build_plain) as module:
                 if metrics := self.evaluation.begin(module, self.accelerator.device):
                     self.metrics.log(0, metrics)
@@ -357,6 +393,8 @@ class Trainer:
             "config": to_dict(cfg),
             "preset": preset_to_dict(self.preset) if self.preset is not None else None,
         }
+        if self.evaluation is not None:
+            trainer_state["evaluation"] = self.evaluation.state_dict()
         rank_state = {"rank": world.rank, "rng": rng_state(), "data": self.loader.state_dict()}
         self.last_checkpoint = self.checkpoints.save(step, self.engine.save, rank_state, trainer_state)
         self._checkpoint_step = step
@@ -387,6 +425,8 @@ class Trainer:
         for group, lr in zip(self.scheduler.optimizer.param_groups, self.scheduler.get_last_lr()):
             group["lr"] = lr
         self.guard.load_state_dict(state["guard"])
+        if self.evaluation is not None and state.get("evaluation"):
+            self.evaluation.load_state_dict(state["evaluation"])
         self.engine.load_scaler_state(state.get("scaler"))
         self.step = int(state["step"])
         self._checkpoint_step = self.step
