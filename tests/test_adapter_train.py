@@ -113,16 +113,17 @@ def _adapter_launch(args: list[str], processes: int, faults: str | None = None) 
     if processes == 1:
         cmd = [sys.executable, "scripts/train_adapter.py", *args]
     else:
-        # what `accelerate launch` itself runs on a CPU-only machine, without its extra start-up
+        accelerate = str(Path(sys.executable).with_name("accelerate"))
         cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node",
+            accelerate,
+            "launch",
+            "--config_file",
+            "configs/accelerate/zero2.yaml",
+            "--num_processes",
             str(processes),
+            "--mixed_precision",
+            "no",
             "scripts/train_adapter.py",
-            "--deepspeed",
-            "zero2",
             *args,
         ]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)

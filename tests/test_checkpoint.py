@@ -1,8 +1,7 @@
 """Checkpoints that survive a crash: commit protocol, `latest`, keep-last-N, resume resolution, and real SIGKILLs.
 
-The must-show runs are real 2-process DeepSpeed launches on CPU (`python -m torch.distributed.run --nproc_per_node 2
-scripts/pretrain.py --deepspeed zero2|zero3`: what `accelerate launch` itself runs on a CPU-only machine, without
-its extra start-up), killed with SIGKILL through the VLP_FAULTS hook:
+The must-show runs are real 2-process DeepSpeed launches on CPU (`accelerate launch --config_file
+configs/accelerate/zero2.yaml|zero3.yaml --num_processes 2`), killed with SIGKILL through the VLP_FAULTS hook:
 
 * killed at step 15 (after its step-10 checkpoint), resumed with ``--resume latest``: steps 11-20 have the losses
   of an uninterrupted run (1e-5 relative);
@@ -34,6 +33,7 @@ from vlp.train.checkpoint import CheckpointManager
 from vlp.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
+ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 
 
 def fake_save(manager: CheckpointManager, step: int) -> Path:
@@ -114,16 +114,14 @@ def launch(config: str, args: list[str], faults: str | None = None, timeout: int
     env.pop("VLP_FAULTS", None)
     if faults:
         env["VLP_FAULTS"] = faults
-    stage = config.removesuffix(".yaml")  # zero2.yaml -> the DeepSpeed config configs/deepspeed/zero2.json
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
+        ACCELERATE,
+        "launch",
+        "--config_file",
+        str(ROOT / "configs" / "accelerate" / config),
+        "--num_processes",
         "2",
         str(ROOT / "scripts" / "pretrain.py"),
-        "--deepspeed",
-        stage,
         *args,
     ]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
