@@ -22,16 +22,9 @@ log = logging.getLogger(__name__)
 
 def compute_dtype(precision: str):
     """(accelerate mixed_precision, dtype of the frozen parts): bf16 on GPU and fp32 on CPU for ``auto``."""
-    import torch
+    from vlp.precision import resolve_precision
 
-    cuda = torch.cuda.is_available()
-    if precision == "auto":
-        precision = "bf16" if cuda else "fp32"
-    if precision in ("bf16", "fp16") and not cuda:
-        raise ConfigError(f"train.precision={precision} needs a GPU; use fp32 (or auto) on CPU")
-    mp = {"fp32": "no"}.get(precision, precision)
-    dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[mp]
-    return mp, dtype
+    return resolve_precision(precision)
 
 
 @dataclass

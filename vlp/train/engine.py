@@ -27,6 +27,7 @@ from accelerate import Accelerator
 from vlp.config import ConfigError
 from vlp.distributed import WorldInfo, world_info
 from vlp.objectives.base import Objective
+from vlp.precision import resolve_precision
 from vlp.preflight import DEEPSPEED_CONFIG_NAMES, check_deepspeed_version, resolve_deepspeed_config  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -43,12 +44,7 @@ def mixed_precision(cfg: Any) -> str:
     fp16 runs with loss scaling (accelerate's GradScaler, or DeepSpeed's dynamic loss scale). Whatever the
     precision, contrastive similarities and their loss are computed in fp32 (see ContrastiveObjective).
     """
-    p = cfg.train.precision
-    if p == "auto":
-        return "bf16" if torch.cuda.is_available() else "no"
-    if p in ("bf16", "fp16") and not torch.cuda.is_available():
-        raise ConfigError(f"train.precision={p} needs a GPU; use fp32 (or auto) on CPU")
-    return {"fp32": "no"}.get(p, p)
+    return resolve_precision(cfg.train.precision)[0]
 
 
 def deepspeed_from_launcher() -> bool:
