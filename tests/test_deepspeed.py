@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -114,14 +115,33 @@ def _skip_nonfinite_grad(rank: int, world: int, backends: list[str], shards: str
     return out
 
 
+NAMES = ["ddp", "zero2", "zero3", "zero3-accum"]
+
+
+def _both(rank: int, world: int, shards: str, root: str) -> dict[str, dict]:
+    """The equivalence runs and the non-finite drill in one process group (a spawn of 2 processes costs seconds)."""
+    return {
+        "train": _train_backends(rank, world, NAMES, shards, f"{root}/train"),
+        "nonfinite": _skip_nonfinite_grad(rank, world, ["zero2", "zero3"], shards, f"{root}/nonfinite"),
+    }
+
+
+@pytest.fixture(scope="module")
+def distributed_runs(synthetic_data, tmp_path_factory) -> tuple[list[dict], Path]:
+    root = tmp_path_factory.mktemp("deepspeed")
+    return run_distributed(_both, 2, (synthetic_data.train_shards, str(root)), timeout=1800), root
+
+
 @pytest.mark.slow
-def test_zero2_zero3_ddp_and_one_process_same_losses_and_zero3_export(synthetic_data, tmp_path):
+def test_zero2_zero3_ddp_and_one_process_same_losses_and_zero3_export(synthetic_data, distributed_runs):
     from vlp.checkpointing import load_trained_model
     from vlp.train.trainer import Trainer
 
+    results, base = distributed_runs
+    tmp_path = base / "train"
     shards, root = synthetic_data.train_shards, str(tmp_path)
-    names = ["ddp", "zero2", "zero3", "zero3-accum"]
-    dist_res = run_distributed(_train_backends, 2, (names, shards, root), timeout=1800)[0]
+    names = NAMES
+    dist_res = results[0]["train"]
     reset_accelerate()
     # one process on the same global batch: 2 ranks x 8 = 16 (argparse keeps the last --batch-size)
     single_args = run_args(shards, f"{root}/single", "single", extra=["--batch-size", "16"])
@@ -174,11 +194,8 @@ def test_zero2_zero3_ddp_and_one_process_same_losses_and_zero3_export(synthetic_
     assert err < 1e-6
 
 
-def test_nonfinite_gradient_skips_the_update_under_zero2_and_zero3(synthetic_data, tmp_path):
-    res = run_distributed(
-        _skip_nonfinite_grad, 2, (["zero2", "zero3"], synthetic_data.train_shards, str(tmp_path)), timeout=1800
-    )
-    for per_rank in res:
+def test_nonfinite_gradient_skips_the_update_under_zero2_and_zero3(distributed_runs):
+    for per_rank in (r["nonfinite"] for r in distributed_runs[0]):
         for backend, r in per_rank.items():
             (a1, _, l1), (a2, why2, l2), (a3, _, l3) = r["outcomes"]
             assert (a1, a2, a3) == (True, False, True) and why2 == "nonfinite_grad", backend

@@ -20,7 +20,6 @@ from vlp.eval.engine import EvalOptions, EvalSet, ZeroShotModel, evaluate, flatt
 from vlp.eval.sources import ImageSource, WebDatasetSource
 
 ROOT = Path(__file__).resolve().parents[1]
-ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 
 
 class _FirstN(ImageSource):
@@ -137,22 +136,13 @@ def test_eval_every_does_not_change_the_training_losses(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_eval_every_equals_cli_on_final_checkpoint(tmp_path):
+def test_two_process_eval_every_equals_cli_on_final_checkpoint(two_process_launch):
+    """``accelerate launch --num_processes 2``, SigLIP, 4 steps, ``--eval-every 2`` (tests/conftest.py)."""
     from vlp.config import ZEROSHOT_ALIASES, ZeroShotEvalConfig, parse_cli
     from vlp.eval.standalone import run_zeroshot_eval
     from vlp.train.metrics import read_metrics
 
-    out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        ACCELERATE,
-        "launch",
-        "--num_processes",
-        "2",
-        str(ROOT / "scripts" / "pretrain.py"),
-        *_run_args(tmp_path, out, 4, 2),
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    proc, out = two_process_launch
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2

@@ -186,15 +186,26 @@ def _distributed_accumulation(rank: int, world: int, backend: str) -> dict:
     return results
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("backend", ["ddp", "zero2"])
-def test_gradcache_across_ranks_equals_one_process_big_batch_and_uses_less_memory(backend):
+def _both_backends(rank: int, world: int) -> dict:
+    """DDP then ZeRO-2 in one process group (a spawn of 2 processes costs seconds of start-up)."""
+    return {backend: _distributed_accumulation(rank, world, backend) for backend in ("ddp", "zero2")}
+
+
+@pytest.fixture(scope="module")
+def across_ranks() -> tuple[dict, list[dict]]:
     refs = {}
     for loss in ("siglip", "clip"):
         refs[loss] = measure(make_engine(loss), gradcache.plain_step, [global_batch()])
     reset_accelerate()
-    res = run_distributed(_distributed_accumulation, 2, (backend,), timeout=1800)
-    for rank, results in enumerate(res):
+    return refs, run_distributed(_both_backends, 2, timeout=1800)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["ddp", "zero2"])
+def test_gradcache_across_ranks_equals_one_process_big_batch_and_uses_less_memory(backend, across_ranks):
+    refs, res = across_ranks
+    for rank, per_backend in enumerate(res):
+        results = per_backend[backend]
         for loss in ("siglip", "clip"):
             r, (ref_loss, ref) = results[loss], refs[loss]
             assert r["kind"] == ("deepspeed" if backend == "zero2" else "ddp")

@@ -19,7 +19,6 @@ from vlp.model import build_model, load_preset
 from vlp.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 
 
 def small_run_args(tmp_path, out, steps=3, loss="siglip"):
@@ -71,12 +70,12 @@ def run_script(args, env_extra=None, launcher=None, timeout=600):
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def test_two_process_first_step_equals_single_process_on_global_batch(tmp_path):
-    out = tmp_path / "run2"
-    args = small_run_args(tmp_path, out, steps=1) + ["--train.save_first_batch", "true", "--eval.zeroshot", "false"]
-    proc = run_script(args, launcher=[ACCELERATE, "launch", "--num_processes", "2"])
+def test_two_process_first_step_equals_single_process_on_global_batch(two_process_launch):
+    """The shared ``accelerate launch --num_processes 2`` run (tests/conftest.py): its first step's loss is the
+    naive loss of one process on the two ranks' batches."""
+    proc, out = two_process_launch
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "with siglip/chunked loss on 2 process(es)" in proc.stderr, proc.stderr[-3000:]  # the default loss
+    assert "with siglip/chunked loss on 2 process(es)" in proc.stderr, proc.stderr[-3000:]  # the default impl
     first = read_metrics(out / "metrics.jsonl")[0]
     batches = [torch.load(out / f"first_batch_rank{r}.pt") for r in range(2)]
     images = torch.cat([b["image"] for b in batches])
