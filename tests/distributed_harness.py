@@ -11,6 +11,18 @@ iterated differently on different ranks on every run, not on a random half of th
 order decide collectives or the backward order (ZeRO-2 reduces gradients in the order their hooks fire) fails
 here deterministically. Results come back in rank order; an exception in any rank fails the call with
 that rank's traceback.
+
+Small checks that need a process group of the same size but nothing else can share one spawn (starting processes
+costs seconds each on 2 cores)::
+
+    @shared_check(3)
+    def _my_check(rank, world_size): ...            # module level, no further arguments
+
+    results = run_shared(_my_check, 3)              # in the test
+
+The first ``run_shared`` for a world size runs every check registered for it (the test modules collected so far)
+in one group, one after the other, and keeps their results; an exception stops the group there (the other ranks
+could otherwise wait in a collective forever), and the checks that did not finish fail with its traceback.
 """
 
 from __future__ import annotations
@@ -49,6 +61,49 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, qu
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+_SHARED_CHECKS: dict[int, list[Callable]] = {}
+_SHARED_RESULTS: dict[int, dict[str, list[Any]] | str] = {}
+
+
+def _key(fn: Callable) -> str:
+    return f"{fn.__module__}.{fn.__qualname__}"
+
+
+def shared_check(world_size: int) -> Callable[[Callable], Callable]:
+    """Register ``fn(rank, world_size)`` to run in the one shared group of ``world_size`` processes."""
+
+    def register(fn: Callable) -> Callable:
+        checks = _SHARED_CHECKS.setdefault(world_size, [])
+        if _key(fn) not in map(_key, checks):
+            checks.append(fn)
+        return fn
+
+    return register
+
+
+def _run_checks(rank: int, world_size: int, checks: list[Callable]) -> dict[str, Any]:
+    return {_key(fn): fn(rank, world_size) for fn in checks}
+
+
+def run_shared(fn: Callable, world_size: int, timeout: float = 300) -> list[Any]:
+    """``[fn(rank, world_size) for rank in range(world_size)]`` from the shared group (see the module docstring)."""
+    key = _key(fn)
+    checks = _SHARED_CHECKS.get(world_size, [])
+    if key not in map(_key, checks):
+        raise ValueError(f"{key} is not registered with @shared_check({world_size})")
+    done = _SHARED_RESULTS.get(world_size)
+    if done is None or (isinstance(done, dict) and key not in done):
+        try:
+            per_rank = run_distributed(_run_checks, world_size, (checks,), timeout)
+            done = {k: [r[k] for r in per_rank] for k in per_rank[0]}
+        except RuntimeError as e:
+            done = str(e)
+        _SHARED_RESULTS[world_size] = done
+    if isinstance(done, str):
+        raise RuntimeError(f"the shared {world_size}-process group failed before {key} finished:\n{done}")
+    return done[key]
 
 
 def run_distributed(fn: Callable[..., Any], world_size: int, args: tuple = (), timeout: float = 300) -> list[Any]:

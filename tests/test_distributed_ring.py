@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.distributed_harness import run_distributed
+from tests.distributed_harness import run_shared, shared_check
 from vlp.distributed import RingExchange, ring_shift, ring_visit
 
 
@@ -17,6 +17,7 @@ def _logaddexp_(acc: torch.Tensor, part: torch.Tensor) -> None:
     torch.logaddexp(acc, part, out=acc)
 
 
+@shared_check(3)
 def _ring_worker(rank: int, world: int) -> dict:
     group = dist.new_group(list(range(world)), timeout=timedelta(seconds=60))
     out: dict = {}
@@ -64,7 +65,7 @@ def _ring_worker(rank: int, world: int) -> dict:
 
 def test_ring_exchange_on_three_processes():
     world = 3
-    results = run_distributed(_ring_worker, world)
+    results = run_shared(_ring_worker, world)
     for rank, res in enumerate(results):
         prev = (rank - 1) % world
         assert res["shift"] == ([[float(prev)] * 3] * 2, [10 * prev + i for i in range(4)])

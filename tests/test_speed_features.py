@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from tests.distributed_harness import run_distributed
+from tests.distributed_harness import run_shared, shared_check
 from vlp.config import PRETRAIN_ALIASES, ConfigError, ModelConfig, PretrainConfig, parse_cli
 from vlp.model import build_model, load_preset
 from vlp.preflight import check_pretrain_inputs
@@ -168,6 +168,7 @@ def test_timm_siglip_tower_uses_scaled_dot_product_attention(monkeypatch):
     assert n == 25
 
 
+@shared_check(3)
 def _p2p_worker(rank: int, world: int) -> dict:
     """Chunked clip and siglip loss, forward + backward, recording every batched point-to-point operation."""
     from vlp.losses import LOSSES
@@ -222,7 +223,7 @@ def _p2p_worker(rank: int, world: int) -> dict:
 
 def test_ring_exchange_is_nccl_compatible_point_to_point():
     world = 3
-    results = run_distributed(_p2p_worker, world)
+    results = run_shared(_p2p_worker, world)
     for rank, res in enumerate(results):
         assert res["other"] == []
         assert len(res["records"]) >= 4 * (world - 1)  # payload + accumulator, forward + backward, two losses
