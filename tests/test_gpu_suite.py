@@ -88,3 +88,34 @@ def test_gpu_suite_dry_run(tmp_path):
     md = (tmp_path / "gpu_suite.md").read_text()
     for heading in ("(a) Training throughput", "(b) Losses", "(c) Smoke run", "(d) Speed features"):
         assert heading in md
+
+
+def test_gpu_suite_refuses_bad_smoke_jobs(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/benchmarks/gpu_suite.py"), "--dry-run", "--out", str(tmp_path)]
+        + ["--sections", "b", "--smoke-jobs", "0"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"},
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "--smoke-jobs must be >= 1, got 0" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_loss_chunk_sweep_agrees_with_naive(capsys):
+    """scripts/benchmarks/loss_chunk_sweep.py: every chunk size and TF32 setting gives the naive loss."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("_chunk_sweep", ROOT / "scripts/benchmarks/loss_chunk_sweep.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--batch", "96", "--dim", "8", "--chunks", "32", "64", "--repeats", "1"]) == 0
+    recs = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    # 2 dtypes x 2 TF32 settings x 2 losses x 2 chunk sizes, and the naive losses at TF32 on (bf16, fp32)
+    assert len(recs) == 2 * 2 * 2 * 2 + 2 * 2 and not any("error" in r for r in recs)
+    for r in recs:
+        ref = next(n for n in recs if n["impl"] == "naive" and n["loss"] == r["loss"] and n["dtype"] == "float32")
+        # bf16 features are rounded inputs (chunked computes them in fp32 tiles); naive bf16 also rounds its logits
+        tol = 1e-5 if r["dtype"] == "float32" else 1e-3 if r["impl"] == "chunked" else 2e-2
+        assert math.isclose(r["loss_value"], ref["loss_value"], rel_tol=tol), (r, ref)
+        assert r["time_ms"] > 0 and (r["chunk"] in (32, 64)) == (r["impl"] == "chunked")
