@@ -12,6 +12,10 @@ order decide collectives or the backward order (ZeRO-2 reduces gradients in the 
 here deterministically. Results come back in rank order; an exception in any rank fails the call with
 that rank's traceback.
 
+The processes are forked from one pre-imported interpreter per rank (tests/zygote.py), started with that rank's
+``PYTHONHASHSEED`` the first time the rank is needed: each group gets new processes, without paying seconds of
+imports for every one. ``VLP_TEST_SPAWN=1`` starts every process with multiprocessing's spawn instead.
+
 Small checks that need a process group of the same size but nothing else can share one spawn (starting processes
 costs seconds each on 2 cores)::
 
@@ -27,11 +31,21 @@ could otherwise wait in a collective forever), and the checks that did not finis
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import os
 import pickle
+import select
+import signal
 import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
 import traceback
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -106,8 +120,169 @@ def run_shared(fn: Callable, world_size: int, timeout: float = 300) -> list[Any]
     return done[key]
 
 
+ROOT = Path(__file__).resolve().parents[1]
+# what the first two ranks' interpreters import once (every multi-process test needs the first two); further ranks
+# serve only the 3- and 4-process checks of the losses and the harness
+_PRELOAD_FIRST = ("torch", "torch.distributed", "numpy", "deepspeed", "vlp.train.trainer", "tests.distributed_harness")
+_PRELOAD_OTHER = ("torch", "torch.distributed", "tests.distributed_harness")
+
+
+class _Zygote:
+    """One ``python -m tests.zygote`` process (see its docstring) and its line-based report channel."""
+
+    def __init__(self, rank: int) -> None:
+        modules = _PRELOAD_FIRST if rank < 2 else _PRELOAD_OTHER
+        env = {**os.environ, "PYTHONHASHSEED": str(rank)}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.zygote", *modules],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            cwd=ROOT,
+            env=env,
+            bufsize=0,
+        )
+        self.buffer = b""
+        self.started = False
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def line(self, deadline: float) -> str | None:
+        """The next report line, or None at the deadline."""
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self.buffer:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+                return None
+            chunk = os.read(fd, 4096)
+            if not chunk:
+                raise RuntimeError(f"the forking interpreter exited (code {self.proc.wait()})")
+            self.buffer += chunk
+        line, self.buffer = self.buffer.split(b"\n", 1)
+        return line.decode()
+
+    def expect(self, word: str, deadline: float) -> int | None:
+        line = self.line(deadline)
+        if line is None:
+            return None
+        got, _, value = line.partition(" ")
+        if got != word:
+            raise RuntimeError(f"forking interpreter said {line!r}, expected {word!r}")
+        return int(value) if value else 0
+
+    def request(self, payload: dict, deadline: float) -> None:
+        if not self.started:
+            if self.expect("ready", deadline) is None:
+                raise RuntimeError("the forking interpreter did not start in time")
+            self.started = True
+        data = pickle.dumps(payload)
+        self.proc.stdin.write(struct.pack("<Q", len(data)) + data)
+        self.proc.stdin.flush()
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.close()
+            self.proc.wait(5)
+        except Exception:  # noqa: BLE001 - at exit, make sure it is gone
+            self.proc.kill()
+
+
+_ZYGOTES: dict[int, _Zygote] = {}
+
+
+@atexit.register
+def _close_zygotes() -> None:
+    for z in _ZYGOTES.values():
+        z.close()
+    _ZYGOTES.clear()
+
+
+def _zygote(rank: int) -> _Zygote:
+    z = _ZYGOTES.get(rank)
+    if z is None or not z.alive():
+        z = _ZYGOTES[rank] = _Zygote(rank)
+    return z
+
+
+def _forked_worker(rank: int, world_size: int, port: int, call: bytes, result: str) -> None:
+    """Run in a forked child: the body of :func:`_worker`, reporting to the file ``result``."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
+    )
+    torch.set_num_threads(1)
+    try:
+        fn, args = pickle.loads(call)
+        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        report = (True, pickle.dumps(fn(rank, world_size, *args)))
+    except BaseException:  # noqa: BLE001 - report any failure to the parent
+        report = (False, traceback.format_exc())
+    try:
+        tmp = f"{result}.tmp"
+        with open(tmp, "wb") as f:
+            pickle.dump(report, f)
+        os.replace(tmp, result)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run_forked(fn: Callable[..., Any], world_size: int, args: tuple, timeout: float) -> list[Any]:
+    zygotes = [_zygote(r) for r in range(world_size)]
+    starting = not all(z.started for z in zygotes)
+    deadline = time.monotonic() + timeout + (120 if starting else 0)  # + the interpreters' first start
+    port = free_port()
+    call = pickle.dumps((fn, args))
+    pids: list[int | None] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = [Path(tmp) / f"rank{r}.pkl" for r in range(world_size)]
+        try:
+            for rank, z in enumerate(zygotes):
+                kwargs = dict(rank=rank, world_size=world_size, port=port, call=call, result=str(paths[rank]))
+                payload = dict(
+                    env=dict(os.environ),
+                    cwd=os.getcwd(),
+                    sys_path=list(sys.path),
+                    target=("tests.distributed_harness", "_forked_worker"),
+                    kwargs=kwargs,
+                )
+                z.request(payload, deadline)
+                pids.append(z.expect("pid", deadline))
+            codes = [z.expect("exit", deadline) for z in zygotes]
+        except BaseException:
+            codes = [None]
+            raise
+        finally:
+            if None in codes or len(pids) < world_size:  # timed out or interrupted: kill the group and its servers
+                for pid in pids:
+                    if pid:
+                        with contextlib.suppress(OSError):
+                            os.kill(pid, signal.SIGKILL)
+                for rank in range(world_size):
+                    z = _ZYGOTES.pop(rank, None)
+                    if z is not None:
+                        z.proc.kill()
+        if None in codes:
+            raise RuntimeError(f"distributed workers did not finish within {timeout:.0f} s (killed)")
+        results: dict[int, Any] = {}
+        errors = []
+        for rank, (path, code) in enumerate(zip(paths, codes)):
+            if not path.exists():
+                errors.append(f"rank {rank}: exited with code {code} before reporting (its output is above)")
+                continue
+            ok, out = pickle.loads(path.read_bytes())
+            if ok:
+                results[rank] = pickle.loads(out)
+            else:
+                errors.append(f"rank {rank}:\n{out}")
+    if errors:
+        raise RuntimeError("distributed worker failed:\n" + "\n".join(errors))
+    return [results[r] for r in range(world_size)]
+
+
 def run_distributed(fn: Callable[..., Any], world_size: int, args: tuple = (), timeout: float = 300) -> list[Any]:
     """``[fn(rank, world_size, *args) for rank in range(world_size)]``, each in its own gloo process."""
+    if hasattr(os, "fork") and os.environ.get("VLP_TEST_SPAWN") != "1":
+        return _run_forked(fn, world_size, args, timeout)
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     port = free_port()
