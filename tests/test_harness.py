@@ -51,4 +51,3 @@ def test_each_rank_has_its_own_hash_seed_and_every_call_new_processes():
     assert first[0][0] != first[1][0]
     assert [h for h, _ in first] == [h for h, _ in second]  # the seed is the rank's, on every call
     assert len({pid for _, pid in first + second}) == 4
-
