@@ -10,7 +10,8 @@ import torch
 
 from vlp.config import PRETRAIN_ALIASES, parse_cli
 from vlp.objectives import run_config_class
-from vlp.ssl.monitor import RepresentationMonitor, knn_top1, mean_dim_std
+from vlp.ssl.base import collapse_statistic
+from vlp.ssl.monitor import RepresentationMonitor, knn_top1
 
 
 def _knn_reference(feats: torch.Tensor, labels: list[int], k: int, t: float) -> float:
@@ -39,9 +40,43 @@ def test_knn_top1_matches_reference_and_extremes():
 
 def test_collapse_statistic():
     g = torch.Generator().manual_seed(1)
-    assert mean_dim_std(torch.ones(100, 32)) == pytest.approx(0.0, abs=1e-7)
-    spread = mean_dim_std(torch.randn(4000, 64, generator=g)) * math.sqrt(64)
-    assert spread == pytest.approx(1.0, abs=0.03)  # isotropic: 1/sqrt(d) per dimension
+    assert float(collapse_statistic(torch.ones(100, 32))) == pytest.approx(0.0, abs=1e-7)
+    iso = torch.randn(4000, 64, generator=g)
+    assert float(collapse_statistic(iso)) == pytest.approx(1.0, abs=0.03)  # isotropic: 1/sqrt(d) per dimension
+    # centred: features sharing a large common direction (a ReLU tower's) still read as spread; uncentred, the
+    # SimSiam statistic reads them as near-collapse
+    shifted = torch.relu(torch.randn(1000, 256, generator=g) + 3)
+    uncentred = torch.nn.functional.normalize(shifted, dim=-1).std(dim=0).mean() * 16
+    assert float(collapse_statistic(shifted)) == pytest.approx(1.0, abs=0.03) and uncentred < 0.35
+    # one direction plus a little noise is near-collapse either way
+    line = torch.randn(1, 64, generator=g) * 10 + 0.01 * torch.randn(500, 64, generator=g)
+    assert float(collapse_statistic(line)) > 0.5  # the noise is isotropic once the common direction is removed
+
+
+@pytest.mark.parametrize("name", ["simclr", "moco-3", "moco-2", "byol", "dino"])
+def test_z_std_is_the_collapse_statistic_of_the_first_views_backbone_features(name):
+    """One meaning of ``ssl/<method>/z_std`` for every method (docs/ssl.md)."""
+    from vlp.distributed import world_info
+    from vlp.model import build_model, load_preset
+    from vlp.objectives import get_objective
+    from vlp.ssl.backbone import backbone_features
+
+    method, _, version = name.partition("-")
+    args = ["--objective", method, "--batch-size", "4", "--ssl.dino.local_crops", "2"]
+    args += ["--ssl.views.local_crop_size", "32", "--ssl.moco.queue_size", "16"]
+    args += ["--ssl.moco.version", version] if version else []
+    cfg = parse_cli(run_config_class(), args, PRETRAIN_ALIASES)
+    preset = load_preset("tiny")
+    obj = get_objective(method).build(cfg, world_info(), model=build_model(preset), preset=preset)
+    g = torch.Generator().manual_seed(0)
+    sizes = [64, 64] + ([32, 32] if method == "dino" else [])
+    views = [torch.randn(6, 3, s, s, generator=g) for s in sizes]
+    obj.eval()
+    with torch.no_grad():
+        _, metrics = obj.method.compute(views, obj.visual)
+        expect = collapse_statistic(backbone_features(obj.visual, views[0]))
+    assert float(metrics[f"ssl/{method}/z_std"]) == pytest.approx(float(expect), rel=1e-5)
+    assert 0.05 < float(expect) <= 1.5
 
 
 def test_monitor_on_the_synthetic_held_out_set(synthetic_data):
@@ -142,7 +177,7 @@ def test_short_standalone_run_lowers_its_loss_without_collapse(tmp_path, synthet
     """20 steps on the 400 synthetic images (tiny heads, batch 16), with negatives (SimCLR) and without (BYOL, whose
     failure mode is collapse): the loss of the last 5 steps is below that of the first 5, the batch embeddings stay
     spread, and so do the held-out backbone features (docs/ssl.md's threshold: mean per-dimension std of the
-    L2-normalised features x sqrt(d) above 0.1; 0 when collapsed)."""
+    centred L2-normalised features x sqrt(d) above 0.1; 0 when collapsed)."""
     from vlp.train.metrics import read_metrics
     from vlp.train.trainer import run_pretraining
 
@@ -189,7 +224,7 @@ def test_short_standalone_run_lowers_its_loss_without_collapse(tmp_path, synthet
     assert len(losses) == 20 and all(math.isfinite(x) for x in losses)
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.95 * first, (objective, first, last)
-    assert min(r[f"ssl/{objective}/z_std"] for r in steps[-5:]) * math.sqrt(32) > 0.1
+    assert min(r[f"ssl/{objective}/z_std"] for r in steps[-5:]) > 0.1
     assert summary["monitor/embed_std_x_sqrt_d"] > 0.1, summary["monitor/embed_std_x_sqrt_d"]
     # the run directory (no model.safetensors: export off) loads from its checkpoint: the trained image tower
     from vlp.checkpointing import consolidated_state_dict, load_trained_model, read_latest

@@ -17,7 +17,7 @@ from torch import nn
 
 from data_pipelines.ssl_views import MultiView
 from vlp.ssl.backbone import backbone_dim, multi_view_features
-from vlp.ssl.base import SSLMethod, embedding_std
+from vlp.ssl.base import SSLMethod, collapse_statistic
 from vlp.ssl.ema import EMATeacher
 from vlp.ssl.heads import mlp
 from vlp.ssl.schedules import cosine_increase
@@ -52,7 +52,7 @@ class BYOL(SSLMethod):
         return loss, {
             "loss/byol": loss.detach(),
             "ssl/byol/momentum": self.momentum,
-            "ssl/byol/z_std": embedding_std(p1),
+            "ssl/byol/z_std": collapse_statistic(f1),
         }
 
     def update_teacher(self, index: int, total_steps: int) -> None:

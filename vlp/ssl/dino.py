@@ -22,7 +22,7 @@ from torch import nn
 from data_pipelines.ssl_views import MultiView
 from vlp.distributed import world_info
 from vlp.ssl.backbone import backbone_dim, multi_view_features
-from vlp.ssl.base import SSLMethod, embedding_std
+from vlp.ssl.base import SSLMethod, collapse_statistic
 from vlp.ssl.ema import EMATeacher
 from vlp.ssl.heads import DINOHead
 from vlp.ssl.schedules import cosine_increase, linear_warmup
@@ -116,7 +116,7 @@ class DINO(SSLMethod):
             "ssl/dino/teacher_temp": temp,
             "ssl/dino/momentum": self.momentum,
             "ssl/dino/last_layer_frozen": float(self.head.freeze_last_layer),
-            "ssl/dino/z_std": embedding_std(student_feats[0]),
+            "ssl/dino/z_std": collapse_statistic(student_feats[0]),
         }
 
     def update_teacher(self, index: int, total_steps: int) -> None:

@@ -26,7 +26,7 @@ from data_pipelines.ssl_views import MultiView
 from vlp.config import ConfigError
 from vlp.distributed import all_gather_no_grad, world_info
 from vlp.ssl.backbone import backbone_dim, multi_view_features
-from vlp.ssl.base import SSLMethod, embedding_std
+from vlp.ssl.base import SSLMethod, collapse_statistic
 from vlp.ssl.ema import EMATeacher
 from vlp.ssl.heads import mlp
 from vlp.ssl.schedules import cosine_increase
@@ -108,7 +108,7 @@ class MoCoV3(SSLMethod):
         return loss, {
             "loss/moco": loss.detach(),
             "ssl/moco/momentum": self.momentum,
-            "ssl/moco/z_std": embedding_std(q1),
+            "ssl/moco/z_std": collapse_statistic(f1),
         }
 
     def update_teacher(self, index: int, total_steps: int) -> None:
@@ -152,7 +152,7 @@ class MoCoV2(SSLMethod):
             "loss/moco": loss.detach(),
             "ssl/moco/acc": acc,
             "ssl/moco/momentum": self.momentum,
-            "ssl/moco/z_std": embedding_std(q),
+            "ssl/moco/z_std": collapse_statistic(f_q),
         }
 
     def update_teacher(self, index: int, total_steps: int) -> None:

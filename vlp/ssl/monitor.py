@@ -5,9 +5,11 @@ projection), computed in eval mode on the preset's evaluation transform:
 
 - k-NN top-1: leave-one-out weighted k-NN over the held-out set with DINO's vote (k = 20 nearest neighbours by
   cosine similarity, each voting exp(sim / 0.07) for its class; Caron et al., 2021). Chance is 1 / classes.
-- collapse: the mean per-dimension standard deviation of the L2-normalised features (SimSiam, Chen & He, 2021):
-  about 1/sqrt(d) for well-spread features, 0 when every image maps to the same direction. Reported raw and times
-  sqrt(d) (1 = spread like an isotropic Gaussian).
+- collapse: :func:`vlp.ssl.base.collapse_statistic` of the features (SimSiam's mean per-dimension standard deviation
+  of L2-normalised features, on features centred by their mean direction): reported times sqrt(d), 1 = spread like
+  an isotropic Gaussian, 0 = every image maps to the same direction (``monitor/embed_std_x_sqrt_d``), and divided
+  by sqrt(d) (``monitor/embed_std``, about 1/sqrt(d) when spread). The same statistic of each training batch's
+  backbone features is logged as ``ssl/<method>/z_std``.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from vlp.ssl.backbone import backbone_features, check_not_zero3
+from vlp.ssl.base import collapse_statistic
 
 log = logging.getLogger(__name__)
 
@@ -41,12 +44,6 @@ def knn_top1(features: torch.Tensor, labels: torch.Tensor, k: int = 20, temperat
     votes = torch.zeros(n, num_classes, dtype=torch.float32, device=f.device)
     votes.scatter_add_(1, labels[top_idx], (top_sim / temperature).exp())
     return float((votes.argmax(dim=1) == labels).float().mean())
-
-
-@torch.no_grad()
-def mean_dim_std(features: torch.Tensor) -> float:
-    """Mean over dimensions of the standard deviation (over samples) of L2-normalised ``features``."""
-    return float(F.normalize(features.float(), dim=-1).std(dim=0).mean())
 
 
 class RepresentationMonitor:
@@ -134,8 +131,11 @@ class RepresentationMonitor:
     def run(self, visual: torch.nn.Module, device: torch.device | str) -> dict[str, float]:
         """k-NN top-1 (if labelled), chance, and the collapse statistic, as metric names -> values."""
         feats = self.features(visual, device)
-        std = mean_dim_std(feats)
-        res: dict[str, Any] = {"monitor/embed_std": std, "monitor/embed_std_x_sqrt_d": std * math.sqrt(feats.shape[1])}
+        stat = float(collapse_statistic(feats))
+        res: dict[str, Any] = {
+            "monitor/embed_std": stat / math.sqrt(feats.shape[1]),
+            "monitor/embed_std_x_sqrt_d": stat,
+        }
         if self.labels is not None:
             res["monitor/knn_top1"] = knn_top1(feats, self.labels, self.k, self.temperature)
             res["monitor/knn_chance"] = 1.0 / len(self.classes)

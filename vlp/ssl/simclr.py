@@ -18,7 +18,7 @@ from torch import nn
 from data_pipelines.ssl_views import MultiView
 from vlp.distributed import all_gather_with_grad, world_info
 from vlp.ssl.backbone import backbone_dim, multi_view_features
-from vlp.ssl.base import SSLMethod, embedding_std
+from vlp.ssl.base import SSLMethod, collapse_statistic
 from vlp.ssl.heads import mlp
 
 
@@ -61,4 +61,4 @@ class SimCLR(SSLMethod):
         z1 = F.normalize(self.head(f1).float(), dim=-1)
         z2 = F.normalize(self.head(f2).float(), dim=-1)
         loss, acc = nt_xent(z1, z2, self.temperature)
-        return loss, {"loss/simclr": loss.detach(), "ssl/simclr/acc": acc, "ssl/simclr/z_std": embedding_std(z1)}
+        return loss, {"loss/simclr": loss.detach(), "ssl/simclr/acc": acc, "ssl/simclr/z_std": collapse_statistic(f1)}
