@@ -68,3 +68,19 @@ def test_from_dict_roundtrip():
     from vlp.config import to_dict
 
     assert from_dict(PretrainConfig, to_dict(cfg)) == cfg
+
+
+def test_auto_logit_bias_is_the_batch_prior_resolved_from_the_global_batch():
+    from vlp.config import batch_prior_logit_bias
+
+    cfg = parse_cli(PretrainConfig, ["--loss.init_logit_bias", "auto"], PRETRAIN_ALIASES)
+    assert cfg.loss.init_logit_bias == "auto"
+    with pytest.raises(ConfigError, match="resolved from the global batch"):
+        _ = cfg.loss.resolved_init_logit_bias
+    cfg.loss.resolve_auto_bias(64)
+    b = cfg.loss.resolved_init_logit_bias
+    assert b == pytest.approx(-math.log(63)) and 1 / (1 + math.exp(-b)) == pytest.approx(1 / 64)
+    assert batch_prior_logit_bias(22027) == pytest.approx(-10.0, abs=1e-4)  # the fixed -10's batch
+    assert from_dict(PretrainConfig, {"loss": {"init_logit_bias": "auto"}}).loss.init_logit_bias == "auto"
+    with pytest.raises(ConfigError, match="at least 2"):
+        batch_prior_logit_bias(1)

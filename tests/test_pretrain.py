@@ -64,6 +64,23 @@ def test_short_run_writes_outputs_and_summary(tmp_path, loss):
     assert cfg2 == cfg and (model.logit_bias is None) == (loss == "clip")
 
 
+def test_auto_logit_bias_starts_at_the_batch_prior_and_is_recorded(tmp_path):
+    """--loss.init_logit_bias auto with a global batch of 8: step 1 uses -ln(7); config.yaml holds the number."""
+    import math
+
+    import yaml
+
+    from vlp.train.trainer import run_pretraining
+
+    out = tmp_path / "run"
+    args = small_run_args(tmp_path, out, steps=1) + ["--loss.init_logit_bias", "auto", "--eval.zeroshot", "false"]
+    run_pretraining(parse_cli(PretrainConfig, args, PRETRAIN_ALIASES))
+    first = read_metrics(out / "metrics.jsonl")[0]
+    assert first["logit_bias"] == pytest.approx(-math.log(7), abs=1e-6)
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["loss"]["init_logit_bias"] == pytest.approx(-math.log(7))
+
+
 def run_script(args, env_extra=None, launcher=None, timeout=600):
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
     cmd = (launcher or [sys.executable]) + [str(ROOT / "scripts" / "pretrain.py"), *args]

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import math
+import operator
 import re
 import types
 import typing
@@ -90,8 +92,10 @@ class LossConfig:
     extra peak) without a clear gain."""
     init_logit_scale: float | None = None
     """Initial log temperature t; default log(1/0.07) for clip, log(10) for siglip."""
-    init_logit_bias: float | None = None
-    """Initial bias b (siglip only); default -10."""
+    init_logit_bias: float | Literal["auto"] | None = None
+    """Initial bias b (siglip only); default -10. auto: -ln(B - 1) for the global batch B (batch size x accumulation
+    steps x processes), the bias at which a pair's initial probability sigmoid(b) is 1/B, the fraction of positive
+    pairs among the B x B of a batch; resolved when training starts (config.yaml records the number)."""
     max_logit_scale: float | None = None
     """Upper clamp on t; default log(100) for clip, none for siglip."""
 
@@ -119,11 +123,29 @@ class LossConfig:
         default = self._default("init_logit_bias")
         if default is None:  # a loss without a bias
             return None
-        return default if self.init_logit_bias is None else self.init_logit_bias
+        if self.init_logit_bias == "auto":
+            raise ConfigError(
+                "loss.init_logit_bias=auto is resolved from the global batch when training starts "
+                "(LossConfig.resolve_auto_bias); give a number to build a model outside training"
+            )
+        return default if self.init_logit_bias is None else float(self.init_logit_bias)
+
+    def resolve_auto_bias(self, global_batch: int) -> None:
+        """Replace ``init_logit_bias=auto`` by :func:`batch_prior_logit_bias` of ``global_batch``."""
+        if self.init_logit_bias == "auto":
+            self.init_logit_bias = batch_prior_logit_bias(global_batch)
 
     @property
     def resolved_max_logit_scale(self) -> float | None:
         return self.max_logit_scale if self.max_logit_scale is not None else self._default("max_logit_scale")
+
+
+def batch_prior_logit_bias(global_batch: int) -> float:
+    """-ln(B - 1): the SigLIP bias at which a pair's initial probability sigmoid(b) (cosine 0) equals 1/B, the
+    fraction of positive pairs among the B x B pairs of a global batch of B (b = -10 assumes B of about 22,000)."""
+    if global_batch < 2:
+        raise ConfigError(f"loss.init_logit_bias=auto needs a global batch of at least 2, got {global_batch}")
+    return -math.log(global_batch - 1)
 
 
 @dataclass
@@ -565,11 +587,12 @@ def _field_names(cls: type) -> list[str]:
 
 
 def _is_optional(tp: Any) -> tuple[bool, Any]:
+    """(None allowed, the type without None: one type, or a Union of the others)."""
     origin = get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in get_args(tp) if a is not type(None)]
-        if len(args) == 1 and len(get_args(tp)) == 2:
-            return True, args[0]
+        if len(args) < len(get_args(tp)):
+            return True, args[0] if len(args) == 1 else functools.reduce(operator.or_, args)
     return False, tp
 
 
@@ -582,6 +605,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"{key}: null is not allowed (expected {getattr(inner, '__name__', inner)})")
     tp = inner
     origin = get_origin(tp)
+    if origin in (typing.Union, types.UnionType):  # e.g. float | Literal["auto"]: the first member that fits
+        for member in get_args(tp):
+            try:
+                return _coerce(value, member, key)
+            except ConfigError:
+                continue
+        names = [
+            repr(get_args(m)[0]) if get_origin(m) is Literal else getattr(m, "__name__", str(m)) for m in get_args(tp)
+        ]
+        raise ConfigError(f"{key}: invalid value {value!r}; expected {' or '.join(names)}")
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, Mapping):
             raise ConfigError(f"{key}: expected a mapping with keys {_field_names(tp)}, got {value!r}")
