@@ -20,7 +20,14 @@ from vlp.presets import available_presets
 
 TOL = 1e-5
 FORMATS = {"hf-vision": export_hf_vision, "hf-full": export_hf_full, "open_clip": export_open_clip}
-# What each preset exports to; None: refused, with this text in the one-line reason.
+# What each preset exports to: the class that loads it, or REFUSED + the text of the one-line reason.
+REFUSED = "refused: "
+# the demo towers: timm's resnet18 builder with timm.create_model arguments (vision_cfg.timm_model_kwargs)
+RESNET = {
+    "hf-vision": "TimmWrapperModel",
+    "hf-full": REFUSED + "use --format hf-vision (TimmWrapperModel)",
+    "open_clip": REFUSED + "open_clip's TimmModel does not pass; use --format hf-vision (TimmWrapperModel)",
+}
 EXPECTED = {
     "tiny": {"hf-vision": "CLIPVisionModelWithProjection", "hf-full": "CLIPModel", "open_clip": "CLIP"},
     "small": {"hf-vision": "CLIPVisionModelWithProjection", "hf-full": "CLIPModel", "open_clip": "CLIP"},
@@ -28,8 +35,8 @@ EXPECTED = {
     "vit-l-14-clip": {"hf-vision": "CLIPVisionModelWithProjection", "hf-full": "CLIPModel", "open_clip": "CLIP"},
     "vit-b-16-siglip": {"hf-vision": "SiglipVisionModel", "hf-full": "SiglipModel", "open_clip": "CustomTextCLIP"},
     "so400m-14-siglip": {"hf-vision": "SiglipVisionModel", "hf-full": "SiglipModel", "open_clip": "CustomTextCLIP"},
-    "tiny-resnet-hr": dict.fromkeys(FORMATS, "timm ResNet 'resnet_tiny_gn_hr', registered by vlp.towers"),
-    "tiny-resnet": dict.fromkeys(FORMATS, "timm ResNet 'resnet_tiny_gn', registered by vlp.towers"),
+    "tiny-resnet-hr": RESNET,
+    "tiny-resnet": RESNET,
 }
 
 
@@ -122,11 +129,12 @@ def test_every_preset_and_format_loads_without_vlp_or_is_refused(tmp_path):
         for fmt, export in FORMATS.items():
             out = tmp_path / f"{name}-{fmt}"
             want = EXPECTED[name][fmt]
-            if "registered by" in want:
+            if want.startswith(REFUSED):
                 with pytest.raises(ConfigError) as e:
                     export(model, out)
                 refused[(name, fmt)] = str(e.value)
-                assert want in str(e.value) and "\n" not in str(e.value) and not out.exists()
+                assert want.removeprefix(REFUSED) in str(e.value), str(e.value)
+                assert "\n" not in str(e.value) and not out.exists()
                 continue
             if fmt == "open_clip" and model.preset.vision_cfg.get("timm_model_kwargs"):
                 continue  # the narrowed SigLIP needs timm arguments open_clip cannot pass: checked at full size below
@@ -171,14 +179,14 @@ def test_every_preset_and_format_loads_without_vlp_or_is_refused(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert "META OK 2" in res.stdout
     got = torch.load(tmp_path / "result.pt")
-    assert set(got) == set(jobs) and len(jobs) == 6 * 3 - 2 + 1
+    assert set(got) == set(jobs) and len(jobs) == 6 * 3 - 2 + 2 + 1
     for key, out in got.items():
         name, fmt = key.split("|")
         assert out["class"] == EXPECTED.get(name, {"hf-vision": "TimmWrapperModel"})[fmt], key
         for what in out.keys() - {"class"}:
             diff = (out[what] - ours[key][what]).abs().max().item()
             assert diff <= TOL, (key, what, diff)
-    assert len(refused) == 6
+    assert len(refused) == 4
 
 
 def test_model_card_carries_library_pipeline_tags_run_and_zero_shot(tmp_path):
@@ -219,3 +227,20 @@ def test_model_card_carries_library_pipeline_tags_run_and_zero_shot(tmp_path):
     assert results[0]["task"]["type"] == "zero-shot-image-classification"
     assert "| shape/top1 | 0.7500 |" in (tmp_path / "hf-full" / "README.md").read_text()
     assert "| shape/chance | 0.1000 |" in (tmp_path / "hf-full" / "README.md").read_text()
+
+
+def test_old_runs_with_the_vlp_registered_towers_still_load_and_are_refused_export(tmp_path):
+    """Runs trained before the demo presets moved to timm's own resnet18 builder name ``resnet_tiny_gn_hr`` /
+    ``resnet_tiny_gn`` (registered by vlp.towers) in their preset.yaml: they build as trained, and every format is
+    refused in one line naming the registering module, with nothing written."""
+    for name, params in (("resnet_tiny_gn_hr", 834136), ("resnet_tiny_gn", 1246336)):
+        preset = copy.deepcopy(load_preset("tiny-resnet-hr"))
+        preset.vision_cfg = {k: v for k, v in preset.vision_cfg.items() if k != "timm_model_kwargs"}
+        preset.vision_cfg["timm_model_name"] = name
+        model = build_model(preset, LossConfig(name="siglip")).eval()
+        assert sum(p.numel() for p in model.visual.trunk.parameters()) == params
+        for fmt, export in FORMATS.items():
+            with pytest.raises(ConfigError) as e:
+                export(model, tmp_path / f"{name}-{fmt}")
+            assert f"timm ResNet '{name}', registered by vlp.towers" in str(e.value), (fmt, str(e.value))
+            assert "\n" not in str(e.value) and not (tmp_path / f"{name}-{fmt}").exists()

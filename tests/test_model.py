@@ -95,11 +95,35 @@ def test_tiny_resnet_outputs_do_not_depend_on_batch_mates(name, grid):
 
 
 def test_demo_tower_shapes():
-    """tiny-resnet-hr: deep stem 3 -> 8 -> 8 -> 16, no max-pool, one channel per stem GroupNorm group."""
+    """tiny-resnet-hr: timm's own resnet18 builder with JSON arguments: deep stem 3 -> 32 -> 32 -> 64 whose two
+    32-channel convolutions are normalised per channel (timm's GroupNorm, 32 groups), output stride 16."""
+    import timm
+
     trunk = build_model("tiny-resnet-hr", LossConfig()).visual.trunk
-    assert [c.out_channels for c in trunk.conv1 if isinstance(c, torch.nn.Conv2d)] == [8, 8, 16]
-    assert isinstance(trunk.maxpool, torch.nn.Identity)
-    assert [trunk.get_submodule(f"layer{i}")[0].conv2.out_channels for i in (1, 2, 3, 4)] == [16, 32, 64, 256]
+    assert type(trunk) is timm.models.resnet.ResNet and trunk.pretrained_cfg["architecture"] == "resnet18"
+    assert [c.out_channels for c in trunk.conv1 if isinstance(c, torch.nn.Conv2d)] == [32, 32, 64]
+    assert [trunk.get_submodule(f"layer{i}")[0].conv2.out_channels for i in (1, 2, 3, 4)] == [32, 64, 128, 256]
     norms = [m for m in trunk.conv1 if isinstance(m, torch.nn.GroupNorm)]
-    assert [(m.num_groups, m.num_channels) for m in norms] == [(8, 8), (8, 8)]
-    assert sum(p.numel() for p in trunk.parameters()) == 834136
+    assert [(m.num_groups, m.num_channels) for m in norms] == [(32, 32), (32, 32)]
+    assert sum(p.numel() for p in trunk.parameters()) == 1265568
+    # timm alone builds the same tower from the preset's name and arguments (what TimmWrapperModel does)
+    vc = load_preset("tiny-resnet-hr").vision_cfg
+    alone = timm.create_model(vc["timm_model_name"], num_classes=0, **vc["timm_model_kwargs"])
+    assert {k: v.shape for k, v in alone.state_dict().items()} == {k: v.shape for k, v in trunk.state_dict().items()}
+
+
+@pytest.mark.parametrize("proj", ["linear", "mlp"])
+def test_timm_model_kwargs_that_change_the_trunk_width_resize_the_projection(proj):
+    """open_clip sizes its TimmModel head for the named model's default width (resnet18: 512); a trunk narrowed by
+    timm_model_kwargs (here 96 features) gets a head of its own width, with open_clip's module names."""
+    import copy
+
+    preset = copy.deepcopy(load_preset("tiny-resnet"))
+    preset.vision_cfg["timm_model_kwargs"] = {**preset.vision_cfg["timm_model_kwargs"], "channels": [32, 32, 64, 96]}
+    preset.vision_cfg["timm_proj"] = proj
+    model = build_model(preset, LossConfig())
+    first = model.visual.head.proj if proj == "linear" else model.visual.head.mlp.fc1
+    assert model.visual.trunk.num_features == first.in_features == 96
+    assert model.encode_image(torch.randn(2, 3, 64, 64)).shape == (2, 128)
+    names = {k.split(".")[3] for k in model.state_dict() if k.startswith("clip.visual.head.")}
+    assert names == ({"proj"} if proj == "linear" else {"mlp"})

@@ -14,6 +14,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+import torch
 
 from vlp.config import ConfigError
 from vlp.presets import available_presets, configs_dir
@@ -148,47 +149,36 @@ def test_installed_wheel_trains_evaluates_and_exports_from_another_directory(whe
     run(str(bin_dir / "vlp-eval"), "--checkpoint", "run", "--workers", "0", "--batch-size", "16", "--no-plots")
     results = json.loads((work / "run" / "eval-zeroshot" / "results.json").read_text())
     assert results["classification"]
-    # the demo's tower (registered by vlp.towers) has no export format: refused in one line, nothing written
+    # the demo run exports, from the installed package, to a TimmWrapperModel folder that transformers loads in a
+    # process without vlp, giving the run's own image embeddings
+    run(str(bin_dir / "vlp-export"), "--checkpoint", "run", "--output", "exported", "--format", "hf-vision")
+    assert (work / "exported" / "config.json").is_file() and (work / "exported" / "README.md").is_file()
+    from tests.hf_fixtures import run_without_vlp
+    from vlp.checkpointing import load_trained_model
+
+    model = load_trained_model(work / "run")[0].eval()
+    x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.save({"x": x, "ours": model.encode_image(x, normalize=False)}, tmp_path / "io.pt")
+    loaded = run_without_vlp(
+        f"import torch, transformers\nfrom safetensors.torch import load_file\nd = {str(work / 'exported')!r}\n"
+        f"io = torch.load({str(tmp_path / 'io.pt')!r})\n"
+        "tower = transformers.AutoModel.from_pretrained(d).eval()\n"
+        "p = load_file(d + '/image_projection.safetensors')\n"
+        "with torch.no_grad():\n"
+        "    img = tower(pixel_values=io['x']).pooler_output @ p['weight'].T\n"
+        "print(type(tower).__name__, (img - io['ours']).abs().max().item())\n"
+    )
+    assert loaded.returncode == 0, loaded.stderr[-3000:]
+    cls, diff = loaded.stdout.split()[-2:]
+    assert cls == "TimmWrapperModel" and float(diff) <= 1e-5
+    # open_clip cannot pass the tower's timm.create_model arguments: refused in one line, nothing written
     refused = subprocess.run(
-        [
-            sys.executable,
-            str(bin_dir / "vlp-export"),
-            "--checkpoint",
-            "run",
-            "--output",
-            "exported",
-            "--format",
-            "hf-vision",
-        ],
+        [sys.executable, str(bin_dir / "vlp-export"), "--checkpoint", "run", "--output", "oc", "--format", "open_clip"],
         cwd=work,
         env=env,
         capture_output=True,
         text=True,
     )
-    assert refused.returncode == 2 and "registered by vlp.towers" in refused.stderr
-    assert len(refused.stderr.strip().splitlines()) == 1 and not (work / "exported").exists()
-    # a ViT run exports, from the installed package, to a folder transformers loads
-    run(
-        str(bin_dir / "vlp-pretrain"),
-        "--model",
-        "tiny",
-        "--steps",
-        "2",
-        "--batch-size",
-        "8",
-        "--workers",
-        "0",
-        "--output-dir",
-        "vit",
-        "--data.synthetic_dir",
-        "syn",
-        "--data.synthetic_train_samples",
-        "64",
-        "--data.synthetic_eval_samples",
-        "32",
-        "--warmup-steps",
-        "1",
-        "--no-eval.zeroshot",
-    )
-    run(str(bin_dir / "vlp-export"), "--checkpoint", "vit", "--output", "exported", "--format", "hf-full")
-    assert (work / "exported" / "config.json").is_file() and (work / "exported" / "README.md").is_file()
+    assert refused.returncode == 2 and "use --format hf-vision" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1 and not (work / "oc").exists()

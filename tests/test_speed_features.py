@@ -67,7 +67,7 @@ def test_patch_dropout_refused_for_timm_towers_and_bad_values():
         build_model("tiny-resnet").set_patch_dropout(0.5)
     assert "\n" not in str(e.value)
     cfg = parse_cli(PretrainConfig, ["--model", "tiny-resnet", "--model.patch_dropout", "0.5"], PRETRAIN_ALIASES)
-    with pytest.raises(ConfigError, match="resnet_tiny_gn"):
+    with pytest.raises(ConfigError, match=r"timm tower \(resnet18\)"):
         check_pretrain_inputs(cfg)  # before torch-heavy set-up
     check_pretrain_inputs(
         parse_cli(PretrainConfig, ["--model", "tiny", "--model.patch_dropout", "0.5"], PRETRAIN_ALIASES)

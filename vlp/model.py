@@ -9,6 +9,7 @@ temperature ``logit_scale`` and bias ``logit_bias``.
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 
 import open_clip
 import torch
@@ -182,6 +183,10 @@ def build_timm_tower(embed_dim: int, vision_cfg: dict, timm_kwargs: dict) -> nn.
             name, pretrained=False, num_classes=0 if proj == "none" else embed_dim, global_pool=pool, **kwargs
         )
     visual.trunk = trunk
+    visual.timm_model_kwargs = dict(timm_kwargs)  # what open_clip's TimmModel cannot pass (read by vlp.export)
+    if proj in ("linear", "mlp") and trunk.num_features != _head_in_features(visual.head):
+        # the kwargs changed the trunk's width (a narrower ResNet, say): open_clip sized the head for the default one
+        visual.head = _open_clip_head(trunk.num_features, embed_dim, proj, vision_cfg)
     if any(True for _ in visual.head.parameters()):  # the projection after the trunk: materialise and initialise
         device = next(trunk.parameters()).device
         visual.head.to_empty(device=device)
@@ -189,6 +194,22 @@ def build_timm_tower(embed_dim: int, vision_cfg: dict, timm_kwargs: dict) -> nn.
             if hasattr(m, "reset_parameters"):
                 m.reset_parameters()
     return visual
+
+
+def _head_in_features(head: nn.Sequential) -> int:
+    first = head.proj if hasattr(head, "proj") else head.mlp.fc1
+    return first.in_features
+
+
+def _open_clip_head(in_features: int, embed_dim: int, proj: str, vision_cfg: dict) -> nn.Sequential:
+    """open_clip TimmModel's projection head (same module names, so state dicts match open_clip's) for a trunk with
+    ``in_features`` pooled features."""
+    from timm.layers import Mlp
+
+    bias, drop = vision_cfg.get("timm_proj_bias", False), vision_cfg.get("timm_drop", 0.0)
+    if proj == "linear":
+        return nn.Sequential(OrderedDict(drop=nn.Dropout(drop), proj=nn.Linear(in_features, embed_dim, bias=bias)))
+    return nn.Sequential(OrderedDict(mlp=Mlp(in_features, 2 * embed_dim, embed_dim, drop=(drop, 0), bias=(True, bias))))
 
 
 def build_model(preset: ModelPreset | str, loss: LossConfig | None = None) -> DualTower:

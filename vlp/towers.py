@@ -1,11 +1,18 @@
-"""Extra tower definitions registered with timm, so presets can name them like any timm model.
+"""Extra tower definitions registered with timm, kept so that runs trained with them still load.
+
+The demo presets (``tiny-resnet-hr``, ``tiny-resnet``) used these towers until their image towers became timm's own
+models configured through ``vision_cfg.timm_model_kwargs`` (JSON arguments to ``timm.create_model``), which
+transformers' ``TimmWrapperModel`` builds without vlp. A run trained before that names ``resnet_tiny_gn_hr`` or
+``resnet_tiny_gn`` in its ``preset.yaml``: it is rebuilt from these registrations (importing ``vlp.model`` registers
+them), and its exports are refused (timm alone cannot build these models: GroupNorm with min(8, C) groups is a
+Python partial, and no ResNet argument removes the stem max-pool). No preset uses them any more.
 
 Two small timm ResNets (BasicBlock, one block per stage) with GroupNorm instead of BatchNorm, for CPU demos on
 64 px images. GroupNorm keeps every sample independent of the others in its batch: with BatchNorm, the per-rank
 batch statistics would make a multi-process step differ from one process on the global batch and break exact
 gradient accumulation.
 
-``resnet_tiny_gn_hr`` (the contrastive demo's tower, preset ``tiny-resnet-hr``): timm's deep stem (three 3x3
+``resnet_tiny_gn_hr`` (the contrastive demo's former tower): timm's deep stem (three 3x3
 convolutions, 8 -> 8 -> 16 channels, the first with stride 2) and no max-pool after it, so the first stage sees
 32 x 32 features of a 64 px image (output stride 16); stages of 16, 32, 64 and 256 channels. Its 8-channel stem
 convolutions are normalised per channel (GroupNorm with one channel per group), which removes each image's
@@ -14,7 +21,7 @@ synthetic data (SigLIP, batch 64, lr 2e-3, 1000 steps, held-out zero-shot shape 
 same tower with timm's 64-channel 7x7 stem (twice the cost) and 23% with two channels per stem group.
 
 ``resnet_tiny_gn``: timm's basic stem (one 7x7 convolution to 64 channels, stride 2, then a 3x3 max-pool; output
-stride 32) and stages of 32, 64, 128 and 256 channels; the SSL demos' tower (preset ``tiny-resnet``).
+stride 32) and stages of 32, 64, 128 and 256 channels; the SSL demos' former tower.
 """
 
 from __future__ import annotations

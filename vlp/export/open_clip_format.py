@@ -27,10 +27,14 @@ def check_open_clip_buildable(model: DualTower) -> None:
     vc = preset.vision_cfg
     name = vc.get("timm_model_name")
     if name and vc.get("timm_model_kwargs"):
+        from timm.models.vision_transformer import VisionTransformer as TimmViT
+
         args = ", ".join(f"{k}={v}" for k, v in vc["timm_model_kwargs"].items())
+        # a timm ViT maps to SigLIP's classes (hf-full too); any other timm model only to TimmWrapperModel
+        instead = "hf-full or hf-vision" if isinstance(model.visual.trunk, TimmViT) else "hf-vision (TimmWrapperModel)"
         raise NotRepresentableError(
             f"cannot export to open_clip: the image tower is timm {name!r} built with timm.create_model arguments "
-            f"({args}) that open_clip's TimmModel does not pass; use --format hf-full or hf-vision"
+            f"({args}) that open_clip's TimmModel does not pass; use --format {instead}"
         )
     if name:
         owner = registered_outside_timm(name)

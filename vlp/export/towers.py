@@ -181,9 +181,11 @@ def tower_family(clip: nn.Module) -> Family:
         owner = registered_outside_timm(name)
         if owner:
             raise outside_timm_error(visual, name, owner)
+        # open_clip's TimmModel builds timm models by name only, without vision_cfg.timm_model_kwargs
+        also = "" if getattr(visual, "timm_model_kwargs", None) else " or --format open_clip"
         raise NotRepresentableError(
             f"the image tower is timm {type(visual.trunk).__name__} {name!r}; transformers' CLIP/SigLIP classes hold "
-            "only ViTs: use --format hf-vision (TimmWrapperModel) or --format open_clip"
+            f"only ViTs: use --format hf-vision (TimmWrapperModel){also}"
         )
     raise NotRepresentableError(
         f"vision tower {type(visual).__name__} has no transformers CLIP/SigLIP equivalent "
