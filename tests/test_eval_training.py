@@ -136,35 +136,6 @@ def test_eval_every_does_not_change_the_training_losses(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_eval_every_equals_cli_on_final_checkpoint(two_process_launch):
-    """``accelerate launch --num_processes 2``, SigLIP, 4 steps, ``--eval-every 2`` (tests/conftest.py)."""
-    from vlp.config import ZEROSHOT_ALIASES, ZeroShotEvalConfig, parse_cli
-    from vlp.eval.standalone import run_zeroshot_eval
-    from vlp.train.metrics import read_metrics
-
-    proc, out = two_process_launch
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["world_size"] == 2
-    evals = [r for r in read_metrics(out / "metrics.jsonl") if "retrieval/image_to_text_R1" in r]
-    assert [r["step"] for r in evals] == [2, 4]
-    during = evals[-1]
-    cfg = parse_cli(
-        ZeroShotEvalConfig, ["--checkpoint", str(out), "--workers", "0", "--plots", "false"], ZEROSHOT_ALIASES
-    )
-    cli = run_zeroshot_eval(cfg)["metrics"]
-    assert len(cli) == 4 * 5 + 6 and cli["zeroshot/shape/chance"] == pytest.approx(0.1)
-    for key, value in cli.items():
-        if key.endswith("sigmoid_true_class_mean"):
-            assert during[key] == pytest.approx(value, rel=1e-4), key
-        else:
-            assert during[key] == value, key  # accuracies and recalls: identical counts
-    for fam in ("shape", "color", "size", "position"):  # the end-of-run summary agrees too
-        assert summary[f"zeroshot/{fam}/top1"] == cli[f"zeroshot/{fam}/top1"]
-    assert (out / "eval-zeroshot" / "results.json").is_file()
-
-
-@pytest.mark.slow
 def test_end_of_run_evaluates_a_classification_folder_like_the_cli(tmp_path, synthetic_data):
     """No --eval-every: the end of the run still evaluates every configured set (held-out families, retrieval and
     the user's image folder) with the evaluator eval_zeroshot.py uses, prints the folder's row and records it."""

@@ -8,14 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.utils import set_seed
 
 from tests.distributed_harness import run_distributed
 from tests.helpers import reset_accelerate
 from vlp.checkpointing import load_trained_model
 from vlp.config import PRETRAIN_ALIASES, LossConfig, PretrainConfig, parse_cli
-from vlp.losses import build_loss
-from vlp.model import build_model, load_preset
 from vlp.train.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,24 +82,6 @@ def run_script(args, env_extra=None, launcher=None, timeout=600):
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
     cmd = (launcher or [sys.executable]) + [str(ROOT / "scripts" / "pretrain.py"), *args]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def test_two_process_first_step_equals_single_process_on_global_batch(two_process_launch):
-    """The shared ``accelerate launch --num_processes 2`` run (tests/conftest.py): its first step's loss is the
-    naive loss of one process on the two ranks' batches."""
-    proc, out = two_process_launch
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "with siglip/chunked loss on 2 process(es)" in proc.stderr, proc.stderr[-3000:]  # the default impl
-    first = read_metrics(out / "metrics.jsonl")[0]
-    batches = [torch.load(out / f"first_batch_rank{r}.pt") for r in range(2)]
-    images = torch.cat([b["image"] for b in batches])
-    tokens = torch.cat([b["text"] for b in batches])
-    assert images.shape[0] == 16  # the global batch: 2 ranks x 8
-    set_seed(0)
-    model = build_model(load_preset(PretrainConfig().model.name), LossConfig(name="siglip"))
-    img, txt, t, b = model(images, tokens)
-    single = build_loss(LossConfig(name="siglip", impl="naive"))(img, txt, t, b).item()
-    assert first["loss"] == pytest.approx(single, rel=1e-5)
 
 
 def _chunked_and_naive(rank: int, world: int, shards: str, root: str) -> dict[str, list[float]]:
