@@ -102,7 +102,9 @@ class LossConfig:
     def __post_init__(self) -> None:
         if self.chunk_size < 1:
             raise ConfigError(f"loss.chunk_size must be >= 1, got {self.chunk_size}")
-        if LOSS_DEFAULTS and self.name not in LOSS_DEFAULTS:
+        if self.name not in LOSS_DEFAULTS:
+            import vlp.objectives  # noqa: F401 - registers the built-in losses' defaults (no torch)
+        if self.name not in LOSS_DEFAULTS:
             raise ConfigError(f"loss.name: invalid value {self.name!r}; valid: {', '.join(sorted(LOSS_DEFAULTS))}")
 
     def _default(self, key: str) -> float | None:
