@@ -59,22 +59,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue) -> None:
+def _run_rank(rank: int, world_size: int, port: int, fn: Callable, args: tuple, report: Callable) -> None:
+    """Join the gloo group as ``rank``, run ``fn`` and hand ``(True, pickled result)`` or ``(False, traceback)`` to
+    ``report`` before leaving the group."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
     )
     torch.set_num_threads(1)
     try:
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
-        out = fn(rank, world_size, *args)
-        # Plain pickle copies tensor data; the queue's own pickler would share storage through file descriptors
+        # Plain pickle copies tensor data; a queue's own pickler would share storage through file descriptors
         # that die with this process, racing the parent's unpickling.
-        queue.put((rank, True, pickle.dumps(out)))
+        outcome = (True, pickle.dumps(fn(rank, world_size, *args)))
     except BaseException:  # noqa: BLE001 - report any failure to the parent
-        queue.put((rank, False, traceback.format_exc()))
+        outcome = (False, traceback.format_exc())
+    try:
+        report(outcome)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue) -> None:
+    """A spawned rank (``VLP_TEST_SPAWN=1``): reports through ``queue``."""
+    _run_rank(rank, world_size, port, fn, args, lambda outcome: queue.put((rank, *outcome)))
 
 
 _SHARED_CHECKS: dict[int, list[Callable]] = {}
@@ -204,26 +212,16 @@ def _zygote(rank: int) -> _Zygote:
     return z
 
 
+def _write_atomically(path: str, outcome: tuple) -> None:
+    with open(f"{path}.tmp", "wb") as f:
+        pickle.dump(outcome, f)
+    os.replace(f"{path}.tmp", path)
+
+
 def _forked_worker(rank: int, world_size: int, port: int, call: bytes, result: str) -> None:
-    """Run in a forked child: the body of :func:`_worker`, reporting to the file ``result``."""
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
-    )
-    torch.set_num_threads(1)
-    try:
-        fn, args = pickle.loads(call)
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
-        report = (True, pickle.dumps(fn(rank, world_size, *args)))
-    except BaseException:  # noqa: BLE001 - report any failure to the parent
-        report = (False, traceback.format_exc())
-    try:
-        tmp = f"{result}.tmp"
-        with open(tmp, "wb") as f:
-            pickle.dump(report, f)
-        os.replace(tmp, result)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    """A rank forked by tests/zygote.py: reports to the file ``result``."""
+    fn, args = pickle.loads(call)
+    _run_rank(rank, world_size, port, fn, args, lambda outcome: _write_atomically(result, outcome))
 
 
 def _run_forked(fn: Callable[..., Any], world_size: int, args: tuple, timeout: float) -> list[Any]:
@@ -235,6 +233,7 @@ def _run_forked(fn: Callable[..., Any], world_size: int, args: tuple, timeout: f
     pids: list[int | None] = []
     with tempfile.TemporaryDirectory() as tmp:
         paths = [Path(tmp) / f"rank{r}.pkl" for r in range(world_size)]
+        finished = False
         try:
             for rank, z in enumerate(zygotes):
                 kwargs = dict(rank=rank, world_size=world_size, port=port, call=call, result=str(paths[rank]))
@@ -248,11 +247,9 @@ def _run_forked(fn: Callable[..., Any], world_size: int, args: tuple, timeout: f
                 z.request(payload, deadline)
                 pids.append(z.expect("pid", deadline))
             codes = [z.expect("exit", deadline) for z in zygotes]
-        except BaseException:
-            codes = [None]
-            raise
+            finished = None not in codes
         finally:
-            if None in codes or len(pids) < world_size:  # timed out or interrupted: kill the group and its servers
+            if not finished:  # timed out or interrupted: kill the group and its servers
                 for pid in pids:
                     if pid:
                         with contextlib.suppress(OSError):
@@ -261,7 +258,7 @@ def _run_forked(fn: Callable[..., Any], world_size: int, args: tuple, timeout: f
                     z = _ZYGOTES.pop(rank, None)
                     if z is not None:
                         z.proc.kill()
-        if None in codes:
+        if not finished:
             raise RuntimeError(f"distributed workers did not finish within {timeout:.0f} s (killed)")
         results: dict[int, Any] = {}
         errors = []

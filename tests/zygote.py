@@ -21,11 +21,11 @@ import sys
 import traceback
 
 
-def _child(payload: bytes) -> None:
+def _child(payload: bytes, report_fd: int) -> None:
     req = pickle.loads(payload)
     devnull = os.open(os.devnull, os.O_RDONLY)
     os.dup2(devnull, 0)  # the request channel is the zygote's
-    os.close(req_report_fd())
+    os.close(report_fd)
     os.environ.clear()
     os.environ.update(req["env"])
     os.chdir(req["cwd"])
@@ -34,16 +34,9 @@ def _child(payload: bytes) -> None:
     getattr(importlib.import_module(module), name)(**req["kwargs"])
 
 
-_REPORT_FD: list[int] = []
-
-
-def req_report_fd() -> int:
-    return _REPORT_FD[0]
-
-
 def main() -> None:
     # reports go to a copy of the original stdout; fd 1 (anything printed, here or in a child) goes to stderr
-    _REPORT_FD.append(os.dup(1))
+    report_fd = os.dup(1)
     os.dup2(2, 1)
     for name in sys.argv[1:]:
         try:
@@ -51,7 +44,7 @@ def main() -> None:
         except Exception:  # noqa: BLE001 - a preload is only a speed-up; the child imports what it needs
             pass
     stdin = sys.stdin.buffer
-    stdout = os.fdopen(_REPORT_FD[0], "wb", buffering=0)
+    stdout = os.fdopen(report_fd, "wb", buffering=0)
     stdout.write(b"ready\n")
     while True:
         head = stdin.read(8)
@@ -63,7 +56,7 @@ def main() -> None:
         if pid == 0:
             code = 1
             try:
-                _child(payload)
+                _child(payload, report_fd)
                 code = 0
             except BaseException:  # noqa: BLE001 - reported through the exit code and stderr
                 traceback.print_exc()

@@ -161,9 +161,10 @@ class Trainer:
         # the dual tower's preset (a resumed run keeps its own), for objectives whose builder takes one
         takes_preset = "preset" in inspect.signature(spec.build).parameters
         self.preset = preset = preset_for_training(cfg, self.resume_from) if takes_preset else None
+        self.global_batch = cfg.train.batch_size * cfg.train.accum_steps * world.world_size
         loss_cfg = getattr(cfg, "loss", None)
         if loss_cfg is not None and loss_cfg.init_logit_bias == "auto":
-            loss_cfg.resolve_auto_bias(cfg.train.batch_size * cfg.train.accum_steps * world.world_size)
+            loss_cfg.resolve_auto_bias(self.global_batch)
             log.info("loss.init_logit_bias auto: %.4f for the global batch", loss_cfg.init_logit_bias)
         if world.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -185,7 +186,6 @@ class Trainer:
                 "or --accum-steps 1"
             )
         self.evaluation = self.objective.evaluation(cfg, data)
-        self.global_batch = cfg.train.batch_size * cfg.train.accum_steps * world.world_size
         self.loader = self._build_loader()
         if cfg.data.epochs is not None:  # run length in passes over the data (needs the epoch length)
             cfg.train.steps = self.loader.steps_for_epochs(cfg.data.epochs, self.global_batch)
