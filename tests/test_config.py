@@ -78,9 +78,27 @@ def test_auto_logit_bias_is_the_batch_prior_resolved_from_the_global_batch():
     with pytest.raises(ConfigError, match="resolved from the global batch"):
         _ = cfg.loss.resolved_init_logit_bias
     cfg.loss.resolve_auto_bias(64)
+    assert not cfg.loss.bias_is_auto
     b = cfg.loss.resolved_init_logit_bias
     assert b == pytest.approx(-math.log(63)) and 1 / (1 + math.exp(-b)) == pytest.approx(1 / 64)
     assert batch_prior_logit_bias(22027) == pytest.approx(-10.0, abs=1e-4)  # the fixed -10's batch
     assert from_dict(PretrainConfig, {"loss": {"init_logit_bias": "auto"}}).loss.init_logit_bias == "auto"
     with pytest.raises(ConfigError, match="at least 2"):
         batch_prior_logit_bias(1)
+
+
+def test_siglip_bias_defaults_to_auto_and_a_number_is_kept():
+    default = parse([])  # --loss siglip is the default loss
+    assert default.loss.init_logit_bias is None and default.loss.bias_is_auto
+    # built outside training (to load weights into): the unresolved default is the paper's -10
+    assert default.loss.resolved_init_logit_bias == -10.0
+    default.loss.resolve_auto_bias(256)
+    assert default.loss.init_logit_bias == pytest.approx(-math.log(255))
+    fixed = parse(["--loss.init_logit_bias", "-10"])
+    assert not fixed.loss.bias_is_auto
+    fixed.loss.resolve_auto_bias(256)
+    assert fixed.loss.init_logit_bias == -10.0
+    clip = parse(["--loss", "clip"])
+    assert not clip.loss.bias_is_auto and clip.loss.resolved_init_logit_bias is None
+    clip.loss.resolve_auto_bias(256)
+    assert clip.loss.init_logit_bias is None

@@ -73,7 +73,7 @@ class ModelConfig:
 
 
 #: image-text loss name -> defaults of LossConfig's None fields; filled when the clip/siglip objectives register
-LOSS_DEFAULTS: dict[str, dict[str, float | None]] = {}
+LOSS_DEFAULTS: dict[str, dict[str, float | str | None]] = {}
 
 
 @dataclass
@@ -93,9 +93,10 @@ class LossConfig:
     init_logit_scale: float | None = None
     """Initial log temperature t; default log(1/0.07) for clip, log(10) for siglip."""
     init_logit_bias: float | Literal["auto"] | None = None
-    """Initial bias b (siglip only); default -10. auto: -ln(B - 1) for the global batch B (batch size x accumulation
+    """Initial bias b (siglip only); default auto: -ln(B - 1) for the global batch B (batch size x accumulation
     steps x processes), the bias at which a pair's initial probability sigmoid(b) is 1/B, the fraction of positive
-    pairs among the B x B of a batch; resolved when training starts (config.yaml records the number)."""
+    pairs among the B x B of a batch; resolved when training starts (config.yaml records the number). A number
+    fixes it (the SigLIP paper's -10 suits batches of ~22,000; docs/training.md has the measurements)."""
     max_logit_scale: float | None = None
     """Upper clamp on t; default log(100) for clip, none for siglip."""
 
@@ -107,7 +108,7 @@ class LossConfig:
         if self.name not in LOSS_DEFAULTS:
             raise ConfigError(f"loss.name: invalid value {self.name!r}; valid: {', '.join(sorted(LOSS_DEFAULTS))}")
 
-    def _default(self, key: str) -> float | None:
+    def _default(self, key: str) -> float | str | None:
         if self.name not in LOSS_DEFAULTS:
             import vlp.objectives  # noqa: F401 - registers the built-in losses' defaults (no torch)
         if self.name not in LOSS_DEFAULTS:
@@ -121,7 +122,16 @@ class LossConfig:
         return float(v)
 
     @property
+    def bias_is_auto(self) -> bool:
+        """Whether the initial bias still has to be resolved from the global batch (``auto``, given or default)."""
+        value = self.init_logit_bias if self.init_logit_bias is not None else self._default("init_logit_bias")
+        return value == "auto"
+
+    @property
     def resolved_init_logit_bias(self) -> float | None:
+        """The initial bias a model is built with. Training resolves ``auto`` first (:meth:`resolve_auto_bias`);
+        a model built outside training with the default (e.g. to load weights into) starts at
+        :data:`UNRESOLVED_AUTO_BIAS`, and an explicit ``auto`` there is an error."""
         default = self._default("init_logit_bias")
         if default is None:  # a loss without a bias
             return None
@@ -130,16 +140,23 @@ class LossConfig:
                 "loss.init_logit_bias=auto is resolved from the global batch when training starts "
                 "(LossConfig.resolve_auto_bias); give a number to build a model outside training"
             )
-        return default if self.init_logit_bias is None else float(self.init_logit_bias)
+        if self.init_logit_bias is not None:
+            return float(self.init_logit_bias)
+        return UNRESOLVED_AUTO_BIAS if default == "auto" else float(default)
 
     def resolve_auto_bias(self, global_batch: int) -> None:
-        """Replace ``init_logit_bias=auto`` by :func:`batch_prior_logit_bias` of ``global_batch``."""
-        if self.init_logit_bias == "auto":
+        """Replace ``auto`` (given, or the loss's default) by :func:`batch_prior_logit_bias` of ``global_batch``."""
+        if self.bias_is_auto:
             self.init_logit_bias = batch_prior_logit_bias(global_batch)
 
     @property
     def resolved_max_logit_scale(self) -> float | None:
         return self.max_logit_scale if self.max_logit_scale is not None else self._default("max_logit_scale")
+
+
+UNRESOLVED_AUTO_BIAS = -10.0
+"""The bias of a SigLIP model built outside training with the default ``auto`` (the SigLIP paper's value): such a
+model is built to load weights into, and a training run replaces ``auto`` by the batch prior before building."""
 
 
 def batch_prior_logit_bias(global_batch: int) -> float:

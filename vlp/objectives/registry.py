@@ -37,7 +37,7 @@ class ObjectiveSpec:
     auxiliary: Callable[..., Any] | None = None
     """``auxiliary(cfg, model, preset) -> AuxiliaryTerm``: the objective as an extra term beside an image-text
     loss (``--aux-ssl NAME``); None where it cannot be one."""
-    loss_defaults: Mapping[str, float | None] = field(default_factory=dict)
+    loss_defaults: Mapping[str, float | str | None] = field(default_factory=dict)
     """image_text objectives: defaults of the ``loss`` section's None fields (init_logit_scale, ...)."""
     check: Callable[[Any], None] | None = None
     """``check(cfg)``: raise ConfigError for a config this objective cannot run, before a run starts."""
@@ -72,7 +72,7 @@ def register_objective(
     sections: Mapping[str, type] | None = None,
     description: str = "",
     auxiliary: Callable[..., Any] | None = None,
-    loss_defaults: Mapping[str, float | None] | None = None,
+    loss_defaults: Mapping[str, float | str | None] | None = None,
     check: Callable[[Any], None] | None = None,
 ) -> Callable:
     """Decorator registering ``build(cfg, world) -> Objective`` as objective ``name``, with its config sections."""

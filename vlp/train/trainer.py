@@ -163,7 +163,7 @@ class Trainer:
         self.preset = preset = preset_for_training(cfg, self.resume_from) if takes_preset else None
         self.global_batch = cfg.train.batch_size * cfg.train.accum_steps * world.world_size
         loss_cfg = getattr(cfg, "loss", None)
-        if loss_cfg is not None and loss_cfg.init_logit_bias == "auto":
+        if loss_cfg is not None and loss_cfg.bias_is_auto:
             loss_cfg.resolve_auto_bias(self.global_batch)
             log.info("loss.init_logit_bias auto: %.4f for the global batch", loss_cfg.init_logit_bias)
         if world.is_main:
