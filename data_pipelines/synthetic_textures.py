@@ -239,8 +239,9 @@ def render_sample(rng: np.random.Generator) -> tuple[Image.Image, str, dict]:
 
 
 def caption_mentions(caption: str) -> dict[str, set[str]]:
-    """The class names of each family that a caption names (pattern by adjective or noun phrase; count by number
-    word, or "one" for a singular "a/an" caption is not counted): used by the tests to check labels."""
+    """The class names of each family that a caption names: object by singular or plural noun, pattern by adjective
+    or noun phrase ("dotted" / "dots"), hue by name, count by number word (a singular "a"/"an" does not count).
+    The tests check captions against their labels with it."""
     words = set(caption.lower().replace(",", " ").replace(".", " ").replace(":", " ").split())
     text = " " + " ".join(caption.lower().replace(",", " ").replace(".", " ").split()) + " "
     return {

@@ -159,3 +159,21 @@ def test_pretrain_on_textures_evaluates_its_families(tmp_path):
     assert saved.data.synthetic == "textures"
     shards, families, templates = run_heldout_data(saved)
     assert "textures-v1" in shards and families == tex.CLASS_FAMILIES and templates == tex.PROMPT_TEMPLATES
+
+
+def test_ssl_run_on_textures_monitors_the_object(tmp_path):
+    """A 2-step SimCLR run on the textures set: its k-NN monitor reads the object family of the held-out split."""
+    from vlp.objectives import run_config_class
+    from vlp.train.metrics import read_metrics
+    from vlp.train.trainer import run_pretraining
+
+    out = tmp_path / "ssl"
+    args = ["--objective", "simclr", "--data.synthetic", "textures", "--steps", "2", "--batch-size", "8"]
+    args += ["--workers", "0", "--output-dir", str(out), "--data.synthetic_dir", str(tmp_path / "syn")]
+    args += ["--data.synthetic_train_samples", "32", "--data.synthetic_eval_samples", "24", "--warmup-steps", "1"]
+    args += ["--ssl.monitor.every", "2", "--eval.zeroshot", "false"]
+    run_pretraining(parse_cli(run_config_class(), args, PRETRAIN_ALIASES))
+    knn = [r for r in read_metrics(out / "metrics.jsonl") if "monitor/knn_chance" in r]
+    (eval_dir,) = (tmp_path / "syn").glob("textures-v1-*")
+    objects = {s["json"]["object"] for s in build_eval_samples(str(eval_dir / "eval-000000.tar"))}
+    assert len(knn) == 1 and knn[0]["monitor/knn_chance"] == pytest.approx(1 / len(objects)) and len(objects) >= 5
