@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import tarfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -202,12 +203,21 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def write_split(
-    out_dir: Path, prefix: str, num_samples: int, seed: int, shard_size: int, desc: str = "synthetic"
+    out_dir: Path,
+    prefix: str,
+    num_samples: int,
+    seed: int,
+    shard_size: int,
+    desc: str = "synthetic",
+    render: Callable[[np.random.Generator], tuple[Image.Image, str, dict]] | None = None,
 ) -> list[Path]:
     """Write ``num_samples`` captioned images as ``prefix-NNNNNN.tar`` shards; returns the shard paths.
 
+    ``render`` draws one sample (default: this module's :func:`render_sample`; see :data:`GENERATORS`).
+
     Also writes the shard metadata (``prefix.meta.json`` and ``sizes.json``, see data_pipelines.metadata).
     """
+    render = render or render_sample
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     counts: dict[str, int] = {}
@@ -220,7 +230,7 @@ def write_split(
             n = min(shard_size, num_samples - shard * shard_size)
             with tarfile.open(tmp, "w") as tar:
                 for i in range(n):
-                    img, caption, labels = render_sample(rng)
+                    img, caption, labels = render(rng)
                     buf = io.BytesIO()
                     img.save(buf, format="JPEG", quality=90)
                     key = f"{prefix}{shard:06d}{i:06d}"
@@ -245,32 +255,66 @@ def default_cache_dir() -> Path:
     return Path(base) / "synthetic"
 
 
+@dataclass(frozen=True)
+class Generator:
+    """One embedded synthetic set: how to draw a sample, its label families and zero-shot prompts, and the
+    version prefix of its cache directories (bumped when the drawing changes, so stale caches are not reused)."""
+
+    render_sample: Callable[[np.random.Generator], tuple[Image.Image, str, dict]]
+    class_families: dict[str, list[str]]
+    prompt_templates: dict[str, list[str]]
+    cache_prefix: str
+
+
+def _generators() -> dict[str, Generator]:
+    from data_pipelines import synthetic_textures as tex
+
+    return {
+        "shapes": Generator(render_sample, CLASS_FAMILIES, PROMPT_TEMPLATES, "v2"),
+        "textures": Generator(tex.render_sample, tex.CLASS_FAMILIES, tex.PROMPT_TEMPLATES, "textures-v1"),
+    }
+
+
+#: the embedded synthetic sets by name (``--data.synthetic``): "shapes" is this module's demo set,
+#: "textures" the second set of data_pipelines/synthetic_textures.py
+GENERATORS: dict[str, Generator] = _generators()
+
+
 def ensure_synthetic_data(
     cache_dir: str | Path | None = None,
     num_train: int = 40000,
     num_eval: int = 1000,
     seed: int = 0,
     shard_size: int = 2000,
+    kind: str = "shapes",
 ) -> SyntheticData:
-    """Write the synthetic train/held-out shards on first use (reused afterwards) and describe them.
+    """Write the synthetic train/held-out shards of set ``kind`` (a key of :data:`GENERATORS`) on first use
+    (reused afterwards) and describe them.
 
-    The directory name encodes the sizes and seed, so different settings never mix; a finished marker makes
+    The directory name encodes the set, sizes and seed, so different settings never mix; a finished marker makes
     an interrupted generation start over instead of reading partial shards.
     """
+    if kind not in GENERATORS:
+        raise ValueError(f"synthetic data set: invalid value {kind!r}; valid: {', '.join(GENERATORS)}")
+    gen = GENERATORS[kind]
     root = Path(cache_dir) if cache_dir else default_cache_dir()
-    out = root / f"v2-seed{seed}-train{num_train}-eval{num_eval}-shard{shard_size}"
+    out = root / f"{gen.cache_prefix}-seed{seed}-train{num_train}-eval{num_eval}-shard{shard_size}"
     n_train_shards = math.ceil(num_train / shard_size)
     n_eval_shards = math.ceil(num_eval / shard_size)
     marker = out / "DONE.json"
     if not marker.is_file():
         log.info("writing synthetic shards to %s", out)
-        write_split(out, "train", num_train, seed, shard_size, desc="synthetic train shards")
-        write_split(out, "eval", num_eval, seed + 1_000_003, shard_size, desc="synthetic held-out shards")
+        render = gen.render_sample
+        write_split(out, "train", num_train, seed, shard_size, desc=f"synthetic {kind} train shards", render=render)
+        write_split(
+            out, "eval", num_eval, seed + 1_000_003, shard_size, desc=f"synthetic {kind} held-out shards", render=render
+        )
         meta = {
+            "kind": kind,
             "train": {"num_samples": num_train, "num_shards": n_train_shards},
             "eval": {"num_samples": num_eval, "num_shards": n_eval_shards},
-            "class_families": CLASS_FAMILIES,
-            "templates": PROMPT_TEMPLATES,
+            "class_families": gen.class_families,
+            "templates": gen.prompt_templates,
         }
         (out / "classes.json").write_text(json.dumps(meta, indent=1))
         tmp = out / "DONE.json.tmp"
@@ -282,6 +326,6 @@ def ensure_synthetic_data(
         eval_shards=_shard_pattern(out, "eval", n_eval_shards),
         num_train=num_train,
         num_eval=num_eval,
-        class_families=CLASS_FAMILIES,
-        templates=PROMPT_TEMPLATES,
+        class_families=gen.class_families,
+        templates=gen.prompt_templates,
     )

@@ -53,7 +53,11 @@ def run_heldout_data(
     from data_pipelines.synthetic import ensure_synthetic_data
 
     synth = ensure_synthetic_data(
-        cfg.data.synthetic_dir, cfg.data.synthetic_train_samples, cfg.data.synthetic_eval_samples, seed=0
+        cfg.data.synthetic_dir,
+        cfg.data.synthetic_train_samples,
+        cfg.data.synthetic_eval_samples,
+        seed=0,
+        kind=cfg.data.synthetic,
     )
     return cfg.data.eval_shards or synth.eval_shards, synth.class_families, synth.templates
 

@@ -85,12 +85,15 @@ class RepresentationMonitor:
             return None
         from data_pipelines.loader import build_eval_samples
 
-        label_key = mcfg.label_key or "shape"
+        # default: the json's first field, the family every caption names in both synthetic sets (shape, object)
+        label_key = mcfg.label_key
         images, labels = [], []
         for sample in build_eval_samples(eval_shards):
             images.append(sample["image"])
             meta = sample["json"] or {}
-            labels.append(meta.get(label_key))
+            if label_key is None and meta:
+                label_key = next(iter(meta))
+            labels.append(meta.get(label_key) if label_key else None)
             if len(images) >= mcfg.max_images:
                 break
         if not images:

@@ -92,12 +92,20 @@ def resolve_data(cfg: Any) -> RunData:
     synth = None
     if main:
         synth = ensure_synthetic_data(
-            cfg.data.synthetic_dir, cfg.data.synthetic_train_samples, cfg.data.synthetic_eval_samples, seed=0
+            cfg.data.synthetic_dir,
+            cfg.data.synthetic_train_samples,
+            cfg.data.synthetic_eval_samples,
+            seed=0,
+            kind=cfg.data.synthetic,
         )
     barrier()
     if not main:
         synth = ensure_synthetic_data(
-            cfg.data.synthetic_dir, cfg.data.synthetic_train_samples, cfg.data.synthetic_eval_samples, seed=0
+            cfg.data.synthetic_dir,
+            cfg.data.synthetic_train_samples,
+            cfg.data.synthetic_eval_samples,
+            seed=0,
+            kind=cfg.data.synthetic,
         )
     assert synth is not None
     return RunData(synth.train_shards, cfg.data.eval_shards or synth.eval_shards, synth.class_families, synth.templates)
