@@ -1,0 +1,153 @@
+"""SigLIP's initial bias against the global batch: final zero-shot top-1 for each (batch, initial bias, seed),
+with CLIP at the same budget beside it (docs/training.md, "SigLIP's initial bias").
+
+Every run sees the same number of training pairs (``--samples``, default 64,000 = the README demo's 1000 steps of
+64), so a larger batch takes fewer steps; warmup is the same fraction of every run (5%, the demo's 50 of 1000) and
+everything else is the demo's recipe. Runs go through scripts/pretrain.py, ``--jobs`` at a time (the cores are
+split between them); results are appended to ``OUT/results.jsonl`` as runs finish, finished runs are skipped when
+the sweep is started again, and ``OUT/table.md`` is rewritten after each run.
+
+    python scripts/benchmarks/siglip_bias_sweep.py --out runs/bias-sweep --batches 32 64 128 256 512 1024 \
+        --biases -10 auto --seeds 0 1 --jobs 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_name(dataset: str, loss: str, batch: int, bias: str, seed: int) -> str:
+    tag = "clip" if loss == "clip" else f"siglip_b{bias}"
+    return f"{dataset}-B{batch}-{tag}-s{seed}"
+
+
+def one_run(args: argparse.Namespace, loss: str, batch: int, bias: str, seed: int, threads: int) -> dict | None:
+    name = run_name(args.dataset, loss, batch, bias, seed)
+    out = Path(args.out) / name
+    steps = math.ceil(args.samples / batch)
+    cmd = [sys.executable, str(ROOT / "scripts" / "pretrain.py"), "--loss", loss, "--batch-size", str(batch)]
+    cmd += ["--steps", str(steps), "--seed", str(seed), "--optim.warmup-ratio", "0.05"]
+    cmd += ["--output-dir", str(out), "--train.log-every", str(max(1, steps // 20))]
+    if args.dataset != "shapes":
+        cmd += ["--data.synthetic", args.dataset]
+    if loss == "siglip":
+        cmd += ["--loss.init-logit-bias", bias]
+    cmd += args.extra
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TQDM_DISABLE="1")
+    t0 = time.time()
+    log = out.with_suffix(".log")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as fh:
+        rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT).returncode
+    if rc != 0:
+        print(f"{name}: failed (exit {rc}), see {log}", flush=True)
+        return None
+    summary = json.loads((out / "summary.json").read_text())
+    row = {
+        "name": name,
+        "dataset": args.dataset,
+        "loss": loss,
+        "batch": batch,
+        "bias": bias,
+        "seed": seed,
+        "steps": steps,
+        "wall_s": round(time.time() - t0, 1),
+        "first_loss": summary["first_loss"],
+        "final_loss": summary["final_loss"],
+    }
+    for k, v in summary.items():
+        if k.startswith("zeroshot/") and k.endswith("/top1") or k.startswith("retrieval/") and k.endswith("_R1"):
+            row[k] = v
+    return row
+
+
+def write_table(out: Path, rows: list[dict]) -> None:
+    """Mean (and min-max over seeds) of each family's top-1, one line per (dataset, batch, run kind)."""
+    families = sorted({k.split("/")[1] for r in rows for k in r if k.startswith("zeroshot/") and k.endswith("/top1")})
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["dataset"], r["batch"], r["loss"], r["bias"]), []).append(r)
+    lines = ["| data | batch | steps | run | seeds | " + " | ".join(families) + " | image-to-text R1 |"]
+    lines.append("|---" * (6 + len(families)) + "|")
+    for (dataset, batch, loss, bias), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
+        cells = []
+        for f in families:
+            vals = [100 * r[f"zeroshot/{f}/top1"] for r in rs if f"zeroshot/{f}/top1" in r]
+            if not vals:
+                cells.append("")
+            elif len(vals) == 1:
+                cells.append(f"{vals[0]:.1f}")
+            else:
+                cells.append(f"{statistics.mean(vals):.1f} ({min(vals):.1f}-{max(vals):.1f})")
+        r1 = [100 * r["retrieval/image_to_text_R1"] for r in rs if "retrieval/image_to_text_R1" in r]
+        cells.append(f"{statistics.mean(r1):.1f}" if r1 else "")
+        auto = f"auto = {-math.log(batch - 1):.2f}"
+        run = "CLIP" if loss == "clip" else f"SigLIP b = {auto if bias == 'auto' else bias}"
+        seeds = ",".join(str(r["seed"]) for r in sorted(rs, key=lambda r: r["seed"]))
+        lines.append(f"| {dataset} | {batch} | {rs[0]['steps']} | {run} | {seeds} | " + " | ".join(cells) + " |")
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/bias-sweep")
+    p.add_argument("--dataset", default="shapes", help="embedded synthetic set (--data.synthetic)")
+    p.add_argument("--batches", type=int, nargs="+", default=[32, 64, 128, 256, 512, 1024])
+    p.add_argument("--biases", nargs="+", default=["-10", "auto"], help="SigLIP initial biases (numbers or auto)")
+    p.add_argument("--no-clip", action="store_true", help="skip the CLIP reference runs")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--samples", type=int, default=64_000, help="training pairs per run (steps = samples / batch)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time (the machine's cores are split)")
+    p.add_argument("--table-only", action="store_true", help="rewrite OUT/table.md from OUT/results.jsonl, run nothing")
+    p.add_argument("extra", nargs="*", help="further scripts/pretrain.py flags (after --)")
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = out / "results.jsonl"
+    done = {json.loads(line)["name"] for line in results.read_text().splitlines()} if results.exists() else set()
+    if args.table_only:
+        write_table(out, [json.loads(line) for line in results.read_text().splitlines()])
+        print((out / "table.md").read_text())
+        return
+    todo = []
+    for seed in args.seeds:
+        for batch in args.batches:
+            kinds = [("siglip", b) for b in args.biases] + ([] if args.no_clip else [("clip", "-")])
+            for loss, bias in kinds:
+                if run_name(args.dataset, loss, batch, bias, seed) not in done:
+                    todo.append((loss, batch, bias, seed))
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+    print(f"{len(todo)} runs to do ({len(done)} already in {results}), {args.jobs} at a time", flush=True)
+
+    lock = threading.Lock()
+
+    def work(item):
+        row = one_run(args, *item, threads=threads)
+        if row is None:
+            return
+        with lock:
+            with open(results, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            rows = [json.loads(line) for line in results.read_text().splitlines()]
+            write_table(out, rows)
+            shape = row.get("zeroshot/shape/top1")
+            print(f"{row['name']}: {row['wall_s']} s, shape top-1 {shape}", flush=True)
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        list(pool.map(work, todo))
+
+
+if __name__ == "__main__":
+    main()
