@@ -61,6 +61,9 @@ def run_config(method: str, args: argparse.Namespace):
         argv += ["--warmup-steps", str(args.warmup_steps)]
     if method == "moco-v2":
         argv += ["--ssl.moco.version", "2"]
+    for item in args.set:
+        key, _, value = item.partition("=")
+        argv += [f"--{key}", value]
     return parse_cli(run_config_class(), argv, PRETRAIN_ALIASES)
 
 
@@ -231,6 +234,13 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=None, help="peak AdamW lr for every method (default: each recipe's)")
     p.add_argument("--warmup-steps", type=int, default=30)
+    p.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="more pretrain options for both arms, e.g. ssl.dino.batch_norm=false ssl.dino.momentum=0.996",
+    )
     p.add_argument("--out", default="runs/ssl_reference")
     p.add_argument("--resume", action="store_true", help="reuse (method, seed) results already in --out/results.json")
     args = p.parse_args()
