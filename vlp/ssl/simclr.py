@@ -54,7 +54,14 @@ class SimCLR(SSLMethod):
     def __init__(self, visual: nn.Module, views: MultiView, cfg: Any) -> None:
         super().__init__(visual, views)
         self.temperature = cfg.temperature
-        self.head = mlp(backbone_dim(visual), cfg.hidden_dim, cfg.out_dim, cfg.num_layers, batch_norm=cfg.batch_norm)
+        self.head = mlp(
+            backbone_dim(visual),
+            cfg.hidden_dim,
+            cfg.out_dim,
+            cfg.num_layers,
+            batch_norm=cfg.batch_norm,
+            last_batch_norm=cfg.last_batch_norm,
+        )
 
     def compute(self, views: Sequence[torch.Tensor], visual: nn.Module) -> tuple[torch.Tensor, dict[str, Any]]:
         f1, f2 = multi_view_features(visual, views[:2])
