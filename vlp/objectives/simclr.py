@@ -27,7 +27,8 @@ class SimCLRConfig:
     last_batch_norm: bool = True
     """A non-affine batch norm on the projection's output, as SimCLR's own code and lightly's SimCLRProjectionHead
     have it (false: SLIP's head, which ends in the linear layer). Measured against lightly on the synthetic set
-    (docs/ssl.md, vlp vs lightly): without it the tower learnt position at 20% k-NN where lightly's reached 31%."""
+    (docs/ssl.md, vlp vs lightly): without it the tower learnt position to 24.7% k-NN where lightly's reached 31.5%;
+    with it 34.1%."""
 
     def __post_init__(self) -> None:
         check_positive(

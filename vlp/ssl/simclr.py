@@ -3,7 +3,8 @@
 NT-Xent over the 2N views of a batch: each view's positive is the other view of its image, its negatives the
 other 2N - 2 views; its own similarity is masked out. Negatives come from the global batch, gathered across
 ranks with gradient. Defaults follow SLIP (Mu et al., 2021), which adds SimCLR to CLIP on ViTs: temperature 0.1
-and a 3-layer MLP projection head (4096 hidden, 256 out, batch norm).
+and a 3-layer MLP projection head (4096 hidden, 256 out, batch norm), plus a non-affine batch norm on the head's
+output as in SimCLR's own code and lightly (``last_batch_norm``; docs/ssl.md, "vlp vs lightly").
 """
 
 from __future__ import annotations
