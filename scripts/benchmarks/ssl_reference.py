@@ -148,7 +148,7 @@ def train_pair(method: str, seed: int, args, train_images: list, held: HeldOut, 
     b, steps = cfg.train.batch_size, cfg.train.steps
     t0 = time.perf_counter()
     for index in range(steps):
-        idx = order[(index * b) % len(order) : (index * b) % len(order) + b]
+        idx = np.take(order, range(index * b, (index + 1) * b), mode="wrap")  # full batches past an epoch too
         views = collate([objective.sample_transform({"image": train_images[i]}) for i in idx])["ssl_views"]
         for name, arm in arms.items():
             if name == "vlp":
