@@ -240,7 +240,7 @@ def test_simclr_projection_ends_in_a_batch_norm_like_simclr_and_lightly():
         _cfg("--objective", "simclr"), world_info(), model=build_model(preset), preset=preset
     )
     head = obj.method.head
-    assert [type(m).__name__ for m in head][-2:] == ["Linear", "GlobalBatchNorm1d"] and head[-1].weight is None
+    assert [type(m).__name__ for m in head][-2:] == ["Linear", "GlobalBatchNorm1d"] and head[-1].affine
     z = head(torch.randn(8, backbone_dim(obj.visual), generator=torch.Generator().manual_seed(0)))
     torch.testing.assert_close(z.mean(dim=0), torch.zeros(32), atol=1e-6, rtol=0)
     torch.testing.assert_close(z.var(dim=0, unbiased=False), torch.ones(32), atol=1e-3, rtol=0)
