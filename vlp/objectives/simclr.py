@@ -24,6 +24,11 @@ class SimCLRConfig:
     """Projection MLP depth (SLIP: 3 layers, 4096 hidden, 256 out)."""
     batch_norm: bool = True
     """Batch norm (over the global batch) in the projection MLP, as in SimCLR and SLIP."""
+    last_batch_norm: bool = True
+    """A batch norm (affine, over the global batch) on the projection's output, as SimCLR's own code and lightly's
+    SimCLRProjectionHead have it (false: SLIP's head, which ends in the linear layer). Measured against lightly on the
+    synthetic set (docs/ssl.md, vlp vs lightly): without it the tower learnt position to 24.7% k-NN where lightly's
+    reached 31.5%; with it 37.6%."""
 
     def __post_init__(self) -> None:
         check_positive(

@@ -2,7 +2,8 @@
 
 The methods differ only in the MLP's depth, width, bias and where batch norm sits, so one builder makes them all:
 
-- SimCLR as in SLIP (Mu et al., 2021): 3 layers, 4096 hidden, 256 out, BN + ReLU between layers.
+- SimCLR as in SLIP (Mu et al., 2021): 3 layers, 4096 hidden, 256 out, BN + ReLU between layers; by default also a
+  BN on the output, as in SimCLR's own code (added by vlp/ssl/simclr.py).
 - MoCo v3 (Chen, Xie & He, 2021): projector 3 layers / predictor 2 layers, 4096 hidden, 256 out, no biases, BN
   after every layer, the last one without affine parameters.
 - MoCo v2 (Chen et al., 2020): 2 layers (backbone width hidden, 128 out), ReLU, no BN.

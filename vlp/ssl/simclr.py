@@ -3,7 +3,8 @@
 NT-Xent over the 2N views of a batch: each view's positive is the other view of its image, its negatives the
 other 2N - 2 views; its own similarity is masked out. Negatives come from the global batch, gathered across
 ranks with gradient. Defaults follow SLIP (Mu et al., 2021), which adds SimCLR to CLIP on ViTs: temperature 0.1
-and a 3-layer MLP projection head (4096 hidden, 256 out, batch norm).
+and a 3-layer MLP projection head (4096 hidden, 256 out, batch norm), plus a batch norm on the head's output as in
+SimCLR's own code and lightly (``last_batch_norm``; docs/ssl.md, "vlp vs lightly").
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from data_pipelines.ssl_views import MultiView
 from vlp.distributed import all_gather_with_grad, world_info
 from vlp.ssl.backbone import backbone_dim, multi_view_features
 from vlp.ssl.base import SSLMethod, collapse_statistic
-from vlp.ssl.heads import mlp
+from vlp.ssl.heads import GlobalBatchNorm1d, mlp
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,6 +56,8 @@ class SimCLR(SSLMethod):
         super().__init__(visual, views)
         self.temperature = cfg.temperature
         self.head = mlp(backbone_dim(visual), cfg.hidden_dim, cfg.out_dim, cfg.num_layers, batch_norm=cfg.batch_norm)
+        if cfg.last_batch_norm:
+            self.head.append(GlobalBatchNorm1d(cfg.out_dim))
 
     def compute(self, views: Sequence[torch.Tensor], visual: nn.Module) -> tuple[torch.Tensor, dict[str, Any]]:
         f1, f2 = multi_view_features(visual, views[:2])
