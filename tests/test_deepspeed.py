@@ -157,7 +157,9 @@ def test_zero2_zero3_ddp_and_one_process_same_losses_and_zero3_export(synthetic_
         dist_res["zero3-accum"]["stage"],
     ) == ("ddp", 2, 3, 3)
     ref = torch.tensor(single.losses, dtype=torch.float64)
-    assert ref.shape == (STEPS,) and ref[-1] < ref[0] - 1.0  # it trains
+    # it trains: the default (auto) bias starts at the best constant logit (loss about 3.7 at B = 16), so the fall is
+    # what the towers learn (4.17 -> 3.83 measured; with b = -10 it was the bias calibration, over 1.0)
+    assert ref.shape == (STEPS,) and ref[-1] < ref[0] - 0.2
     for name in names:
         got = torch.tensor(dist_res[name]["losses"], dtype=torch.float64)
         rel = ((got - ref).abs() / ref.abs()).max().item()
