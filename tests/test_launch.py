@@ -5,6 +5,7 @@ reports on the final checkpoint."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import pytest
 import torch
 from accelerate.utils import set_seed
 
-from vlp.config import LossConfig, PretrainConfig
+from vlp.config import LossConfig, PretrainConfig, load_yaml
 from vlp.losses import build_loss
 from vlp.model import build_model, load_preset
 from vlp.train.metrics import read_metrics
@@ -57,8 +58,12 @@ def test_two_process_first_step_equals_single_process_on_global_batch(two_proces
     images = torch.cat([b["image"] for b in batches])
     tokens = torch.cat([b["text"] for b in batches])
     assert images.shape[0] == 16  # the global batch: 2 ranks x 8
+    # the default bias is auto: -ln(B - 1) for the global batch of both processes, recorded in config.yaml
+    loss_cfg = LossConfig(name="siglip")
+    loss_cfg.resolve_auto_bias(16)
+    assert load_yaml(out / "config.yaml")["loss"]["init_logit_bias"] == pytest.approx(-math.log(15))
     set_seed(0)
-    model = build_model(load_preset(PretrainConfig().model.name), LossConfig(name="siglip"))
+    model = build_model(load_preset(PretrainConfig().model.name), loss_cfg)
     img, txt, t, b = model(images, tokens)
     single = build_loss(LossConfig(name="siglip", impl="naive"))(img, txt, t, b).item()
     assert first["loss"] == pytest.approx(single, rel=1e-5)
