@@ -18,6 +18,7 @@ import tarfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -328,4 +329,16 @@ def ensure_synthetic_data(
         num_eval=num_eval,
         class_families=gen.class_families,
         templates=gen.prompt_templates,
+    )
+
+
+def synthetic_data_for(data_cfg: Any) -> SyntheticData:
+    """The embedded set a run's ``data`` section names (``--data.synthetic``, its sizes and cache directory), seed 0:
+    what training and the held-out evaluation of that run read."""
+    return ensure_synthetic_data(
+        data_cfg.synthetic_dir,
+        data_cfg.synthetic_train_samples,
+        data_cfg.synthetic_eval_samples,
+        seed=0,
+        kind=data_cfg.synthetic,
     )

@@ -50,15 +50,9 @@ def run_heldout_data(
     user's eval shards, or the embedded synthetic set's held-out split with its label families."""
     if cfg.data.train_shards:
         return cfg.data.eval_shards, None, None
-    from data_pipelines.synthetic import ensure_synthetic_data
+    from data_pipelines.synthetic import synthetic_data_for
 
-    synth = ensure_synthetic_data(
-        cfg.data.synthetic_dir,
-        cfg.data.synthetic_train_samples,
-        cfg.data.synthetic_eval_samples,
-        seed=0,
-        kind=cfg.data.synthetic,
-    )
+    synth = synthetic_data_for(cfg.data)
     return cfg.data.eval_shards or synth.eval_shards, synth.class_families, synth.templates
 
 

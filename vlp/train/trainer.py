@@ -23,7 +23,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from data_pipelines.loader import build_train_loader
-from data_pipelines.synthetic import ensure_synthetic_data
+from data_pipelines.synthetic import synthetic_data_for
 from vlp.checkpointing import (
     TRAINER_STATE,
     consolidated_state_dict,
@@ -91,22 +91,10 @@ def resolve_data(cfg: Any) -> RunData:
     main = world_info().is_main
     synth = None
     if main:
-        synth = ensure_synthetic_data(
-            cfg.data.synthetic_dir,
-            cfg.data.synthetic_train_samples,
-            cfg.data.synthetic_eval_samples,
-            seed=0,
-            kind=cfg.data.synthetic,
-        )
+        synth = synthetic_data_for(cfg.data)
     barrier()
     if not main:
-        synth = ensure_synthetic_data(
-            cfg.data.synthetic_dir,
-            cfg.data.synthetic_train_samples,
-            cfg.data.synthetic_eval_samples,
-            seed=0,
-            kind=cfg.data.synthetic,
-        )
+        synth = synthetic_data_for(cfg.data)
     assert synth is not None
     return RunData(synth.train_shards, cfg.data.eval_shards or synth.eval_shards, synth.class_families, synth.templates)
 
