@@ -9,6 +9,7 @@ class families (shape, colour, size, position). Everything is deterministic from
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -214,7 +215,7 @@ def write_split(
 ) -> list[Path]:
     """Write ``num_samples`` captioned images as ``prefix-NNNNNN.tar`` shards; returns the shard paths.
 
-    ``render`` draws one sample (default: this module's :func:`render_sample`; see :data:`GENERATORS`).
+    ``render`` draws one sample (default: this module's :func:`render_sample`; see :func:`generators`).
 
     Also writes the shard metadata (``prefix.meta.json`` and ``sizes.json``, see data_pipelines.metadata).
     """
@@ -267,18 +268,19 @@ class Generator:
     cache_prefix: str
 
 
-def _generators() -> dict[str, Generator]:
+@functools.cache
+def generators() -> dict[str, Generator]:
+    """The embedded synthetic sets by name (``--data.synthetic``): "shapes" is this module's demo set, "textures"
+    the second set of data_pipelines/synthetic_textures.py, "silhouettes" the self-supervised demos' set of
+    data_pipelines/synthetic_silhouettes.py (built on first use: the other sets' modules import this one)."""
+    from data_pipelines import synthetic_silhouettes as sil
     from data_pipelines import synthetic_textures as tex
 
     return {
         "shapes": Generator(render_sample, CLASS_FAMILIES, PROMPT_TEMPLATES, "v2"),
         "textures": Generator(tex.render_sample, tex.CLASS_FAMILIES, tex.PROMPT_TEMPLATES, "textures-v1"),
+        "silhouettes": Generator(sil.render_sample, sil.CLASS_FAMILIES, sil.PROMPT_TEMPLATES_SHAPE, "silhouettes-v1"),
     }
-
-
-#: the embedded synthetic sets by name (``--data.synthetic``): "shapes" is this module's demo set,
-#: "textures" the second set of data_pipelines/synthetic_textures.py
-GENERATORS: dict[str, Generator] = _generators()
 
 
 def ensure_synthetic_data(
@@ -289,15 +291,15 @@ def ensure_synthetic_data(
     shard_size: int = 2000,
     kind: str = "shapes",
 ) -> SyntheticData:
-    """Write the synthetic train/held-out shards of set ``kind`` (a key of :data:`GENERATORS`) on first use
+    """Write the synthetic train/held-out shards of set ``kind`` (a key of :func:`generators`) on first use
     (reused afterwards) and describe them.
 
     The directory name encodes the set, sizes and seed, so different settings never mix; a finished marker makes
     an interrupted generation start over instead of reading partial shards.
     """
-    if kind not in GENERATORS:
-        raise ValueError(f"synthetic data set: invalid value {kind!r}; valid: {', '.join(GENERATORS)}")
-    gen = GENERATORS[kind]
+    if kind not in generators():
+        raise ValueError(f"synthetic data set: invalid value {kind!r}; valid: {', '.join(generators())}")
+    gen = generators()[kind]
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     out = root / f"{gen.cache_prefix}-seed{seed}-train{num_train}-eval{num_eval}-shard{shard_size}"
     n_train_shards = math.ceil(num_train / shard_size)

@@ -10,7 +10,7 @@ import pytest
 
 from data_pipelines import synthetic_textures as tex
 from data_pipelines.loader import build_eval_samples
-from data_pipelines.synthetic import GENERATORS, ensure_synthetic_data, write_split
+from data_pipelines.synthetic import ensure_synthetic_data, generators, write_split
 from vlp.config import PRETRAIN_ALIASES, ConfigError, PretrainConfig, parse_cli
 
 
@@ -24,7 +24,7 @@ def textures_data(tmp_path_factory):
 def test_same_seed_same_bytes_and_a_cache_directory_per_set(tmp_path, textures_data):
     a, b = tex.render_sample(np.random.default_rng(7)), tex.render_sample(np.random.default_rng(7))
     assert a[1:] == b[1:] and np.array_equal(np.asarray(a[0]), np.asarray(b[0]))
-    render = GENERATORS["textures"].render_sample
+    render = generators()["textures"].render_sample
     for d in ("a", "b"):
         write_split(tmp_path / d, "train", 20, seed=3, shard_size=10, render=render)
     for i in range(2):
@@ -112,9 +112,9 @@ def test_classes_look_different():
 def test_invalid_set_name_is_refused_in_one_line(tmp_path):
     with pytest.raises(ConfigError) as e:
         parse_cli(PretrainConfig, ["--data.synthetic", "stripes"], PRETRAIN_ALIASES)
-    assert "data.synthetic: invalid value 'stripes'; valid: shapes, textures" in str(e.value)
+    assert "data.synthetic: invalid value 'stripes'; valid: shapes, textures, silhouettes" in str(e.value)
     assert "\n" not in str(e.value)
-    with pytest.raises(ValueError, match=r"invalid value 'stripes'; valid: shapes, textures$"):
+    with pytest.raises(ValueError, match=r"invalid value 'stripes'; valid: shapes, textures, silhouettes$"):
         ensure_synthetic_data(tmp_path, 4, 2, kind="stripes")
 
 

@@ -186,9 +186,10 @@ class DataConfig:
     """Explicit shard metadata file(s) ('::'-separated): sizes.json or *.meta.json; default: found beside the shards."""
     epochs: float | None = None
     """Train for this many passes over the data instead of train.steps (ceil(epochs x samples / global batch))."""
-    synthetic: Literal["shapes", "textures"] = "shapes"
+    synthetic: Literal["shapes", "textures", "silhouettes"] = "shapes"
     """Which embedded synthetic set to train and evaluate on when no shards are given: shapes (the demo: flat-coloured
-    shapes, template captions) or textures (textured objects, tag-list captions; see docs/data.md)."""
+    shapes, template captions), textures (textured objects, tag-list captions) or silhouettes (the shapes as grey
+    silhouettes on plain grey: the self-supervised demos' set); see docs/data.md."""
     synthetic_dir: str | None = None
     """Cache directory for the embedded synthetic shards (default: ~/.cache/vlp/synthetic)."""
     synthetic_train_samples: int = 20000
