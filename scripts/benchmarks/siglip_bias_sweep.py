@@ -33,18 +33,10 @@ def run_name(dataset: str, loss: str, batch: int, bias: str, seed: int) -> str:
     return f"{dataset}-B{batch}-{tag}-s{seed}"
 
 
-def one_run(args: argparse.Namespace, loss: str, batch: int, bias: str, seed: int, threads: int) -> dict | None:
-    name = run_name(args.dataset, loss, batch, bias, seed)
-    out = Path(args.out) / name
-    steps = math.ceil(args.samples / batch)
-    cmd = [sys.executable, str(ROOT / "scripts" / "pretrain.py"), "--loss", loss, "--batch-size", str(batch)]
-    cmd += ["--steps", str(steps), "--seed", str(seed), "--optim.warmup-ratio", "0.05"]
-    cmd += ["--output-dir", str(out), "--train.log-every", str(max(1, steps // 20))]
-    if args.dataset != "shapes":
-        cmd += ["--data.synthetic", args.dataset]
-    if loss == "siglip":
-        cmd += ["--loss.init-logit-bias", bias]
-    cmd += args.extra
+def pretrain_run(out: Path, flags: list[str], threads: int) -> dict | None:
+    """Run scripts/pretrain.py with ``flags`` into ``out`` on ``threads`` threads (log beside it, OUT.log); returns
+    its wall time, first and final loss and every zero-shot top-1 and R@1 of its summary.json (None if it failed)."""
+    cmd = [sys.executable, str(ROOT / "scripts" / "pretrain.py"), *flags, "--output-dir", str(out)]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TQDM_DISABLE="1")
     t0 = time.time()
     log = out.with_suffix(".log")
@@ -52,17 +44,10 @@ def one_run(args: argparse.Namespace, loss: str, batch: int, bias: str, seed: in
     with open(log, "w") as fh:
         rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT).returncode
     if rc != 0:
-        print(f"{name}: failed (exit {rc}), see {log}", flush=True)
+        print(f"{out.name}: failed (exit {rc}), see {log}", flush=True)
         return None
     summary = json.loads((out / "summary.json").read_text())
     row = {
-        "name": name,
-        "dataset": args.dataset,
-        "loss": loss,
-        "batch": batch,
-        "bias": bias,
-        "seed": seed,
-        "steps": steps,
         "wall_s": round(time.time() - t0, 1),
         "first_loss": summary["first_loss"],
         "final_loss": summary["final_loss"],
@@ -71,6 +56,22 @@ def one_run(args: argparse.Namespace, loss: str, batch: int, bias: str, seed: in
         if k.startswith("zeroshot/") and k.endswith("/top1") or k.startswith("retrieval/") and k.endswith("_R1"):
             row[k] = v
     return row
+
+
+def one_run(args: argparse.Namespace, loss: str, batch: int, bias: str, seed: int, threads: int) -> dict | None:
+    name = run_name(args.dataset, loss, batch, bias, seed)
+    steps = math.ceil(args.samples / batch)
+    flags = ["--loss", loss, "--batch-size", str(batch), "--steps", str(steps), "--seed", str(seed)]
+    flags += ["--optim.warmup-ratio", "0.05", "--train.log-every", str(max(1, steps // 20))]
+    if args.dataset != "shapes":
+        flags += ["--data.synthetic", args.dataset]
+    if loss == "siglip":
+        flags += ["--loss.init-logit-bias", bias]
+    row = pretrain_run(Path(args.out) / name, flags + args.extra, threads)
+    if row is None:
+        return None
+    info = {"name": name, "dataset": args.dataset, "loss": loss, "batch": batch, "bias": bias, "seed": seed}
+    return {**info, "steps": steps, **row}
 
 
 def write_table(out: Path, rows: list[dict]) -> None:
