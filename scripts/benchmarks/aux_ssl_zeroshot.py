@@ -5,7 +5,8 @@ Each arm is one scripts/pretrain.py run (the demo recipe unless ``--`` passes mo
 use the tiny recipes' heads and crops (512 hidden / 128 out, crop area 0.35-1; DINO: K = 1024, bottleneck 128,
 batch norm in the head, 4 local crops of 32 px, teacher momentum 0.99, last layer frozen for 0.16 epoch; MoCo: v3,
 momentum 0.99). Results are appended to ``OUT/results.jsonl`` as runs finish, finished arms are skipped when
-started again, and ``OUT/table.md`` is rewritten after each run.
+started again (with the same --steps: an OUT of other lengths is refused), and ``OUT/table.md`` is rewritten after
+each run.
 
     python scripts/benchmarks/aux_ssl_zeroshot.py --out runs/aux-ssl --steps 500 --seeds 0 --jobs 2
 """
@@ -93,6 +94,8 @@ def main() -> None:
         write_table(out, rows)
         print((out / "table.md").read_text())
         return
+    if any(r["steps"] != args.steps for r in rows):
+        raise SystemExit(f"{results} holds runs of other lengths than --steps {args.steps}: use another --out")
     done = {r["name"] for r in rows}
     todo = [(a, s) for s in args.seeds for a in args.arms if f"{a}-s{s}" not in done]
     threads = max(1, (os.cpu_count() or 1) // args.jobs)

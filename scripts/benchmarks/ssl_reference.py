@@ -11,7 +11,8 @@ For each method and seed, two arms train in lock-step on identical inputs:
   temperatures and momenta (read from the same config).
 
 Same for both: the backbone and its initialisation (a copy of the vlp arm's trunk before the first step), the
-data (the embedded synthetic set's training split, one shuffled order per seed), the views (each batch's views are
+data (the captioned demo set's training split, ``--data.synthetic shapes``, whatever set the configs name: the
+label families below are that set's; one shuffled order per seed), the views (each batch's views are
 made once with vlp's view pipeline for the method and fed to both arms), the batch, the steps, the optimiser
 (vlp's AdamW parameter groups, warmup-cosine schedule and gradient clipping) and the seed.
 
@@ -55,6 +56,7 @@ def run_config(method: str, args: argparse.Namespace):
     recipe = "moco" if method.startswith("moco") else method
     argv = ["--config", str(ROOT / "configs" / "ssl" / f"{recipe}-tiny.yaml"), "--model", args.model]
     argv += ["--steps", str(args.steps), "--batch-size", str(args.batch_size), "--workers", "0"]
+    argv += ["--data.synthetic", "shapes"]  # the set whose families FAMILIES reads (the configs name silhouettes)
     if args.lr is not None:
         argv += ["--lr", str(args.lr)]
     if args.warmup_steps is not None:

@@ -54,7 +54,8 @@ class SSLMonitorConfig:
     """Every N steps; None: 100 for runs with an SSL objective or --aux-ssl, 0 (off) otherwise."""
     label_key: str | None = None
     """Field of the held-out samples' json used as the k-NN class; None: the first field of each sample's json (for the
-    embedded synthetic sets, 'shape' of shapes and 'object' of textures: the family every caption names)."""
+    embedded synthetic sets, 'shape' of shapes and silhouettes, 'object' of textures: the family every caption
+    names)."""
     knn_k: int = 20
     knn_temperature: float = 0.07
     """Weighted k-NN vote as in DINO's evaluation (k=20, T=0.07)."""
