@@ -59,15 +59,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_rank(rank: int, world_size: int, port: int, fn: Callable, args: tuple, report: Callable) -> None:
+def _run_rank(rank: int, world_size: int, port: int, store: str, fn: Callable, args: tuple, report: Callable) -> None:
     """Join the gloo group as ``rank``, run ``fn`` and hand ``(True, pickled result)`` or ``(False, traceback)`` to
-    ``report`` before leaving the group."""
+    ``report`` before leaving the group.
+
+    The ranks meet through a file store at ``store``, a path of this call's own: a TCP store on a port found free
+    beforehand can be taken by another test's group in between (pytest-xdist runs several at once), and two groups on
+    one store exchange each other's addresses. ``MASTER_ADDR``/``MASTER_PORT`` are still set for code that reads
+    them."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank)
     )
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
         # Plain pickle copies tensor data; a queue's own pickler would share storage through file descriptors
         # that die with this process, racing the parent's unpickling.
         outcome = (True, pickle.dumps(fn(rank, world_size, *args)))
@@ -80,9 +85,9 @@ def _run_rank(rank: int, world_size: int, port: int, fn: Callable, args: tuple, 
             dist.destroy_process_group()
 
 
-def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, queue) -> None:
+def _worker(rank: int, world_size: int, port: int, store: str, fn: Callable, args: tuple, queue) -> None:
     """A spawned rank (``VLP_TEST_SPAWN=1``): reports through ``queue``."""
-    _run_rank(rank, world_size, port, fn, args, lambda outcome: queue.put((rank, *outcome)))
+    _run_rank(rank, world_size, port, store, fn, args, lambda outcome: queue.put((rank, *outcome)))
 
 
 _SHARED_CHECKS: dict[int, list[Callable]] = {}
@@ -218,10 +223,10 @@ def _write_atomically(path: str, outcome: tuple) -> None:
     os.replace(f"{path}.tmp", path)
 
 
-def _forked_worker(rank: int, world_size: int, port: int, call: bytes, result: str) -> None:
+def _forked_worker(rank: int, world_size: int, port: int, store: str, call: bytes, result: str) -> None:
     """A rank forked by tests/zygote.py: reports to the file ``result``."""
     fn, args = pickle.loads(call)
-    _run_rank(rank, world_size, port, fn, args, lambda outcome: _write_atomically(result, outcome))
+    _run_rank(rank, world_size, port, store, fn, args, lambda outcome: _write_atomically(result, outcome))
 
 
 def _run_forked(fn: Callable[..., Any], world_size: int, args: tuple, timeout: float) -> list[Any]:
@@ -236,7 +241,8 @@ def _run_forked(fn: Callable[..., Any], world_size: int, args: tuple, timeout: f
         finished = False
         try:
             for rank, z in enumerate(zygotes):
-                kwargs = dict(rank=rank, world_size=world_size, port=port, call=call, result=str(paths[rank]))
+                kwargs = dict(rank=rank, world_size=world_size, port=port, store=str(Path(tmp) / "store"))
+                kwargs.update(call=call, result=str(paths[rank]))
                 payload = dict(
                     env=dict(os.environ),
                     cwd=os.getcwd(),
@@ -280,10 +286,15 @@ def run_distributed(fn: Callable[..., Any], world_size: int, args: tuple = (), t
     """``[fn(rank, world_size, *args) for rank in range(world_size)]``, each in its own gloo process."""
     if hasattr(os, "fork") and os.environ.get("VLP_TEST_SPAWN") != "1":
         return _run_forked(fn, world_size, args, timeout)
+    with tempfile.TemporaryDirectory() as tmp:
+        return _run_spawned(fn, world_size, args, timeout, str(Path(tmp) / "store"))
+
+
+def _run_spawned(fn: Callable[..., Any], world_size: int, args: tuple, timeout: float, store: str) -> list[Any]:
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)]
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, store, fn, args, queue)) for r in range(world_size)]
     saved = os.environ.get("PYTHONHASHSEED")
     try:
         for rank, p in enumerate(procs):
