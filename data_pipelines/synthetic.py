@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from filelock import FileLock
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
@@ -283,6 +284,30 @@ def generators() -> dict[str, Generator]:
     }
 
 
+def _write_synthetic(
+    out: Path, gen: Generator, kind: str, num_train: int, num_eval: int, seed: int, shard_size: int
+) -> None:
+    """Write both splits, their label metadata and (last) the finished marker of one synthetic set into ``out``."""
+    log.info("writing synthetic shards to %s", out)
+    render = gen.render_sample
+    marker = out / "DONE.json"
+    write_split(out, "train", num_train, seed, shard_size, desc=f"synthetic {kind} train shards", render=render)
+    write_split(
+        out, "eval", num_eval, seed + 1_000_003, shard_size, desc=f"synthetic {kind} held-out shards", render=render
+    )
+    meta = {
+        "kind": kind,
+        "train": {"num_samples": num_train, "num_shards": math.ceil(num_train / shard_size)},
+        "eval": {"num_samples": num_eval, "num_shards": math.ceil(num_eval / shard_size)},
+        "class_families": gen.class_families,
+        "templates": gen.prompt_templates,
+    }
+    (out / "classes.json").write_text(json.dumps(meta, indent=1))
+    tmp = out / "DONE.json.tmp"
+    tmp.write_text(json.dumps({"seed": seed}))
+    os.replace(tmp, marker)
+
+
 def ensure_synthetic_data(
     cache_dir: str | Path | None = None,
     num_train: int = 40000,
@@ -306,23 +331,12 @@ def ensure_synthetic_data(
     n_eval_shards = math.ceil(num_eval / shard_size)
     marker = out / "DONE.json"
     if not marker.is_file():
-        log.info("writing synthetic shards to %s", out)
-        render = gen.render_sample
-        write_split(out, "train", num_train, seed, shard_size, desc=f"synthetic {kind} train shards", render=render)
-        write_split(
-            out, "eval", num_eval, seed + 1_000_003, shard_size, desc=f"synthetic {kind} held-out shards", render=render
-        )
-        meta = {
-            "kind": kind,
-            "train": {"num_samples": num_train, "num_shards": n_train_shards},
-            "eval": {"num_samples": num_eval, "num_shards": n_eval_shards},
-            "class_families": gen.class_families,
-            "templates": gen.prompt_templates,
-        }
-        (out / "classes.json").write_text(json.dumps(meta, indent=1))
-        tmp = out / "DONE.json.tmp"
-        tmp.write_text(json.dumps({"seed": seed}))
-        os.replace(tmp, marker)
+        out.mkdir(parents=True, exist_ok=True)
+        # Processes that start together on one machine (two runs, or the ranks of one) take turns: the first
+        # writes the shards, the others find its marker once they hold the lock.
+        with FileLock(str(out / ".writing.lock")):
+            if not marker.is_file():
+                _write_synthetic(out, gen, kind, num_train, num_eval, seed, shard_size)
     return SyntheticData(
         root=out,
         train_shards=_shard_pattern(out, "train", n_train_shards),

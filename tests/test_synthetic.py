@@ -2,12 +2,19 @@
 
 import hashlib
 import json
+import multiprocessing as mp
 
 import numpy as np
 import webdataset as wds
 
 from data_pipelines.loader import build_eval_samples
-from data_pipelines.synthetic import CLASS_FAMILIES, PROMPT_TEMPLATES, render_sample, write_split
+from data_pipelines.synthetic import (
+    CLASS_FAMILIES,
+    PROMPT_TEMPLATES,
+    ensure_synthetic_data,
+    render_sample,
+    write_split,
+)
 
 
 def test_render_is_deterministic_and_caption_mentions_labels():
@@ -42,3 +49,19 @@ def test_fixture_shards_read_back(synthetic_data):
     assert json.loads(raw["json"])["color"] in CLASS_FAMILIES["color"]
     assert set(PROMPT_TEMPLATES) == set(CLASS_FAMILIES) == set(synthetic_data.class_families)
     assert sum(1 for _ in wds.WebDataset(synthetic_data.train_shards, shardshuffle=False)) == 400
+
+
+def _ensure_small(cache_dir: str) -> str:
+    return str(ensure_synthetic_data(cache_dir, num_train=300, num_eval=50, shard_size=100).root)
+
+
+def test_processes_starting_together_share_one_generation(tmp_path):
+    """Two runs (or the ranks of one) started at once on a fresh cache: one writes, the others wait for it, and
+    every shard is the one a lone process writes (they used to write one temporary file each into the same path)."""
+    with mp.get_context("spawn").Pool(3) as pool:
+        roots = pool.map(_ensure_small, [str(tmp_path / "shared")] * 3)
+    assert len(set(roots)) == 1
+    lone = ensure_synthetic_data(tmp_path / "lone", num_train=300, num_eval=50, shard_size=100).root
+    for name in ["train-000000.tar", "train-000001.tar", "train-000002.tar", "eval-000000.tar", "classes.json"]:
+        assert (lone / name).read_bytes() == (tmp_path / "shared" / lone.name / name).read_bytes(), name
+    assert not list((tmp_path / "shared" / lone.name).glob("*.tmp"))
