@@ -2,10 +2,11 @@
 with CLIP at the same budget beside it (docs/training.md, "SigLIP's initial bias").
 
 Every run sees the same number of training pairs (``--samples``, default 64,000 = the README demo's 1000 steps of
-64), so a larger batch takes fewer steps; warmup is the same fraction of every run (5%, the demo's 50 of 1000) and
-everything else is the demo's recipe. Runs go through scripts/pretrain.py, ``--jobs`` at a time (the cores are
-split between them); results are appended to ``OUT/results.jsonl`` as runs finish, finished runs are skipped when
-the sweep is started again, and ``OUT/table.md`` is rewritten after each run.
+64), so a larger batch takes fewer steps; warmup is ``--warmup-steps`` (default 50, the command line's default and
+the demo's) or ``--warmup-ratio`` of every run's steps, and everything else is the demo's recipe. Runs go through
+scripts/pretrain.py, ``--jobs`` at a time (the cores are split between them); results are appended to
+``OUT/results.jsonl`` as runs finish, finished runs are skipped when the sweep is started again, and
+``OUT/table.md`` is rewritten after each run.
 
     python scripts/benchmarks/siglip_bias_sweep.py --out runs/bias-sweep --batches 32 64 128 256 512 1024 \
         --biases -10 auto --seeds 0 1 --jobs 2
@@ -31,6 +32,11 @@ ROOT = Path(__file__).resolve().parents[2]
 def run_name(dataset: str, loss: str, batch: int, bias: str, seed: int) -> str:
     tag = "clip" if loss == "clip" else f"siglip_b{bias}"
     return f"{dataset}-B{batch}-{tag}-s{seed}"
+
+
+def warmup_of(row: dict) -> int:
+    """A row's warmup steps (rows written before the field existed warmed up for 5% of their steps)."""
+    return row.get("warmup_steps", math.ceil(0.05 * row["steps"]))
 
 
 def pretrain_run(out: Path, flags: list[str], threads: int) -> dict | None:
@@ -62,7 +68,8 @@ def one_run(args: argparse.Namespace, loss: str, batch: int, bias: str, seed: in
     name = run_name(args.dataset, loss, batch, bias, seed)
     steps = math.ceil(args.samples / batch)
     flags = ["--loss", loss, "--batch-size", str(batch), "--steps", str(steps), "--seed", str(seed)]
-    flags += ["--optim.warmup-ratio", "0.05", "--train.log-every", str(max(1, steps // 20))]
+    warmup = math.ceil(args.warmup_ratio * steps) if args.warmup_ratio is not None else args.warmup_steps
+    flags += ["--optim.warmup-steps", str(warmup), "--train.log-every", str(max(1, steps // 20))]
     if args.dataset != "shapes":
         flags += ["--data.synthetic", args.dataset]
     if loss == "siglip":
@@ -71,7 +78,7 @@ def one_run(args: argparse.Namespace, loss: str, batch: int, bias: str, seed: in
     if row is None:
         return None
     info = {"name": name, "dataset": args.dataset, "loss": loss, "batch": batch, "bias": bias, "seed": seed}
-    return {**info, "steps": steps, **row}
+    return {**info, "steps": steps, "warmup_steps": warmup, **row}
 
 
 def write_table(out: Path, rows: list[dict]) -> None:
@@ -79,10 +86,10 @@ def write_table(out: Path, rows: list[dict]) -> None:
     families = sorted({k.split("/")[1] for r in rows for k in r if k.startswith("zeroshot/") and k.endswith("/top1")})
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["dataset"], r["batch"], r["loss"], r["bias"]), []).append(r)
-    lines = ["| data | batch | steps | run | seeds | " + " | ".join(families) + " | image-to-text R1 |"]
-    lines.append("|---" * (6 + len(families)) + "|")
-    for (dataset, batch, loss, bias), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], kv[0][2])):
+        groups.setdefault((r["dataset"], r["batch"], warmup_of(r), r["loss"], r["bias"]), []).append(r)
+    lines = ["| data | batch | steps | warmup | run | seeds | " + " | ".join(families) + " | image-to-text R1 |"]
+    lines.append("|---" * (7 + len(families)) + "|")
+    for (dataset, batch, warmup, loss, bias), rs in sorted(groups.items(), key=lambda kv: kv[0][:4]):
         cells = []
         for f in families:
             vals = [100 * r[f"zeroshot/{f}/top1"] for r in rs if f"zeroshot/{f}/top1" in r]
@@ -97,7 +104,8 @@ def write_table(out: Path, rows: list[dict]) -> None:
         auto = f"auto = {-math.log(batch - 1):.2f}"
         run = "CLIP" if loss == "clip" else f"SigLIP b = {auto if bias == 'auto' else bias}"
         seeds = ",".join(str(r["seed"]) for r in sorted(rs, key=lambda r: r["seed"]))
-        lines.append(f"| {dataset} | {batch} | {rs[0]['steps']} | {run} | {seeds} | " + " | ".join(cells) + " |")
+        head = f"| {dataset} | {batch} | {rs[0]['steps']} | {warmup} | {run} | {seeds} | "
+        lines.append(head + " | ".join(cells) + " |")
     (out / "table.md").write_text("\n".join(lines) + "\n")
 
 
@@ -110,6 +118,8 @@ def main() -> None:
     p.add_argument("--no-clip", action="store_true", help="skip the CLIP reference runs")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--samples", type=int, default=64_000, help="training pairs per run (steps = samples / batch)")
+    p.add_argument("--warmup-steps", type=int, default=50, help="linear warmup steps of every run")
+    p.add_argument("--warmup-ratio", type=float, help="warm up for this fraction of each run's steps instead")
     p.add_argument("--jobs", type=int, default=1, help="runs at a time (the machine's cores are split)")
     p.add_argument("--table-only", action="store_true", help="rewrite OUT/table.md from OUT/results.jsonl, run nothing")
     p.add_argument("extra", nargs="*", help="further scripts/pretrain.py flags (after --)")
