@@ -77,7 +77,7 @@ def test_auto_logit_bias_is_the_batch_prior_resolved_from_the_global_batch():
     assert cfg.loss.init_logit_bias == "auto"
     with pytest.raises(ConfigError, match="resolved from the global batch"):
         _ = cfg.loss.resolved_init_logit_bias
-    cfg.loss.resolve_auto_bias(64)
+    cfg.loss.resolve_auto(64)
     assert not cfg.loss.bias_is_auto
     b = cfg.loss.resolved_init_logit_bias
     assert b == pytest.approx(-math.log(63)) and 1 / (1 + math.exp(-b)) == pytest.approx(1 / 64)
@@ -87,18 +87,46 @@ def test_auto_logit_bias_is_the_batch_prior_resolved_from_the_global_batch():
         batch_prior_logit_bias(1)
 
 
+def test_auto_logit_scale_is_minus_the_auto_bias_resolved_from_the_global_batch():
+    from vlp.config import batch_prior_logit_bias, batch_prior_logit_scale
+
+    cfg = parse(["--loss.init_logit_scale", "auto"])
+    assert cfg.loss.init_logit_scale == "auto" and cfg.loss.scale_is_auto
+    with pytest.raises(ConfigError, match="init_logit_scale=auto is resolved from the global batch"):
+        _ = cfg.loss.resolved_init_logit_scale
+    cfg.loss.resolve_auto(256)
+    assert not cfg.loss.scale_is_auto
+    t, b = math.exp(cfg.loss.resolved_init_logit_scale), cfg.loss.init_logit_bias
+    assert t == pytest.approx(math.log(255)) and t + b == pytest.approx(0.0)  # cosine 1: probability 1/2
+    assert math.exp(batch_prior_logit_scale(22027)) == pytest.approx(10.0, abs=1e-4)  # the SigLIP paper's t and b
+    assert batch_prior_logit_scale(22027) == pytest.approx(math.log(-batch_prior_logit_bias(22027)))
+    assert batch_prior_logit_scale(3) == 0.0 and batch_prior_logit_scale(2) == 0.0  # t >= 1
+    with pytest.raises(ConfigError, match="at least 2"):
+        batch_prior_logit_scale(1)
+    fixed = parse(["--loss.init_logit_scale", "1.5"])
+    fixed.loss.resolve_auto(256)
+    assert fixed.loss.init_logit_scale == 1.5 and not fixed.loss.scale_is_auto
+    with pytest.raises(ConfigError, match="clip has no bias"):
+        parse(["--loss", "clip", "--loss.init_logit_scale", "auto"])
+    clip = parse(["--loss", "clip", "--batch-size", "256"])
+    clip.loss.resolve_auto(256)
+    assert clip.loss.init_logit_scale is None and clip.loss.resolved_init_logit_scale == pytest.approx(
+        math.log(1 / 0.07)
+    )
+
+
 def test_siglip_bias_defaults_to_auto_and_a_number_is_kept():
     default = parse([])  # --loss siglip is the default loss
     assert default.loss.init_logit_bias is None and default.loss.bias_is_auto
     # built outside training (to load weights into): the unresolved default is the paper's -10
     assert default.loss.resolved_init_logit_bias == -10.0
-    default.loss.resolve_auto_bias(256)
+    default.loss.resolve_auto(256)
     assert default.loss.init_logit_bias == pytest.approx(-math.log(255))
     fixed = parse(["--loss.init_logit_bias", "-10"])
     assert not fixed.loss.bias_is_auto
-    fixed.loss.resolve_auto_bias(256)
+    fixed.loss.resolve_auto(256)
     assert fixed.loss.init_logit_bias == -10.0
     clip = parse(["--loss", "clip"])
     assert not clip.loss.bias_is_auto and clip.loss.resolved_init_logit_bias is None
-    clip.loss.resolve_auto_bias(256)
+    clip.loss.resolve_auto(256)
     assert clip.loss.init_logit_bias is None

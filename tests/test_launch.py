@@ -60,7 +60,7 @@ def test_two_process_first_step_equals_single_process_on_global_batch(two_proces
     assert images.shape[0] == 16  # the global batch: 2 ranks x 8
     # the default bias is auto: -ln(B - 1) for the global batch of both processes, recorded in config.yaml
     loss_cfg = LossConfig(name="siglip")
-    loss_cfg.resolve_auto_bias(16)
+    loss_cfg.resolve_auto(16)
     assert load_yaml(out / "config.yaml")["loss"]["init_logit_bias"] == pytest.approx(-math.log(15))
     set_seed(0)
     model = build_model(load_preset(PretrainConfig().model.name), loss_cfg)

@@ -61,8 +61,9 @@ def test_short_run_writes_outputs_and_summary(tmp_path, loss):
     assert cfg2 == cfg and (model.logit_bias is None) == (loss == "clip")
 
 
-def test_auto_logit_bias_starts_at_the_batch_prior_and_is_recorded(tmp_path):
-    """--loss.init_logit_bias auto with a global batch of 8: step 1 uses -ln(7); config.yaml holds the number."""
+def test_auto_priors_start_at_the_batch_prior_and_are_recorded(tmp_path):
+    """--loss.init_logit_bias/init_logit_scale auto with a global batch of 8: step 1 uses b = -ln(7) and
+    t = ln(7); config.yaml holds the numbers."""
     import math
 
     import yaml
@@ -71,11 +72,14 @@ def test_auto_logit_bias_starts_at_the_batch_prior_and_is_recorded(tmp_path):
 
     out = tmp_path / "run"
     args = small_run_args(tmp_path, out, steps=1) + ["--loss.init_logit_bias", "auto", "--eval.zeroshot", "false"]
+    args += ["--loss.init_logit_scale", "auto"]
     run_pretraining(parse_cli(PretrainConfig, args, PRETRAIN_ALIASES))
     first = read_metrics(out / "metrics.jsonl")[0]
     assert first["logit_bias"] == pytest.approx(-math.log(7), abs=1e-6)
+    assert math.exp(first["logit_scale"]) == pytest.approx(math.log(7), abs=1e-6)
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["loss"]["init_logit_bias"] == pytest.approx(-math.log(7))
+    assert saved["loss"]["init_logit_scale"] == pytest.approx(math.log(math.log(7)))
 
 
 def run_script(args, env_extra=None, launcher=None, timeout=600):

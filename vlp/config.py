@@ -90,8 +90,11 @@ class LossConfig:
     B=16384, D=512, CPU) to be the fastest tile for siglip and within run-to-run noise (8%) of the fastest for
     clip: smaller tiles add per-tile overhead (128: 1.5x the time), larger ones add memory (4096: up to 2.4x the
     extra peak) without a clear gain."""
-    init_logit_scale: float | None = None
-    """Initial log temperature t; default log(1/0.07) for clip, log(10) for siglip."""
+    init_logit_scale: float | Literal["auto"] | None = None
+    """Initial log temperature log t; default log(1/0.07) for clip, auto for siglip: t = ln(B - 1) for the global
+    batch B (at least 1), minus the auto bias, so that a pair whose embeddings coincide (cosine 1) starts at
+    probability 1/2 and an unrelated pair (cosine 0) at 1/B; resolved when training starts like the bias (the SigLIP
+    paper's t = 10 with b = -10 is this prior at B of about 22,000; docs/training.md has the measurements)."""
     init_logit_bias: float | Literal["auto"] | None = None
     """Initial bias b (siglip only); default auto: -ln(B - 1) for the global batch B (batch size x accumulation
     steps x processes), the bias at which a pair's initial probability sigmoid(b) is 1/B, the fraction of positive
@@ -107,6 +110,11 @@ class LossConfig:
             import vlp.objectives  # noqa: F401 - registers the built-in losses' defaults (no torch)
         if self.name not in LOSS_DEFAULTS:
             raise ConfigError(f"loss.name: invalid value {self.name!r}; valid: {', '.join(sorted(LOSS_DEFAULTS))}")
+        if self.init_logit_scale == "auto" and self._default("init_logit_bias") is None:
+            raise ConfigError(
+                f"loss.init_logit_scale=auto is the sigmoid loss's batch prior (paired with its bias); {self.name} has "
+                "no bias: give a number or leave the default"
+            )
 
     def _default(self, key: str) -> float | str | None:
         if self.name not in LOSS_DEFAULTS:
@@ -117,9 +125,24 @@ class LossConfig:
 
     @property
     def resolved_init_logit_scale(self) -> float:
+        """The initial log temperature a model is built with. Training resolves ``auto`` first
+        (:meth:`resolve_auto`); a model built outside training with the default (e.g. to load weights into) starts at
+        :data:`UNRESOLVED_AUTO_SCALE`, and an explicit ``auto`` there is an error."""
+        if self.init_logit_scale == "auto":
+            raise ConfigError(
+                "loss.init_logit_scale=auto is resolved from the global batch when training starts "
+                "(LossConfig.resolve_auto); give a number to build a model outside training"
+            )
         v = self.init_logit_scale if self.init_logit_scale is not None else self._default("init_logit_scale")
         assert v is not None
-        return float(v)
+        return UNRESOLVED_AUTO_SCALE if v == "auto" else float(v)
+
+    @property
+    def scale_is_auto(self) -> bool:
+        """Whether the initial temperature still has to be resolved from the global batch (``auto``, given or
+        default)."""
+        value = self.init_logit_scale if self.init_logit_scale is not None else self._default("init_logit_scale")
+        return value == "auto"
 
     @property
     def bias_is_auto(self) -> bool:
@@ -144,10 +167,13 @@ class LossConfig:
             return float(self.init_logit_bias)
         return UNRESOLVED_AUTO_BIAS if default == "auto" else float(default)
 
-    def resolve_auto_bias(self, global_batch: int) -> None:
-        """Replace ``auto`` (given, or the loss's default) by :func:`batch_prior_logit_bias` of ``global_batch``."""
+    def resolve_auto(self, global_batch: int) -> None:
+        """Replace ``auto`` (given, or the loss's default) by the batch priors of ``global_batch``: the bias by
+        :func:`batch_prior_logit_bias`, the temperature by :func:`batch_prior_logit_scale`."""
         if self.bias_is_auto:
             self.init_logit_bias = batch_prior_logit_bias(global_batch)
+        if self.scale_is_auto:
+            self.init_logit_scale = batch_prior_logit_scale(global_batch)
 
     @property
     def resolved_max_logit_scale(self) -> float | None:
@@ -157,6 +183,22 @@ class LossConfig:
 UNRESOLVED_AUTO_BIAS = -10.0
 """The bias of a SigLIP model built outside training with the default ``auto`` (the SigLIP paper's value): such a
 model is built to load weights into, and a training run replaces ``auto`` by the batch prior before building."""
+
+
+UNRESOLVED_AUTO_SCALE = math.log(10.0)
+"""The log temperature of a SigLIP model built outside training with the default ``auto`` (the SigLIP paper's t = 10),
+replaced by :func:`batch_prior_logit_scale` in a training run."""
+
+
+def batch_prior_logit_scale(global_batch: int) -> float:
+    """log t for t = max(1, ln(B - 1)): the SigLIP temperature at which, with the bias -ln(B - 1) of
+    :func:`batch_prior_logit_bias`, a pair of identical embeddings (cosine 1) starts at probability 1/2 and an
+    unrelated one (cosine 0) at 1/B (t = 10 assumes B of about 22,000). A smaller t keeps the logits of a randomly
+    initialised pair of towers, whose embeddings crowd into narrow cones, from moving all together on the first
+    steps (docs/training.md); t is kept at 1 or more below B = 4."""
+    if global_batch < 2:
+        raise ConfigError(f"loss.init_logit_scale=auto needs a global batch of at least 2, got {global_batch}")
+    return math.log(max(1.0, math.log(global_batch - 1)))
 
 
 def batch_prior_logit_bias(global_batch: int) -> float:

@@ -1,5 +1,6 @@
-"""SigLIP's initial bias against the global batch: final zero-shot top-1 for each (batch, initial bias, seed),
-with CLIP at the same budget beside it (docs/training.md, "SigLIP's initial bias").
+"""SigLIP's initial bias and temperature against the global batch: final zero-shot top-1 for each (batch, initial
+bias, initial temperature, seed), with CLIP at the same budget beside it (docs/training.md, "SigLIP's initial bias
+and temperature").
 
 Every run sees the same number of training pairs (``--samples``, default 64,000 = the README demo's 1000 steps of
 64), so a larger batch takes fewer steps; warmup is ``--warmup-steps`` (default 50, the command line's default and
@@ -9,7 +10,7 @@ scripts/pretrain.py, ``--jobs`` at a time (the cores are split between them); re
 ``OUT/table.md`` is rewritten after each run.
 
     python scripts/benchmarks/siglip_bias_sweep.py --out runs/bias-sweep --batches 32 64 128 256 512 1024 \
-        --biases -10 auto --seeds 0 1 --jobs 2
+        --biases -10 auto --scales auto 2.302585 --seeds 0 1 --jobs 2
 """
 
 from __future__ import annotations
@@ -29,9 +30,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def run_name(dataset: str, loss: str, batch: int, bias: str, seed: int) -> str:
-    tag = "clip" if loss == "clip" else f"siglip_b{bias}"
+def run_name(dataset: str, loss: str, batch: int, bias: str, scale: str, seed: int) -> str:
+    tag = "clip" if loss == "clip" else f"siglip_b{bias}" + ("" if scale == "default" else f"_t{scale}")
     return f"{dataset}-B{batch}-{tag}-s{seed}"
+
+
+def initial_temperature(row: dict) -> float:
+    """A row's initial t (rows written before the field existed used the loss's default then: 10 for SigLIP, 1/0.07
+    for CLIP)."""
+    return row.get("init_t", 10.0 if row["loss"] == "siglip" else 1 / 0.07)
 
 
 def warmup_of(row: dict) -> int:
@@ -45,7 +52,7 @@ def pretrain_run(out: Path, flags: list[str], threads: int) -> dict | None:
     cmd = [sys.executable, str(ROOT / "scripts" / "pretrain.py"), *flags, "--output-dir", str(out)]
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TQDM_DISABLE="1")
     t0 = time.time()
-    log = out.with_suffix(".log")
+    log = out.parent / f"{out.name}.log"
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as fh:
         rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT).returncode
@@ -53,8 +60,10 @@ def pretrain_run(out: Path, flags: list[str], threads: int) -> dict | None:
         print(f"{out.name}: failed (exit {rc}), see {log}", flush=True)
         return None
     summary = json.loads((out / "summary.json").read_text())
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])  # logged before the first update
     row = {
         "wall_s": round(time.time() - t0, 1),
+        "init_t": round(math.exp(first["logit_scale"]), 4),
         "first_loss": summary["first_loss"],
         "final_loss": summary["final_loss"],
     }
@@ -64,8 +73,10 @@ def pretrain_run(out: Path, flags: list[str], threads: int) -> dict | None:
     return row
 
 
-def one_run(args: argparse.Namespace, loss: str, batch: int, bias: str, seed: int, threads: int) -> dict | None:
-    name = run_name(args.dataset, loss, batch, bias, seed)
+def one_run(
+    args: argparse.Namespace, loss: str, batch: int, bias: str, scale: str, seed: int, threads: int
+) -> dict | None:
+    name = run_name(args.dataset, loss, batch, bias, scale, seed)
     steps = math.ceil(args.samples / batch)
     flags = ["--loss", loss, "--batch-size", str(batch), "--steps", str(steps), "--seed", str(seed)]
     warmup = math.ceil(args.warmup_ratio * steps) if args.warmup_ratio is not None else args.warmup_steps
@@ -74,10 +85,12 @@ def one_run(args: argparse.Namespace, loss: str, batch: int, bias: str, seed: in
         flags += ["--data.synthetic", args.dataset]
     if loss == "siglip":
         flags += ["--loss.init-logit-bias", bias]
+        flags += [] if scale == "default" else ["--loss.init-logit-scale", scale]
     row = pretrain_run(Path(args.out) / name, flags + args.extra, threads)
     if row is None:
         return None
-    info = {"name": name, "dataset": args.dataset, "loss": loss, "batch": batch, "bias": bias, "seed": seed}
+    info = {"name": name, "dataset": args.dataset, "loss": loss, "batch": batch, "bias": bias, "scale": scale}
+    info["seed"] = seed
     return {**info, "steps": steps, "warmup_steps": warmup, **row}
 
 
@@ -86,10 +99,11 @@ def write_table(out: Path, rows: list[dict]) -> None:
     families = sorted({k.split("/")[1] for r in rows for k in r if k.startswith("zeroshot/") and k.endswith("/top1")})
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["dataset"], r["batch"], warmup_of(r), r["loss"], r["bias"]), []).append(r)
+        key = (r["dataset"], r["batch"], warmup_of(r), r["loss"], r["bias"], round(initial_temperature(r), 2))
+        groups.setdefault(key, []).append(r)
     lines = ["| data | batch | steps | warmup | run | seeds | " + " | ".join(families) + " | image-to-text R1 |"]
     lines.append("|---" * (7 + len(families)) + "|")
-    for (dataset, batch, warmup, loss, bias), rs in sorted(groups.items(), key=lambda kv: kv[0][:4]):
+    for (dataset, batch, warmup, loss, bias, t), rs in sorted(groups.items(), key=lambda kv: kv[0][:4]):
         cells = []
         for f in families:
             vals = [100 * r[f"zeroshot/{f}/top1"] for r in rs if f"zeroshot/{f}/top1" in r]
@@ -102,7 +116,7 @@ def write_table(out: Path, rows: list[dict]) -> None:
         r1 = [100 * r["retrieval/image_to_text_R1"] for r in rs if "retrieval/image_to_text_R1" in r]
         cells.append(f"{statistics.mean(r1):.1f}" if r1 else "")
         auto = f"auto = {-math.log(batch - 1):.2f}"
-        run = "CLIP" if loss == "clip" else f"SigLIP b = {auto if bias == 'auto' else bias}"
+        run = "CLIP" if loss == "clip" else f"SigLIP b = {auto if bias == 'auto' else bias}, t = {t:g}"
         seeds = ",".join(str(r["seed"]) for r in sorted(rs, key=lambda r: r["seed"]))
         head = f"| {dataset} | {batch} | {rs[0]['steps']} | {warmup} | {run} | {seeds} | "
         lines.append(head + " | ".join(cells) + " |")
@@ -114,7 +128,15 @@ def main() -> None:
     p.add_argument("--out", default="runs/bias-sweep")
     p.add_argument("--dataset", default="shapes", help="embedded synthetic set (--data.synthetic)")
     p.add_argument("--batches", type=int, nargs="+", default=[32, 64, 128, 256, 512, 1024])
-    p.add_argument("--biases", nargs="+", default=["-10", "auto"], help="SigLIP initial biases (numbers or auto)")
+    p.add_argument(
+        "--biases", nargs="*", default=["-10", "auto"], help="SigLIP initial biases (numbers or auto; none: CLIP only)"
+    )
+    p.add_argument(
+        "--scales",
+        nargs="+",
+        default=["default"],
+        help="SigLIP initial log temperatures (numbers, auto, or default: the loss's default)",
+    )
     p.add_argument("--no-clip", action="store_true", help="skip the CLIP reference runs")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--samples", type=int, default=64_000, help="training pairs per run (steps = samples / batch)")
@@ -135,10 +157,11 @@ def main() -> None:
     todo = []
     for seed in args.seeds:
         for batch in args.batches:
-            kinds = [("siglip", b) for b in args.biases] + ([] if args.no_clip else [("clip", "-")])
-            for loss, bias in kinds:
-                if run_name(args.dataset, loss, batch, bias, seed) not in done:
-                    todo.append((loss, batch, bias, seed))
+            kinds = [("siglip", b, t) for b in args.biases for t in args.scales]
+            kinds += [] if args.no_clip else [("clip", "-", "default")]
+            for loss, bias, scale in kinds:
+                if run_name(args.dataset, loss, batch, bias, scale, seed) not in done:
+                    todo.append((loss, batch, bias, scale, seed))
     threads = max(1, (os.cpu_count() or 1) // args.jobs)
     print(f"{len(todo)} runs to do ({len(done)} already in {results}), {args.jobs} at a time", flush=True)
 

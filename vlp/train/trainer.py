@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -159,9 +160,15 @@ class Trainer:
         self.preset = preset = preset_for_training(cfg, self.resume_from) if takes_preset else None
         self.global_batch = cfg.train.batch_size * cfg.train.accum_steps * world.world_size
         loss_cfg = getattr(cfg, "loss", None)
-        if loss_cfg is not None and loss_cfg.bias_is_auto:
-            loss_cfg.resolve_auto_bias(self.global_batch)
-            log.info("loss.init_logit_bias auto: %.4f for the global batch", loss_cfg.init_logit_bias)
+        if loss_cfg is not None and (loss_cfg.bias_is_auto or loss_cfg.scale_is_auto):
+            loss_cfg.resolve_auto(self.global_batch)
+            log.info(
+                "loss auto priors for the global batch of %d: init_logit_scale %.4f (t = %.3f), init_logit_bias %s",
+                self.global_batch,
+                loss_cfg.resolved_init_logit_scale,
+                math.exp(loss_cfg.resolved_init_logit_scale),
+                loss_cfg.resolved_init_logit_bias,
+            )
         if world.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
             save_yaml(cfg, out_dir / "config.yaml")
