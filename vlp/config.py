@@ -92,9 +92,10 @@ class LossConfig:
     extra peak) without a clear gain."""
     init_logit_scale: float | Literal["auto"] | None = None
     """Initial log temperature log t; default log(1/0.07) for clip, auto for siglip: t = ln(B - 1) for the global
-    batch B (at least 1), minus the auto bias, so that a pair whose embeddings coincide (cosine 1) starts at
-    probability 1/2 and an unrelated pair (cosine 0) at 1/B; resolved when training starts like the bias (the SigLIP
-    paper's t = 10 with b = -10 is this prior at B of about 22,000; docs/training.md has the measurements)."""
+    batch B (at least 1; the auto bias with its sign flipped), so that a pair whose embeddings coincide (cosine 1)
+    starts at probability 1/2 and an unrelated pair (cosine 0) at 1/B; resolved when training starts like the bias
+    (the SigLIP paper's t = 10 with b = -10 is this prior at B of about 22,000; docs/training.md has the
+    measurements)."""
     init_logit_bias: float | Literal["auto"] | None = None
     """Initial bias b (siglip only); default auto: -ln(B - 1) for the global batch B (batch size x accumulation
     steps x processes), the bias at which a pair's initial probability sigmoid(b) is 1/B, the fraction of positive
