@@ -2,7 +2,7 @@
 
 logits = t * img @ txt.T + b (t = exp of the learnt log temperature); labels +1 on the diagonal and -1 elsewhere;
 loss = -sum(log sigmoid(labels * logits)) / B. The paper starts at t = 10, b = -10; here both default to ``auto``,
-the same prior for the run's global batch B: b = -ln(B - 1), t = ln(B - 1) (= 10 and -10 at B of about 22,000;
+the same prior for the run's global batch B: b = -ln(B - 1), t = ln(B - 1) (b = -10, t = 10 at B of about 22,000;
 vlp.config.batch_prior_logit_bias/_scale, docs/training.md). The maths (naive and chunked, with
 the ring exchange across ranks) is in vlp/losses/siglip.py.
 """
