@@ -14,14 +14,10 @@ each run.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from siglip_bias_sweep import pretrain_run
+from pretrain_runs import pretrain_run, read_rows, run_all
 
 TINY_HEADS = {
     "simclr": ["--ssl.simclr.hidden-dim", "512", "--ssl.simclr.out-dim", "128"],
@@ -89,7 +85,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results.jsonl"
-    rows = [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
+    rows = read_rows(results)
     if args.table_only:
         write_table(out, rows)
         print((out / "table.md").read_text())
@@ -98,25 +94,15 @@ def main() -> None:
         raise SystemExit(f"{results} holds runs of other lengths than --steps {args.steps}: use another --out")
     done = {r["name"] for r in rows}
     todo = [(a, s) for s in args.seeds for a in args.arms if f"{a}-s{s}" not in done]
-    threads = max(1, (os.cpu_count() or 1) // args.jobs)
-    print(f"{len(todo)} runs to do ({len(done)} already in {results}), {args.jobs} at a time", flush=True)
-    lock = threading.Lock()
 
-    def work(item: tuple[str, int]) -> None:
+    def run_one(item: tuple[str, int], threads: int) -> dict | None:
         arm, seed = item
         name = f"{arm}-s{seed}"
         flags = arm_flags(arm) + ["--steps", str(args.steps), "--seed", str(seed), *args.extra]
         row = pretrain_run(out / name, flags, threads)
-        if row is None:
-            return
-        with lock:
-            with open(results, "a") as fh:
-                fh.write(json.dumps({"name": name, "arm": arm, "seed": seed, "steps": args.steps, **row}) + "\n")
-            write_table(out, [json.loads(line) for line in results.read_text().splitlines()])
-            print(f"{name}: {row['wall_s']} s, shape top-1 {row.get('zeroshot/shape/top1')}", flush=True)
+        return None if row is None else {"name": name, "arm": arm, "seed": seed, "steps": args.steps, **row}
 
-    with ThreadPoolExecutor(args.jobs) as pool:
-        list(pool.map(work, todo))
+    run_all(todo, args.jobs, run_one, results, lambda rows: write_table(out, rows), len(done))
 
 
 if __name__ == "__main__":

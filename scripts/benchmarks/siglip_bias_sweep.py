@@ -16,18 +16,11 @@ scripts/pretrain.py, ``--jobs`` at a time (the cores are split between them); re
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import statistics
-import subprocess
-import sys
-import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from pretrain_runs import pretrain_run, read_rows, run_all
 
 
 def run_name(dataset: str, loss: str, batch: int, bias: str, scale: str, seed: int) -> str:
@@ -44,33 +37,6 @@ def initial_temperature(row: dict) -> float:
 def warmup_of(row: dict) -> int:
     """A row's warmup steps (rows written before the field existed warmed up for 5% of their steps)."""
     return row.get("warmup_steps", math.ceil(0.05 * row["steps"]))
-
-
-def pretrain_run(out: Path, flags: list[str], threads: int) -> dict | None:
-    """Run scripts/pretrain.py with ``flags`` into ``out`` on ``threads`` threads (log beside it, OUT.log); returns
-    its wall time, first and final loss and every zero-shot top-1 and R@1 of its summary.json (None if it failed)."""
-    cmd = [sys.executable, str(ROOT / "scripts" / "pretrain.py"), *flags, "--output-dir", str(out)]
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TQDM_DISABLE="1")
-    t0 = time.time()
-    log = out.parent / f"{out.name}.log"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "w") as fh:
-        rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT).returncode
-    if rc != 0:
-        print(f"{out.name}: failed (exit {rc}), see {log}", flush=True)
-        return None
-    summary = json.loads((out / "summary.json").read_text())
-    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])  # logged before the first update
-    row = {
-        "wall_s": round(time.time() - t0, 1),
-        "init_t": round(math.exp(first["logit_scale"]), 4),
-        "first_loss": summary["first_loss"],
-        "final_loss": summary["final_loss"],
-    }
-    for k, v in summary.items():
-        if k.startswith("zeroshot/") and k.endswith("/top1") or k.startswith("retrieval/") and k.endswith("_R1"):
-            row[k] = v
-    return row
 
 
 def one_run(
@@ -149,11 +115,12 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = out / "results.jsonl"
-    done = {json.loads(line)["name"] for line in results.read_text().splitlines()} if results.exists() else set()
+    rows = read_rows(results)
     if args.table_only:
-        write_table(out, [json.loads(line) for line in results.read_text().splitlines()])
+        write_table(out, rows)
         print((out / "table.md").read_text())
         return
+    done = {r["name"] for r in rows}
     todo = []
     for seed in args.seeds:
         for batch in args.batches:
@@ -162,25 +129,14 @@ def main() -> None:
             for loss, bias, scale in kinds:
                 if run_name(args.dataset, loss, batch, bias, scale, seed) not in done:
                     todo.append((loss, batch, bias, scale, seed))
-    threads = max(1, (os.cpu_count() or 1) // args.jobs)
-    print(f"{len(todo)} runs to do ({len(done)} already in {results}), {args.jobs} at a time", flush=True)
-
-    lock = threading.Lock()
-
-    def work(item):
-        row = one_run(args, *item, threads=threads)
-        if row is None:
-            return
-        with lock:
-            with open(results, "a") as fh:
-                fh.write(json.dumps(row) + "\n")
-            rows = [json.loads(line) for line in results.read_text().splitlines()]
-            write_table(out, rows)
-            shape = row.get("zeroshot/shape/top1")
-            print(f"{row['name']}: {row['wall_s']} s, shape top-1 {shape}", flush=True)
-
-    with ThreadPoolExecutor(args.jobs) as pool:
-        list(pool.map(work, todo))
+    run_all(
+        todo,
+        args.jobs,
+        lambda item, threads: one_run(args, *item, threads=threads),
+        results,
+        lambda rows: write_table(out, rows),
+        len(done),
+    )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,77 @@
+"""Running scripts/pretrain.py as benchmark runs: one run in a subprocess, and a queue of runs a few at a time whose
+rows are appended to ``OUT/results.jsonl`` as they finish (the bias sweep and the aux-SSL benchmark share it)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def pretrain_run(out: Path, flags: list[str], threads: int) -> dict | None:
+    """Run scripts/pretrain.py with ``flags`` into ``out`` on ``threads`` threads (log beside it, OUT.log); returns
+    its wall time, first and final loss and every zero-shot top-1 and R@1 of its summary.json (None if it failed)."""
+    cmd = [sys.executable, str(ROOT / "scripts" / "pretrain.py"), *flags, "--output-dir", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TQDM_DISABLE="1")
+    t0 = time.time()
+    log = out.parent / f"{out.name}.log"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as fh:
+        rc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT).returncode
+    if rc != 0:
+        print(f"{out.name}: failed (exit {rc}), see {log}", flush=True)
+        return None
+    summary = json.loads((out / "summary.json").read_text())
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])  # logged before the first update
+    row = {
+        "wall_s": round(time.time() - t0, 1),
+        "init_t": round(math.exp(first["logit_scale"]), 4),
+        "first_loss": summary["first_loss"],
+        "final_loss": summary["final_loss"],
+    }
+    for k, v in summary.items():
+        if k.startswith("zeroshot/") and k.endswith("/top1") or k.startswith("retrieval/") and k.endswith("_R1"):
+            row[k] = v
+    return row
+
+
+def read_rows(results: Path) -> list[dict]:
+    """The rows of ``results`` (a JSON object per line), none if it does not exist yet."""
+    return [json.loads(line) for line in results.read_text().splitlines()] if results.exists() else []
+
+
+def run_all(
+    todo: list,
+    jobs: int,
+    run_one: Callable[[object, int], dict | None],
+    results: Path,
+    on_rows: Callable[[list[dict]], None],
+    done: int,
+) -> None:
+    """``run_one(item, threads)`` for every item of ``todo``, ``jobs`` at a time (the machine's cores split between
+    them); each row it returns (with its "name") is appended to ``results``, then ``on_rows`` gets every row so far."""
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    print(f"{len(todo)} runs to do ({done} already in {results}), {jobs} at a time", flush=True)
+    lock = threading.Lock()
+
+    def work(item) -> None:
+        row = run_one(item, threads)
+        if row is None:
+            return
+        with lock:
+            with open(results, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            on_rows(read_rows(results))
+            print(f"{row['name']}: {row['wall_s']} s, shape top-1 {row.get('zeroshot/shape/top1')}", flush=True)
+
+    with ThreadPoolExecutor(jobs) as pool:
+        list(pool.map(work, todo))
