@@ -103,6 +103,12 @@ class LossConfig:
     fixes it (the SigLIP paper's -10 suits batches of ~22,000; docs/training.md has the measurements)."""
     max_logit_scale: float | None = None
     """Upper clamp on t; default log(100) for clip, none for siglip."""
+    centre_init: bool | None = None
+    """Centre each tower's outputs on the first training batch before the first step (vlp.centre_init: the last
+    linear map of each tower loses the batch's mean output direction, so the randomly initialised towers' embeddings
+    no longer crowd into one cone); default on for siglip, off for clip (whose softmax ignores the common shift that
+    crowding causes). Never applied to weights loaded with --model.pretrained, to a locked tower, or on resume;
+    docs/training.md has the measurements."""
 
     def __post_init__(self) -> None:
         if self.chunk_size < 1:
@@ -175,6 +181,12 @@ class LossConfig:
             self.init_logit_bias = batch_prior_logit_bias(global_batch)
         if self.scale_is_auto:
             self.init_logit_scale = batch_prior_logit_scale(global_batch)
+
+    @property
+    def resolved_centre_init(self) -> bool:
+        """Whether a fresh run centres its towers' outputs (``centre_init``, or the loss's default)."""
+        value = self.centre_init if self.centre_init is not None else self._default("centre_init")
+        return bool(value)
 
     @property
     def resolved_max_logit_scale(self) -> float | None:

@@ -30,11 +30,19 @@ def pretrain_run(out: Path, flags: list[str], threads: int) -> dict | None:
     if rc != 0:
         print(f"{out.name}: failed (exit {rc}), see {log}", flush=True)
         return None
+    return run_row(out, time.time() - t0)
+
+
+def run_row(out: Path, wall_s: float) -> dict:
+    """A finished run's row: ``wall_s``, its initial t, whether its towers were centred on the first batch, first and
+    final loss, and every zero-shot top-1 and R@1 of its summary.json."""
     summary = json.loads((out / "summary.json").read_text())
-    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])  # logged before the first update
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    first = next(r for r in rows if "loss" in r)  # the first step's row: logged before its update
     row = {
-        "wall_s": round(time.time() - t0, 1),
+        "wall_s": round(wall_s, 1),
         "init_t": round(math.exp(first["logit_scale"]), 4),
+        "centred": any("init/image_mean_norm_after" in r or "init/text_mean_norm_after" in r for r in rows),
         "first_loss": summary["first_loss"],
         "final_loss": summary["final_loss"],
     }

@@ -23,8 +23,9 @@ from pathlib import Path
 from pretrain_runs import pretrain_run, read_rows, run_all
 
 
-def run_name(dataset: str, loss: str, batch: int, bias: str, scale: str, seed: int) -> str:
+def run_name(dataset: str, loss: str, batch: int, bias: str, scale: str, seed: int, centre: str = "default") -> str:
     tag = "clip" if loss == "clip" else f"siglip_b{bias}" + ("" if scale == "default" else f"_t{scale}")
+    tag += "" if centre == "default" else f"_centre{centre}"
     return f"{dataset}-B{batch}-{tag}-s{seed}"
 
 
@@ -40,9 +41,9 @@ def warmup_of(row: dict) -> int:
 
 
 def one_run(
-    args: argparse.Namespace, loss: str, batch: int, bias: str, scale: str, seed: int, threads: int
+    args: argparse.Namespace, loss: str, batch: int, bias: str, scale: str, centre: str, seed: int, threads: int
 ) -> dict | None:
-    name = run_name(args.dataset, loss, batch, bias, scale, seed)
+    name = run_name(args.dataset, loss, batch, bias, scale, seed, centre)
     steps = math.ceil(args.samples / batch)
     flags = ["--loss", loss, "--batch-size", str(batch), "--steps", str(steps), "--seed", str(seed)]
     warmup = math.ceil(args.warmup_ratio * steps) if args.warmup_ratio is not None else args.warmup_steps
@@ -52,6 +53,7 @@ def one_run(
     if loss == "siglip":
         flags += ["--loss.init-logit-bias", bias]
         flags += [] if scale == "default" else ["--loss.init-logit-scale", scale]
+    flags += [] if centre == "default" else ["--loss.centre-init", centre]
     row = pretrain_run(Path(args.out) / name, flags + args.extra, threads)
     if row is None:
         return None
@@ -65,11 +67,12 @@ def write_table(out: Path, rows: list[dict]) -> None:
     families = sorted({k.split("/")[1] for r in rows for k in r if k.startswith("zeroshot/") and k.endswith("/top1")})
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        key = (r["dataset"], r["batch"], warmup_of(r), r["loss"], r["bias"], round(initial_temperature(r), 2))
+        t = round(initial_temperature(r), 2)
+        key = (r["dataset"], r["batch"], warmup_of(r), r["loss"], r["bias"], t, r.get("centred", False))
         groups.setdefault(key, []).append(r)
     lines = ["| data | batch | steps | warmup | run | seeds | " + " | ".join(families) + " | image-to-text R1 |"]
     lines.append("|---" * (7 + len(families)) + "|")
-    for (dataset, batch, warmup, loss, bias, t), rs in sorted(groups.items(), key=lambda kv: kv[0][:4]):
+    for (dataset, batch, warmup, loss, bias, t, centred), rs in sorted(groups.items(), key=lambda kv: kv[0][:4]):
         cells = []
         for f in families:
             vals = [100 * r[f"zeroshot/{f}/top1"] for r in rs if f"zeroshot/{f}/top1" in r]
@@ -83,6 +86,7 @@ def write_table(out: Path, rows: list[dict]) -> None:
         cells.append(f"{statistics.mean(r1):.1f}" if r1 else "")
         auto = f"auto = {-math.log(batch - 1):.2f}"
         run = "CLIP" if loss == "clip" else f"SigLIP b = {auto if bias == 'auto' else bias}, t = {t:g}"
+        run += ", centred" if centred else ""
         seeds = ",".join(str(r["seed"]) for r in sorted(rs, key=lambda r: r["seed"]))
         head = f"| {dataset} | {batch} | {rs[0]['steps']} | {warmup} | {run} | {seeds} | "
         lines.append(head + " | ".join(cells) + " |")
@@ -102,6 +106,12 @@ def main() -> None:
         nargs="+",
         default=["default"],
         help="SigLIP initial log temperatures (numbers, auto, or default: the loss's default)",
+    )
+    p.add_argument(
+        "--centre-inits",
+        nargs="+",
+        default=["default"],
+        help="--loss.centre_init of every run (true, false, or default: the loss's default)",
     )
     p.add_argument("--no-clip", action="store_true", help="skip the CLIP reference runs")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -124,11 +134,11 @@ def main() -> None:
     todo = []
     for seed in args.seeds:
         for batch in args.batches:
-            kinds = [("siglip", b, t) for b in args.biases for t in args.scales]
-            kinds += [] if args.no_clip else [("clip", "-", "default")]
-            for loss, bias, scale in kinds:
-                if run_name(args.dataset, loss, batch, bias, scale, seed) not in done:
-                    todo.append((loss, batch, bias, scale, seed))
+            kinds = [("siglip", b, t, c) for b in args.biases for t in args.scales for c in args.centre_inits]
+            kinds += [] if args.no_clip else [("clip", "-", "default", c) for c in args.centre_inits]
+            for loss, bias, scale, centre in kinds:
+                if run_name(args.dataset, loss, batch, bias, scale, seed, centre) not in done:
+                    todo.append((loss, batch, bias, scale, centre, seed))
     run_all(
         todo,
         args.jobs,

@@ -125,6 +125,15 @@ class Objective(nn.Module):
         """Called after every applied optimiser step (EMA teachers, momentum/temperature schedules)."""
 
     # -- run-level hooks ---------------------------------------------------------------------------------------
+    def wants_data_init(self) -> bool:
+        """Whether a fresh run calls :meth:`init_from_data` with its first batch before the first step."""
+        return False
+
+    def init_from_data(self, batch: dict[str, Any]) -> dict[str, float]:
+        """Data-dependent initialisation on this process's share of the first batch (collective under several
+        processes; the weights are not wrapped by accelerate/DeepSpeed yet); returns figures to log at step 0."""
+        return {}
+
     def describe(self) -> str:
         """What trains, for the start-up log line."""
         return type(self).__name__

@@ -22,7 +22,12 @@ def _loss(loss_cfg: Any):
 @register_objective(
     "clip",
     "image_text",
-    loss_defaults={"init_logit_scale": math.log(1 / 0.07), "init_logit_bias": None, "max_logit_scale": math.log(100.0)},
+    loss_defaults={
+        "init_logit_scale": math.log(1 / 0.07),
+        "init_logit_bias": None,
+        "max_logit_scale": math.log(100.0),
+        "centre_init": False,
+    },
 )
 def build(cfg: Any, world: Any, model: Any = None, preset: Any = None):
     """Image-text contrastive training with the CLIP softmax loss (the ``loss`` section configures it)."""

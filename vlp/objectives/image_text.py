@@ -5,6 +5,7 @@ The registered image-text objectives (``clip.py``, ``siglip.py``) build it with 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -13,6 +14,11 @@ import torch
 from vlp.losses import ContrastiveLoss
 from vlp.model import DualTower, build_tokenizer, build_transforms
 from vlp.objectives.base import AuxiliaryTerm, DualTowerObjective, build_dual_tower
+
+log = logging.getLogger(__name__)
+
+#: at most this many samples of each process's first batch estimate the mean output that centre_init removes
+CENTRE_INIT_MAX_SAMPLES = 256
 
 
 class ContrastiveObjective(DualTowerObjective):
@@ -101,6 +107,34 @@ class ContrastiveObjective(DualTowerObjective):
             logs["loss/aux"] = aux_loss.detach()
             loss = loss + self.aux_weight * aux_loss
         return loss, logs
+
+    def centred_towers(self) -> tuple[str, ...]:
+        """The towers a fresh run centres on its first batch (vlp.centre_init): none unless ``loss.centre_init``
+        (or the loss's default) is on and the weights are not ``--model.pretrained``; never a locked tower, nor one
+        without a last linear map (a timm ViT with attention pooling and no projection: logged)."""
+        from vlp.centre_init import image_output_map, text_output_map
+
+        cfg = self._cfg
+        if not cfg.loss.resolved_centre_init or cfg.model.pretrained:
+            return ()
+        locked = {"image": cfg.model.lock_image, "text": cfg.model.lock_text}
+        maps = {"image": image_output_map(self.model.clip), "text": text_output_map(self.model.clip)}
+        if missing := [t for t in ("image", "text") if maps[t] is None and not locked[t]]:
+            log.warning(
+                "loss.centre_init: no last linear map to centre in the %s tower; left as built", " and ".join(missing)
+            )
+        return tuple(t for t in ("image", "text") if not locked[t] and maps[t] is not None)
+
+    def wants_data_init(self) -> bool:
+        return bool(self.centred_towers())
+
+    def init_from_data(self, batch: dict[str, Any]) -> dict[str, float]:
+        from vlp.centre_init import centre_outputs
+
+        n = min(len(batch["image"]), CENTRE_INIT_MAX_SAMPLES)
+        device = self.model.logit_scale.device
+        images, tokens = batch["image"][:n].to(device), batch["text"][:n].to(device)
+        return centre_outputs(self.model, images, tokens, self.centred_towers())
 
     def after_step(self, step: int, total_steps: int) -> None:
         if self.aux is not None:

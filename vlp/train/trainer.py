@@ -194,6 +194,11 @@ class Trainer:
             cfg.train.steps = self.loader.steps_for_epochs(cfg.data.epochs, self.global_batch)
             log.info("%g epoch(s) of %d samples = %d steps", cfg.data.epochs, self.loader.num_samples, cfg.train.steps)
 
+        self._batches = None
+        self._pending: list[dict[str, Any]] | None = None  # micro-batches drawn before the first step
+        self._init_stats: dict[str, float] = {}
+        if self.resume_from is None and self.objective.wants_data_init():
+            self._init_from_data()
         optimizer = build_optimizer(self.objective, cfg.optim)
         self.scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)  # stepped by hand: once per step
         self.engine: TrainEngine = build_engine(
@@ -219,7 +224,8 @@ class Trainer:
         self.last_checkpoint: Path | None = None
         self._checkpoint_step: int | None = None
         self._train_time = 0.0
-        self._batches = None
+        if self._init_stats:
+            self.metrics.log(0, self._init_stats)
         if self.resume_from is not None:
             self._resume(self.resume_from)
         log.info(
@@ -263,8 +269,22 @@ class Trainer:
             timeout_s=cfg.data.loader_timeout_s,
         )
 
+    def _init_from_data(self) -> None:
+        """The objective's data-dependent initialisation on the first step's batch (which that step still trains
+        on), before the engine wraps the weights."""
+        self._pending = self.next_micro_batches()
+        if self.accelerator.device.type != "cpu":  # the engine moves it there anyway; the forward is faster there
+            self.objective.to(self.accelerator.device)
+        stats = self.objective.init_from_data(concat_batches(self._pending))
+        if stats:
+            log.info("initialised from the first batch: %s", ", ".join(f"{k} {v:.4f}" for k, v in stats.items()))
+        self._init_stats = stats
+
     def next_micro_batches(self) -> list[dict[str, Any]]:
         """This process's ``accum_steps`` micro-batches for the next optimiser step."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            return pending
         if self._batches is None:
             self._batches = iter(self.loader)
         k, b = self.cfg.train.accum_steps, self.cfg.train.batch_size
