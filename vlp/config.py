@@ -103,14 +103,20 @@ class LossConfig:
     fixes it (the SigLIP paper's -10 suits batches of ~22,000; docs/training.md has the measurements)."""
     max_logit_scale: float | None = None
     """Upper clamp on t; default log(100) for clip, none for siglip."""
-    centre_init: bool | None = None
-    """Centre each tower's outputs on the first training batch before the first step (vlp.centre_init: the last
-    linear map of each tower loses the batch's mean output direction, so the randomly initialised towers' embeddings
-    no longer crowd into one cone); default on for siglip, off for clip (whose softmax ignores the common shift that
-    crowding causes). Never applied to weights loaded with --model.pretrained, to a locked tower, or on resume;
-    docs/training.md has the measurements."""
+    centre_init: Literal["off", "image", "text", "both"] | None = None
+    """Centre towers' outputs on the first training batch before the first step (vlp.centre_init: a tower's last
+    linear map loses the batch's mean output direction, so a randomly initialised tower's embeddings no longer
+    crowd into one cone): image (siglip's default), text, both, or off (clip's default: its softmax ignores the
+    common shift that crowding causes). Never applied to weights loaded with --model.pretrained, to a locked tower,
+    or on resume; docs/training.md has the measurements."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.centre_init, bool):  # YAML's true / false
+            self.centre_init = "both" if self.centre_init else "off"
+        if self.centre_init is not None and self.centre_init not in CENTRE_TOWERS:
+            raise ConfigError(
+                f"loss.centre_init: invalid value {self.centre_init!r}; valid: {', '.join(CENTRE_TOWERS)}"
+            )
         if self.chunk_size < 1:
             raise ConfigError(f"loss.chunk_size must be >= 1, got {self.chunk_size}")
         if self.name not in LOSS_DEFAULTS:
@@ -183,15 +189,23 @@ class LossConfig:
             self.init_logit_scale = batch_prior_logit_scale(global_batch)
 
     @property
-    def resolved_centre_init(self) -> bool:
-        """Whether a fresh run centres its towers' outputs (``centre_init``, or the loss's default)."""
+    def resolved_centre_towers(self) -> tuple[str, ...]:
+        """The towers a fresh run centres on its first batch (``centre_init``, or the loss's default)."""
         value = self.centre_init if self.centre_init is not None else self._default("centre_init")
-        return bool(value)
+        return CENTRE_TOWERS[value or "off"]
 
     @property
     def resolved_max_logit_scale(self) -> float | None:
         return self.max_logit_scale if self.max_logit_scale is not None else self._default("max_logit_scale")
 
+
+CENTRE_TOWERS: dict[str, tuple[str, ...]] = {
+    "off": (),
+    "image": ("image",),
+    "text": ("text",),
+    "both": ("image", "text"),
+}
+"""``loss.centre_init`` values and the towers each centres."""
 
 UNRESOLVED_AUTO_BIAS = -10.0
 """The bias of a SigLIP model built outside training with the default ``auto`` (the SigLIP paper's value): such a

@@ -33,8 +33,14 @@ def pretrain_run(out: Path, flags: list[str], threads: int) -> dict | None:
     return run_row(out, time.time() - t0)
 
 
+def centred_towers(rows: list[dict]) -> str:
+    """Which towers a run centred on its first batch (its step-0 metrics): off, image, text or both."""
+    towers = [t for t in ("image", "text") if any(f"init/{t}_mean_norm_after" in r for r in rows)]
+    return "both" if len(towers) == 2 else towers[0] if towers else "off"
+
+
 def run_row(out: Path, wall_s: float) -> dict:
-    """A finished run's row: ``wall_s``, its initial t, whether its towers were centred on the first batch, first and
+    """A finished run's row: ``wall_s``, its initial t, which towers it centred on the first batch, first and
     final loss, and every zero-shot top-1 and R@1 of its summary.json."""
     summary = json.loads((out / "summary.json").read_text())
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -42,7 +48,7 @@ def run_row(out: Path, wall_s: float) -> dict:
     row = {
         "wall_s": round(wall_s, 1),
         "init_t": round(math.exp(first["logit_scale"]), 4),
-        "centred": any("init/image_mean_norm_after" in r or "init/text_mean_norm_after" in r for r in rows),
+        "centred": centred_towers(rows),
         "first_loss": summary["first_loss"],
         "final_loss": summary["final_loss"],
     }

@@ -62,13 +62,19 @@ def one_run(
     return {**info, "steps": steps, "warmup_steps": warmup, **row}
 
 
+def centred_of(row: dict) -> str:
+    """The towers a row's run centred (rows written before the field named them say true for both)."""
+    value = row.get("centred", "off")
+    return {True: "both", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
+
 def write_table(out: Path, rows: list[dict]) -> None:
     """Mean (and min-max over seeds) of each family's top-1, one line per (dataset, batch, run kind)."""
     families = sorted({k.split("/")[1] for r in rows for k in r if k.startswith("zeroshot/") and k.endswith("/top1")})
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         t = round(initial_temperature(r), 2)
-        key = (r["dataset"], r["batch"], warmup_of(r), r["loss"], r["bias"], t, r.get("centred", False))
+        key = (r["dataset"], r["batch"], warmup_of(r), r["loss"], r["bias"], t, centred_of(r))
         groups.setdefault(key, []).append(r)
     lines = ["| data | batch | steps | warmup | run | seeds | " + " | ".join(families) + " | image-to-text R1 |"]
     lines.append("|---" * (7 + len(families)) + "|")
@@ -86,7 +92,7 @@ def write_table(out: Path, rows: list[dict]) -> None:
         cells.append(f"{statistics.mean(r1):.1f}" if r1 else "")
         auto = f"auto = {-math.log(batch - 1):.2f}"
         run = "CLIP" if loss == "clip" else f"SigLIP b = {auto if bias == 'auto' else bias}, t = {t:g}"
-        run += ", centred" if centred else ""
+        run += {"off": "", "both": ", centred"}.get(centred, f", {centred} centred")
         seeds = ",".join(str(r["seed"]) for r in sorted(rs, key=lambda r: r["seed"]))
         head = f"| {dataset} | {batch} | {rs[0]['steps']} | {warmup} | {run} | {seeds} | "
         lines.append(head + " | ".join(cells) + " |")
@@ -111,7 +117,7 @@ def main() -> None:
         "--centre-inits",
         nargs="+",
         default=["default"],
-        help="--loss.centre_init of every run (true, false, or default: the loss's default)",
+        help="--loss.centre_init of every run (off, image, text, both, or default: the loss's default)",
     )
     p.add_argument("--no-clip", action="store_true", help="skip the CLIP reference runs")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])

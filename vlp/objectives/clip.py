@@ -26,7 +26,7 @@ def _loss(loss_cfg: Any):
         "init_logit_scale": math.log(1 / 0.07),
         "init_logit_bias": None,
         "max_logit_scale": math.log(100.0),
-        "centre_init": False,
+        "centre_init": "off",
     },
 )
 def build(cfg: Any, world: Any, model: Any = None, preset: Any = None):

@@ -109,21 +109,22 @@ class ContrastiveObjective(DualTowerObjective):
         return loss, logs
 
     def centred_towers(self) -> tuple[str, ...]:
-        """The towers a fresh run centres on its first batch (vlp.centre_init): none unless ``loss.centre_init``
-        (or the loss's default) is on and the weights are not ``--model.pretrained``; never a locked tower, nor one
+        """The towers a fresh run centres on its first batch (vlp.centre_init): those ``loss.centre_init`` (or the
+        loss's default) names, none when the weights are ``--model.pretrained``; never a locked tower, nor one
         without a last linear map (a timm ViT with attention pooling and no projection: logged)."""
         from vlp.centre_init import image_output_map, text_output_map
 
         cfg = self._cfg
-        if not cfg.loss.resolved_centre_init or cfg.model.pretrained:
+        wanted = cfg.loss.resolved_centre_towers
+        if not wanted or cfg.model.pretrained:
             return ()
         locked = {"image": cfg.model.lock_image, "text": cfg.model.lock_text}
         maps = {"image": image_output_map(self.model.clip), "text": text_output_map(self.model.clip)}
-        if missing := [t for t in ("image", "text") if maps[t] is None and not locked[t]]:
+        if missing := [t for t in wanted if maps[t] is None and not locked[t]]:
             log.warning(
                 "loss.centre_init: no last linear map to centre in the %s tower; left as built", " and ".join(missing)
             )
-        return tuple(t for t in ("image", "text") if not locked[t] and maps[t] is not None)
+        return tuple(t for t in wanted if not locked[t] and maps[t] is not None)
 
     def wants_data_init(self) -> bool:
         return bool(self.centred_towers())

@@ -23,7 +23,12 @@ def _loss(loss_cfg: Any):
 @register_objective(
     "siglip",
     "image_text",
-    loss_defaults={"init_logit_scale": "auto", "init_logit_bias": "auto", "max_logit_scale": None, "centre_init": True},
+    loss_defaults={
+        "init_logit_scale": "auto",
+        "init_logit_bias": "auto",
+        "max_logit_scale": None,
+        "centre_init": "image",
+    },
 )
 def build(cfg: Any, world: Any, model: Any = None, preset: Any = None):
     """Image-text contrastive training with the SigLIP sigmoid loss (the ``loss`` section configures it)."""
