@@ -93,16 +93,16 @@ def _first_batch_and_init(tmp_path, name, extra):
 
 
 def test_a_siglip_run_centres_on_its_first_batch_and_still_trains_on_it(tmp_path):
-    """SigLIP centres its image tower by default (step-0 figures in metrics.jsonl), CLIP nothing; --loss.centre_init
-    both adds the text tower, off turns it off; the first step's batch is the same either way."""
+    """SigLIP centres both towers by default (step-0 figures in metrics.jsonl), CLIP neither; --loss.centre_init
+    image leaves the text tower as built, off turns it off; the first step's batch is the same either way."""
     batch_on, first_on = _first_batch_and_init(tmp_path, "on", [])
     batch_off, first_off = _first_batch_and_init(tmp_path, "off", ["--loss.centre_init", "off"])
-    _, first_both = _first_batch_and_init(tmp_path, "both", ["--loss.centre_init", "both"])
+    _, first_image = _first_batch_and_init(tmp_path, "image", ["--loss.centre_init", "image"])
     _, first_clip = _first_batch_and_init(tmp_path, "clip", ["--loss", "clip"])
     assert first_on["step"] == 0 and first_on["init/image_mean_norm_before"] > 0.5
-    assert first_on["init/image_mean_norm_after"] < 0.3 and "init/text_mean_norm_after" not in first_on
-    assert first_both["init/image_mean_norm_after"] < 0.3 and first_both["init/text_mean_norm_after"] < 0.3
-    assert first_both["init/text_mean_norm_before"] > 0.5
+    assert first_on["init/image_mean_norm_after"] < 0.3 and first_on["init/text_mean_norm_after"] < 0.3
+    assert first_on["init/text_mean_norm_before"] > 0.5
+    assert first_image["init/image_mean_norm_after"] < 0.3 and "init/text_mean_norm_after" not in first_image
     assert first_off["step"] == 1 and first_clip["step"] == 1
     for k in batch_on:
         torch.testing.assert_close(batch_on[k], batch_off[k])
@@ -111,7 +111,7 @@ def test_a_siglip_run_centres_on_its_first_batch_and_still_trains_on_it(tmp_path
 def test_centre_init_values():
     """none / image / text / both name the towers; YAML's true and false mean both and none; anything else is an
     error that lists the valid values."""
-    assert LossConfig(name="siglip").resolved_centre_towers == ("image",)
+    assert LossConfig(name="siglip").resolved_centre_towers == ("image", "text")
     assert LossConfig(name="clip").resolved_centre_towers == ()
     assert LossConfig(name="clip", centre_init="text").resolved_centre_towers == ("text",)
     assert LossConfig(name="siglip", centre_init=True).resolved_centre_towers == ("image", "text")
@@ -124,5 +124,5 @@ def test_pretrained_weights_and_locked_towers_are_not_centred(tmp_path):
     _first_batch_and_init(tmp_path, "base", ["--loss.centre_init", "off"])
     _, first = _first_batch_and_init(tmp_path, "from", ["--model.pretrained", str(tmp_path / "base")])
     assert "init/image_mean_norm_before" not in first
-    _, first = _first_batch_and_init(tmp_path, "locked", ["--model.lock_image", "true", "--loss.centre_init", "both"])
+    _, first = _first_batch_and_init(tmp_path, "locked", ["--model.lock_image", "true"])
     assert "init/image_mean_norm_before" not in first and first["init/text_mean_norm_after"] < 0.3

@@ -65,7 +65,7 @@ def test_two_process_first_step_equals_single_process_on_global_batch(two_proces
     assert load_yaml(out / "config.yaml")["loss"]["init_logit_bias"] == pytest.approx(-math.log(15))
     set_seed(0)
     model = build_model(load_preset(PretrainConfig().model.name), loss_cfg)
-    # SigLIP's default: the image tower centred on the global batch before the first step
+    # SigLIP's default: both towers centred on the global batch before the first step
     centre_outputs(model, images, tokens, loss_cfg.resolved_centre_towers)
     img, txt, t, b = model(images, tokens)
     single = build_loss(LossConfig(name="siglip", impl="naive"))(img, txt, t, b).item()

@@ -106,7 +106,7 @@ class LossConfig:
     centre_init: Literal["off", "image", "text", "both"] | None = None
     """Centre towers' outputs on the first training batch before the first step (vlp.centre_init: a tower's last
     linear map loses the batch's mean output direction, so a randomly initialised tower's embeddings no longer
-    crowd into one cone): image (siglip's default), text, both, or off (clip's default: its softmax ignores the
+    crowd into one cone): both (siglip's default), image, text, or off (clip's default: its softmax ignores the
     common shift that crowding causes). Never applied to weights loaded with --model.pretrained, to a locked tower,
     or on resume; docs/training.md has the measurements."""
 

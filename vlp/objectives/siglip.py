@@ -27,7 +27,7 @@ def _loss(loss_cfg: Any):
         "init_logit_scale": "auto",
         "init_logit_bias": "auto",
         "max_logit_scale": None,
-        "centre_init": "image",
+        "centre_init": "both",
     },
 )
 def build(cfg: Any, world: Any, model: Any = None, preset: Any = None):
