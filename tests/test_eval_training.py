@@ -194,4 +194,6 @@ def test_end_of_run_evaluates_a_classification_folder_like_the_cli(tmp_path, syn
     for key, value in {**folder, **run_sets}.items():
         assert summary[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records] == [1, 2, 3] and all("loss" in r for r in records)  # no empty record
+    # step 0: the first batch's centring figures (SigLIP's default --loss.centre_init both); then no empty record
+    assert [r["step"] for r in records] == [0, 1, 2, 3] and "init/image_mean_norm_after" in records[0]
+    assert all("loss" in r for r in records[1:])
