@@ -18,14 +18,11 @@ several processes the mean is the global batch's (summed across ranks), so every
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-log = logging.getLogger(__name__)
 
 
 class OutputMap:
@@ -47,11 +44,6 @@ class OutputMap:
                 a = self.matrix
                 d = direction.to(a.device, a.dtype)
                 a.sub_(torch.outer(a @ d, d))
-
-    @property
-    def trainable(self) -> bool:
-        p = self.module.weight if self.module is not None else self.matrix
-        return bool(p.requires_grad)
 
 
 def _as_map(where: str, obj: object) -> OutputMap | None:

@@ -65,7 +65,7 @@ def one_run(
 def centred_of(row: dict) -> str:
     """The towers a row's run centred (rows written before the field named them say true for both)."""
     value = row.get("centred", "off")
-    return {True: "both", False: "off"}.get(value, value) if isinstance(value, bool) else value
+    return ("both" if value else "off") if isinstance(value, bool) else value
 
 
 def write_table(out: Path, rows: list[dict]) -> None:

@@ -5,6 +5,7 @@ The registered image-text objectives (``clip.py``, ``siglip.py``) build it with 
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -108,10 +109,11 @@ class ContrastiveObjective(DualTowerObjective):
             loss = loss + self.aux_weight * aux_loss
         return loss, logs
 
+    @functools.cached_property
     def centred_towers(self) -> tuple[str, ...]:
         """The towers a fresh run centres on its first batch (vlp.centre_init): those ``loss.centre_init`` (or the
         loss's default) names, none when the weights are ``--model.pretrained``; never a locked tower, nor one
-        without a last linear map (a timm ViT with attention pooling and no projection: logged)."""
+        without a last linear map (a timm ViT with attention pooling and no projection: logged once)."""
         from vlp.centre_init import image_output_map, text_output_map
 
         cfg = self._cfg
@@ -127,7 +129,7 @@ class ContrastiveObjective(DualTowerObjective):
         return tuple(t for t in wanted if not locked[t] and maps[t] is not None)
 
     def wants_data_init(self) -> bool:
-        return bool(self.centred_towers())
+        return bool(self.centred_towers)
 
     def init_from_data(self, batch: dict[str, Any]) -> dict[str, float]:
         from vlp.centre_init import centre_outputs
@@ -135,7 +137,7 @@ class ContrastiveObjective(DualTowerObjective):
         n = min(len(batch["image"]), CENTRE_INIT_MAX_SAMPLES)
         device = self.model.logit_scale.device
         images, tokens = batch["image"][:n].to(device), batch["text"][:n].to(device)
-        return centre_outputs(self.model, images, tokens, self.centred_towers())
+        return centre_outputs(self.model, images, tokens, self.centred_towers)
 
     def after_step(self, step: int, total_steps: int) -> None:
         if self.aux is not None:
