@@ -77,3 +77,59 @@ def test_warmup_then_cosine_values():
     assert warmup_cosine(110, 10, 110) == pytest.approx(0.0, abs=1e-12)
     assert warmup_cosine(110, 10, 110, min_ratio=0.1) == pytest.approx(0.1)
     assert warmup_cosine(35, 10, 110) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.25)))
+
+
+def test_lr_scales_give_named_parameters_a_group_at_a_multiple_of_the_rate():
+    """{"logit_bias": 25}: the bias alone in a third group (no weight decay) at 25 x lr, kept by the schedule; its
+    first Adam step is 25 times the temperature's (both move by their group's lr times the gradient's sign)."""
+    model = _model()
+    groups = param_groups(model, 0.1, {"logit_bias": 25.0})
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert [[names[id(p)] for p in g["params"]] for g in groups[2:]] == [["clip.logit_bias"]]
+    assert groups[2]["weight_decay"] == 0.0 and groups[2]["lr_scale"] == 25.0
+    assert sum(len(g["params"]) for g in groups) == sum(1 for _ in model.parameters())
+    opt = build_optimizer(model, OptimConfig(lr=1e-3), {"logit_bias": 25.0})
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-3, 1e-3, 25e-3])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, 10, 100))
+    assert sched.get_last_lr()[2] == pytest.approx(25 * sched.get_last_lr()[0])
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "logit" in n}
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    opt.step()
+    moved = {n: (p.detach() - before[n]).abs().item() for n, p in model.named_parameters() if "logit" in n}
+    lr0 = 1e-3 * warmup_cosine(0, 10, 100)
+    assert moved["clip.logit_scale"] == pytest.approx(lr0, rel=1e-2)
+    assert moved["clip.logit_bias"] == pytest.approx(25 * lr0, rel=1e-2)
+
+
+def test_bias_lr_scale_defaults_and_errors():
+    """siglip's bias trains at 25 x lr by default; clip has no bias to scale; the multiplier must be positive."""
+    assert LossConfig(name="siglip").resolved_bias_lr_scale == 25.0
+    assert LossConfig(name="siglip", bias_lr_scale=1.0).resolved_bias_lr_scale == 1.0
+    assert LossConfig(name="clip").resolved_bias_lr_scale == 1.0
+    with pytest.raises(ConfigError, match="clip has no bias"):
+        LossConfig(name="clip", bias_lr_scale=25.0)
+    with pytest.raises(ConfigError, match="must be > 0"):
+        LossConfig(name="siglip", bias_lr_scale=0.0)
+
+
+def _final_bias(tmp_path, name, extra):
+    from tests.test_pretrain import small_run_args
+    from vlp.checkpointing import load_trained_model
+    from vlp.config import PRETRAIN_ALIASES, PretrainConfig, parse_cli
+    from vlp.train.trainer import run_pretraining
+
+    out = tmp_path / name
+    args = small_run_args(tmp_path, out, steps=2) + ["--eval.zeroshot", "false", "--optim.warmup_steps", "0"]
+    run_pretraining(parse_cli(PretrainConfig, args + extra, PRETRAIN_ALIASES))
+    model, cfg = load_trained_model(out)
+    return model.logit_bias.item() - cfg.loss.init_logit_bias
+
+
+def test_a_run_trains_the_bias_at_its_multiple(tmp_path):
+    """The engine builds its optimiser with the objective's multipliers: over two steps at lr 2e-3 the bias moves
+    by about 2 x 2e-3 x the multiplier (Adam's first steps move a parameter by its lr times the gradient's
+    sign), so 1000x moves it by far more than 1x can."""
+    fast = _final_bias(tmp_path, "fast", ["--loss.bias_lr_scale", "1000"])
+    plain = _final_bias(tmp_path, "plain", ["--loss.bias_lr_scale", "1"])
+    assert abs(plain) < 3 * 2 * 2e-3 and abs(fast) > 100 * 2e-3

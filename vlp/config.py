@@ -109,6 +109,12 @@ class LossConfig:
     crowd into one cone): both (siglip's default), image, text, or off (clip's default: its softmax ignores the
     common shift that crowding causes). Never applied to weights loaded with --model.pretrained, to a locked tower,
     or on resume; docs/training.md has the measurements."""
+    bias_lr_scale: float | None = None
+    """Learning-rate multiplier of the bias b (siglip only; default 25 for siglip). AdamW moves a scalar by about
+    the learning rate per step, so at lr 2e-3 b cannot travel the 2-3 units between its batch prior and where
+    training takes it within a few hundred steps; the towers then build the missing bias out of embeddings
+    (image and text means anti-aligned, positive pairs' cosines held down). With 25x, b follows (docs/training.md
+    has the measurements); 1 trains b like every other parameter."""
 
     def __post_init__(self) -> None:
         if isinstance(self.centre_init, bool):  # YAML's true / false
@@ -123,6 +129,11 @@ class LossConfig:
             import vlp.objectives  # noqa: F401 - registers the built-in losses' defaults (no torch)
         if self.name not in LOSS_DEFAULTS:
             raise ConfigError(f"loss.name: invalid value {self.name!r}; valid: {', '.join(sorted(LOSS_DEFAULTS))}")
+        if self.bias_lr_scale is not None:
+            if not self.bias_lr_scale > 0:
+                raise ConfigError(f"loss.bias_lr_scale must be > 0, got {self.bias_lr_scale}")
+            if self._default("init_logit_bias") is None:
+                raise ConfigError(f"loss.bias_lr_scale: {self.name} has no bias; leave it unset")
         if self.init_logit_scale == "auto" and self._default("init_logit_bias") is None:
             raise ConfigError(
                 f"loss.init_logit_scale=auto is the sigmoid loss's batch prior (paired with its bias); {self.name} has "
@@ -193,6 +204,12 @@ class LossConfig:
         """The towers a fresh run centres on its first batch (``centre_init``, or the loss's default)."""
         value = self.centre_init if self.centre_init is not None else self._default("centre_init")
         return CENTRE_TOWERS[value or "off"]
+
+    @property
+    def resolved_bias_lr_scale(self) -> float:
+        """The bias's learning-rate multiplier (``bias_lr_scale``, or the loss's default, or 1)."""
+        value = self.bias_lr_scale if self.bias_lr_scale is not None else self._default("bias_lr_scale")
+        return 1.0 if value is None else float(value)
 
     @property
     def resolved_max_logit_scale(self) -> float | None:

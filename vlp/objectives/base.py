@@ -125,6 +125,11 @@ class Objective(nn.Module):
         """Called after every applied optimiser step (EMA teachers, momentum/temperature schedules)."""
 
     # -- run-level hooks ---------------------------------------------------------------------------------------
+    def lr_scales(self) -> dict[str, float]:
+        """Learning-rate multipliers by parameter name suffix (e.g. ``{"logit_bias": 25.0}``); the optimiser puts
+        the parameters whose names end so in a group of their own at that multiple of ``optim.lr``."""
+        return {}
+
     def wants_data_init(self) -> bool:
         """Whether a fresh run calls :meth:`init_from_data` with its first batch before the first step."""
         return False

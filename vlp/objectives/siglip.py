@@ -28,6 +28,7 @@ def _loss(loss_cfg: Any):
         "init_logit_bias": "auto",
         "max_logit_scale": None,
         "centre_init": "both",
+        "bias_lr_scale": 25.0,
     },
 )
 def build(cfg: Any, world: Any, model: Any = None, preset: Any = None):

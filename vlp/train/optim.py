@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 from torch import nn
@@ -15,14 +16,26 @@ def no_weight_decay(name: str, param: nn.Parameter) -> bool:
     return param.ndim < 2 or "logit_scale" in name or "logit_bias" in name or "positional_embedding" in name
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: decayed matrices, and everything :func:`no_weight_decay` exempts."""
+def param_groups(model: nn.Module, weight_decay: float, lr_scales: Mapping[str, float] | None = None) -> list[dict]:
+    """AdamW groups: decayed matrices, everything :func:`no_weight_decay` exempts, and one group per entry of
+    ``lr_scales`` (parameter name suffix -> learning-rate multiplier, kept as the group's ``lr_scale``) holding the
+    parameters whose names end with it (without weight decay when :func:`no_weight_decay` exempts them)."""
     decay, no_decay = [], []
+    scaled: dict[tuple[str, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if no_weight_decay(name, p) else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        exempt = no_weight_decay(name, p)
+        suffix = next((k for k in (lr_scales or {}) if name.endswith(k)), None)
+        if suffix is not None:
+            scaled.setdefault((suffix, exempt), []).append(p)
+        else:
+            (no_decay if exempt else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    for (suffix, exempt), params in scaled.items():
+        scale = lr_scales[suffix]  # type: ignore[index]
+        groups.append({"params": params, "weight_decay": 0.0 if exempt else weight_decay, "lr_scale": scale})
+    return groups
 
 
 def fused_supported(params: list[torch.Tensor]) -> bool:
@@ -30,9 +43,14 @@ def fused_supported(params: list[torch.Tensor]) -> bool:
     return all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW over :func:`param_groups`, fused where ``cfg.fused`` asks for it (None: wherever supported)."""
-    groups = param_groups(model, cfg.weight_decay)
+def build_optimizer(
+    model: nn.Module, cfg: OptimConfig, lr_scales: Mapping[str, float] | None = None
+) -> torch.optim.AdamW:
+    """AdamW over :func:`param_groups`, fused where ``cfg.fused`` asks for it (None: wherever supported); a group
+    with an ``lr_scale`` runs at that multiple of ``cfg.lr`` (the schedule scales every group alike)."""
+    groups = param_groups(model, cfg.weight_decay, lr_scales)
+    for group in groups:
+        group["lr"] = cfg.lr * group.get("lr_scale", 1.0)
     params = [p for g in groups for p in g["params"]]
     fused = fused_supported(params) if cfg.fused is None else cfg.fused
     if fused and not fused_supported(params):

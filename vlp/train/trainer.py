@@ -199,7 +199,7 @@ class Trainer:
         self._init_stats: dict[str, float] = {}
         if self.resume_from is None and self.objective.wants_data_init():
             self._init_from_data()
-        optimizer = build_optimizer(self.objective, cfg.optim)
+        optimizer = build_optimizer(self.objective, cfg.optim, self.objective.lr_scales())
         self.scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)  # stepped by hand: once per step
         self.engine: TrainEngine = build_engine(
             self.accelerator, self.objective, optimizer, cfg, world, self.objective.hidden_size()
