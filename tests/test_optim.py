@@ -133,3 +133,19 @@ def test_a_run_trains_the_bias_at_its_multiple(tmp_path):
     fast = _final_bias(tmp_path, "fast", ["--loss.bias_lr_scale", "1000"])
     plain = _final_bias(tmp_path, "plain", ["--loss.bias_lr_scale", "1"])
     assert abs(plain) < 3 * 2 * 2e-3 and abs(fast) > 100 * 2e-3
+
+
+def test_resuming_with_other_optimiser_groups_says_how(tmp_path):
+    """A checkpoint written with the bias in the shared group (bias_lr_scale 1, as before the option) cannot load
+    into the default's three groups: the error names the flag that resumes it; with that flag it resumes."""
+    from tests.test_pretrain import small_run_args
+    from vlp.config import PRETRAIN_ALIASES, PretrainConfig, parse_cli
+    from vlp.train.trainer import run_pretraining
+
+    out = tmp_path / "run"
+    args = small_run_args(tmp_path, out, steps=2) + ["--eval.zeroshot", "false", "--checkpoint-every", "1"]
+    run_pretraining(parse_cli(PretrainConfig, args + ["--loss.bias_lr_scale", "1"], PRETRAIN_ALIASES))
+    resume = small_run_args(tmp_path, out, steps=3) + ["--eval.zeroshot", "false", "--resume", "latest"]
+    with pytest.raises(ConfigError, match="resumes with --loss.bias_lr_scale 1"):
+        run_pretraining(parse_cli(PretrainConfig, resume, PRETRAIN_ALIASES))
+    run_pretraining(parse_cli(PretrainConfig, resume + ["--loss.bias_lr_scale", "1"], PRETRAIN_ALIASES))

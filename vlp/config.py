@@ -114,7 +114,8 @@ class LossConfig:
     the learning rate per step, so at lr 2e-3 b cannot travel the 2-3 units between its batch prior and where
     training takes it within a few hundred steps; the towers then build the missing bias out of embeddings
     (image and text means anti-aligned, positive pairs' cosines held down). With 25x, b follows (docs/training.md
-    has the measurements); 1 trains b like every other parameter."""
+    has the measurements); 1 trains b like every other parameter (and resumes checkpoints written before this
+    option). With a pretrained b it only follows its optimum sooner."""
 
     def __post_init__(self) -> None:
         if isinstance(self.centre_init, bool):  # YAML's true / false

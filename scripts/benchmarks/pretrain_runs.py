@@ -14,6 +14,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -39,19 +41,35 @@ def centred_towers(rows: list[dict]) -> str:
     return "both" if len(towers) == 2 else towers[0] if towers else "off"
 
 
+def bias_lr_scale(out: Path) -> float:
+    """The learning-rate multiplier a run's bias trained at (1 for CLIP, and for runs older than the option)."""
+    from vlp.config import LossConfig
+
+    loss = yaml.safe_load((out / "config.yaml").read_text())["loss"]
+    if "bias_lr_scale" not in loss:
+        return 1.0
+    return LossConfig(name=loss["name"], bias_lr_scale=loss["bias_lr_scale"]).resolved_bias_lr_scale
+
+
 def run_row(out: Path, wall_s: float) -> dict:
-    """A finished run's row: ``wall_s``, its initial t, which towers it centred on the first batch, first and
-    final loss, and every zero-shot top-1 and R@1 of its summary.json."""
+    """A finished run's row: ``wall_s``, its initial t, which towers it centred on the first batch, its bias's
+    learning-rate multiplier, first and final loss, final t and b, and every zero-shot top-1 and R@1 of its
+    summary.json."""
     summary = json.loads((out / "summary.json").read_text())
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    first = next(r for r in rows if "loss" in r)  # the first step's row: logged before its update
+    trained = [r for r in rows if "loss" in r]
+    first, last = trained[0], trained[-1]  # the first step's row is logged before its update
     row = {
         "wall_s": round(wall_s, 1),
         "init_t": round(math.exp(first["logit_scale"]), 4),
         "centred": centred_towers(rows),
+        "bias_lr_scale": bias_lr_scale(out),
         "first_loss": summary["first_loss"],
         "final_loss": summary["final_loss"],
+        "final_t": round(math.exp(last["logit_scale"]), 4),
     }
+    if "logit_bias" in last:
+        row["final_b"] = round(last["logit_bias"], 4)
     for k, v in summary.items():
         if k.startswith("zeroshot/") and k.endswith("/top1") or k.startswith("retrieval/") and k.endswith("_R1"):
             row[k] = v
