@@ -87,7 +87,8 @@ def test_lr_scales_give_named_parameters_a_group_at_a_multiple_of_the_rate():
     names = {id(p): n for n, p in model.named_parameters()}
     assert [[names[id(p)] for p in g["params"]] for g in groups[2:]] == [["clip.logit_bias"]]
     assert groups[2]["weight_decay"] == 0.0 and groups[2]["lr_scale"] == 25.0
-    assert sum(len(g["params"]) for g in groups) == sum(1 for _ in model.parameters())
+    grouped = [id(p) for g in groups for p in g["params"]]
+    assert len(grouped) == len(set(grouped)) and set(grouped) == {id(p) for p in model.parameters()}
     opt = build_optimizer(model, OptimConfig(lr=1e-3), {"logit_bias": 25.0})
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-3, 1e-3, 25e-3])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, 10, 100))
@@ -109,8 +110,9 @@ def test_bias_lr_scale_defaults_and_errors():
     assert LossConfig(name="clip").resolved_bias_lr_scale == 1.0
     with pytest.raises(ConfigError, match="clip has no bias"):
         LossConfig(name="clip", bias_lr_scale=25.0)
-    with pytest.raises(ConfigError, match="must be > 0"):
-        LossConfig(name="siglip", bias_lr_scale=0.0)
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ConfigError, match="finite number > 0"):
+            LossConfig(name="siglip", bias_lr_scale=bad)
 
 
 def _final_bias(tmp_path, name, extra):
@@ -146,6 +148,8 @@ def test_resuming_with_other_optimiser_groups_says_how(tmp_path):
     args = small_run_args(tmp_path, out, steps=2) + ["--eval.zeroshot", "false", "--checkpoint-every", "1"]
     run_pretraining(parse_cli(PretrainConfig, args + ["--loss.bias_lr_scale", "1"], PRETRAIN_ALIASES))
     resume = small_run_args(tmp_path, out, steps=3) + ["--eval.zeroshot", "false", "--resume", "latest"]
-    with pytest.raises(ConfigError, match="resumes with --loss.bias_lr_scale 1"):
+    with pytest.raises(ConfigError, match=r"\[1.0, 1.0\] x lr, this run's at \[1.0, 1.0, 25.0\] x lr"):
         run_pretraining(parse_cli(PretrainConfig, resume, PRETRAIN_ALIASES))
+    with pytest.raises(ConfigError, match="resume with the checkpoint's --loss.bias_lr_scale"):
+        run_pretraining(parse_cli(PretrainConfig, resume + ["--loss.bias_lr_scale", "5"], PRETRAIN_ALIASES))
     run_pretraining(parse_cli(PretrainConfig, resume + ["--loss.bias_lr_scale", "1"], PRETRAIN_ALIASES))

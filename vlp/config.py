@@ -131,8 +131,8 @@ class LossConfig:
         if self.name not in LOSS_DEFAULTS:
             raise ConfigError(f"loss.name: invalid value {self.name!r}; valid: {', '.join(sorted(LOSS_DEFAULTS))}")
         if self.bias_lr_scale is not None:
-            if not self.bias_lr_scale > 0:
-                raise ConfigError(f"loss.bias_lr_scale must be > 0, got {self.bias_lr_scale}")
+            if not (math.isfinite(self.bias_lr_scale) and self.bias_lr_scale > 0):
+                raise ConfigError(f"loss.bias_lr_scale must be a finite number > 0, got {self.bias_lr_scale}")
             if self._default("init_logit_bias") is None:
                 raise ConfigError(f"loss.bias_lr_scale: {self.name} has no bias; leave it unset")
         if self.init_logit_scale == "auto" and self._default("init_logit_bias") is None:

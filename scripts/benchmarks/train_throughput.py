@@ -151,7 +151,7 @@ def run_vlp(args, device) -> dict:
     engine = build_engine(
         build_accelerator(cfg),
         objective,
-        build_optimizer(objective, cfg.optim),
+        build_optimizer(objective, cfg.optim, objective.lr_scales()),
         cfg,
         world_info(),
         objective.hidden_size(),

@@ -366,13 +366,6 @@ class NativeEngine(TrainEngine):
         else:
             self.objective.load_state_dict(state)
         opt = torch.load(directory / "optimizer.pt", map_location="cpu", weights_only=True)
-        groups = len(getattr(self.optimizer, "optimizer", self.optimizer).param_groups)
-        if len(opt["param_groups"]) != groups:
-            raise ConfigError(
-                f"{directory}: the checkpoint's optimiser has {len(opt['param_groups'])} parameter groups, this run's "
-                f"{groups}; a run written before --loss.bias_lr_scale (SigLIP's bias in a group of its own since "
-                "2026-12-05) resumes with --loss.bias_lr_scale 1"
-            )
         self.optimizer.load_state_dict(opt)
 
     def scaler_state(self) -> dict[str, Any] | None:

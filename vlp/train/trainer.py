@@ -126,6 +126,22 @@ def concat_batches(batches: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def check_lr_groups(ckpt: Path, saved: list[float], current: list[float]) -> None:
+    """Refuse to resume when the optimiser's learning-rate groups (their multiples of the first group's rate, e.g.
+    SigLIP's bias at ``--loss.bias_lr_scale`` x lr) differ from the checkpoint's: loading would keep the
+    checkpoint's rates whatever the command line says."""
+
+    def ratio(lrs: list[float]) -> list[float]:
+        return [round(lr / lrs[0], 6) for lr in lrs]
+
+    if len(saved) != len(current) or ratio(saved) != ratio(current):
+        raise ConfigError(
+            f"--resume {ckpt}: the checkpoint's optimiser groups run at {ratio(saved)} x lr, this run's at "
+            f"{ratio(current)} x lr; resume with the checkpoint's --loss.bias_lr_scale (1 for runs written before "
+            "the option existed, 2026-12-05)"
+        )
+
+
 class Trainer:
     """One training run of any registered objective: ``Trainer(cfg).run()`` sets up in the constructor, trains,
     evaluates, exports and returns the summary. Tests use the pieces (``engine``, ``next_micro_batches``,
@@ -447,6 +463,7 @@ class Trainer:
                 f"--resume {ckpt}: train.global_stream was {state.get('global_stream')} in the "
                 "checkpointed run; resume with the same value"
             )
+        check_lr_groups(ckpt, state["scheduler"]["base_lrs"], self.scheduler.base_lrs)
         self.engine.load(ckpt)
         self.scheduler.load_state_dict(state["scheduler"])
         for group, lr in zip(self.scheduler.optimizer.param_groups, self.scheduler.get_last_lr()):
