@@ -115,7 +115,23 @@ def test_bias_lr_scale_defaults_and_errors():
             LossConfig(name="siglip", bias_lr_scale=bad)
 
 
-def _final_bias(tmp_path, name, extra):
+def test_temperature_lr_scale_defaults_and_errors():
+    """siglip's log temperature trains at 25 x lr by default, clip's at 1 x (it may be set); the multiplier must be
+    positive and finite."""
+    assert LossConfig(name="siglip").resolved_temperature_lr_scale == 25.0
+    assert LossConfig(name="siglip", temperature_lr_scale=1.0).resolved_temperature_lr_scale == 1.0
+    assert LossConfig(name="clip").resolved_temperature_lr_scale == 1.0
+    assert LossConfig(name="clip", temperature_lr_scale=4.0).resolved_temperature_lr_scale == 4.0
+    for bad in (0.0, -1.0, float("inf"), float("nan")):
+        with pytest.raises(ConfigError, match="finite number > 0"):
+            LossConfig(name="siglip", temperature_lr_scale=bad)
+    for bad in (0.0, -1e-3, float("nan")):
+        with pytest.raises(ConfigError, match="optim.lr must be a finite number > 0"):
+            OptimConfig(lr=bad)
+
+
+def _run(tmp_path, name, extra, loss="siglip"):
+    """A two-step run; returns how far the bias and the log temperature moved, and the config it recorded."""
     from tests.test_pretrain import small_run_args
     from vlp.checkpointing import load_trained_model
     from vlp.config import PRETRAIN_ALIASES, PretrainConfig, parse_cli
@@ -123,33 +139,51 @@ def _final_bias(tmp_path, name, extra):
 
     out = tmp_path / name
     args = small_run_args(tmp_path, out, steps=2) + ["--eval.zeroshot", "false", "--optim.warmup_steps", "0"]
-    run_pretraining(parse_cli(PretrainConfig, args + extra, PRETRAIN_ALIASES))
+    run_pretraining(parse_cli(PretrainConfig, args + ["--loss", loss] + extra, PRETRAIN_ALIASES))
     model, cfg = load_trained_model(out)
-    return model.logit_bias.item() - cfg.loss.init_logit_bias
+    moved_b = model.logit_bias.item() - cfg.loss.init_logit_bias if loss == "siglip" else None
+    return moved_b, model.logit_scale.item() - cfg.loss.resolved_init_logit_scale, cfg
 
 
-def test_a_run_trains_the_bias_at_its_multiple(tmp_path):
-    """The engine builds its optimiser with the objective's multipliers: over two steps at lr 2e-3 the bias moves
-    by about 2 x 2e-3 x the multiplier (Adam's first steps move a parameter by its lr times the gradient's
-    sign), so 1000x moves it by far more than 1x can."""
-    fast = _final_bias(tmp_path, "fast", ["--loss.bias_lr_scale", "1000"])
-    plain = _final_bias(tmp_path, "plain", ["--loss.bias_lr_scale", "1"])
-    assert abs(plain) < 3 * 2 * 2e-3 and abs(fast) > 100 * 2e-3
+def test_a_run_trains_the_bias_and_temperature_at_their_multiples(tmp_path):
+    """The engine builds its optimiser with the objective's multipliers: over two steps at lr 2e-3 a scalar moves
+    by about 2 x 2e-3 x its multiplier (Adam's first steps move a parameter by its lr times the gradient's sign):
+    by default (25 x) both move by more than 1 x can, 1000 x moves the bias further still, and at 1 x each stays
+    within 1 x's reach."""
+    lr = ["--lr", "2e-3"]
+    fast_b, default_t, _ = _run(tmp_path, "fast", lr + ["--loss.bias_lr_scale", "1000"])
+    ones = ["--loss.bias_lr_scale", "1", "--loss.temperature_lr_scale", "1"]
+    plain_b, plain_t, _ = _run(tmp_path, "plain", lr + ones)
+    assert abs(plain_b) < 3 * 2 * 2e-3 and abs(fast_b) > 100 * 2e-3
+    assert abs(plain_t) < 3 * 2 * 2e-3 and abs(default_t) > 10 * 2 * 2e-3
+
+
+def test_the_learning_rate_defaults_to_the_objectives(tmp_path):
+    """An unset --lr resolves to the objective's rate when training starts and config.yaml records it (siglip 3e-3,
+    clip vlp.config.DEFAULT_LR = 2e-3); a given --lr is kept."""
+    from vlp.config import DEFAULT_LR
+
+    assert OptimConfig().lr is None and OptimConfig().resolved_lr == DEFAULT_LR == 2e-3
+    assert _run(tmp_path, "siglip", [])[2].optim.lr == 3e-3
+    assert _run(tmp_path, "clip", [], loss="clip")[2].optim.lr == DEFAULT_LR
+    assert _run(tmp_path, "given", ["--lr", "1e-4"])[2].optim.lr == 1e-4
 
 
 def test_resuming_with_other_optimiser_groups_says_how(tmp_path):
-    """A checkpoint written with the bias in the shared group (bias_lr_scale 1, as before the option) cannot load
-    into the default's three groups: the error names the flag that resumes it; with that flag it resumes."""
+    """A checkpoint written with the bias and temperature in the shared groups (both multipliers 1, as before the
+    options) cannot load into the default's four groups: the error names the flags that resume it; with them it
+    resumes."""
     from tests.test_pretrain import small_run_args
     from vlp.config import PRETRAIN_ALIASES, PretrainConfig, parse_cli
     from vlp.train.trainer import run_pretraining
 
     out = tmp_path / "run"
     args = small_run_args(tmp_path, out, steps=2) + ["--eval.zeroshot", "false", "--checkpoint-every", "1"]
-    run_pretraining(parse_cli(PretrainConfig, args + ["--loss.bias_lr_scale", "1"], PRETRAIN_ALIASES))
+    old = ["--loss.bias_lr_scale", "1", "--loss.temperature_lr_scale", "1"]
+    run_pretraining(parse_cli(PretrainConfig, args + old, PRETRAIN_ALIASES))
     resume = small_run_args(tmp_path, out, steps=3) + ["--eval.zeroshot", "false", "--resume", "latest"]
-    with pytest.raises(ConfigError, match=r"\[1.0, 1.0\] x lr, this run's at \[1.0, 1.0, 25.0\] x lr"):
+    with pytest.raises(ConfigError, match=r"\[1.0, 1.0\] x lr, this run's at \[1.0, 1.0, 25.0, 25.0\] x lr"):
         run_pretraining(parse_cli(PretrainConfig, resume, PRETRAIN_ALIASES))
-    with pytest.raises(ConfigError, match="resume with the checkpoint's --loss.bias_lr_scale"):
-        run_pretraining(parse_cli(PretrainConfig, resume + ["--loss.bias_lr_scale", "5"], PRETRAIN_ALIASES))
-    run_pretraining(parse_cli(PretrainConfig, resume + ["--loss.bias_lr_scale", "1"], PRETRAIN_ALIASES))
+    with pytest.raises(ConfigError, match="--loss.bias_lr_scale and --loss.temperature_lr_scale"):
+        run_pretraining(parse_cli(PretrainConfig, resume + ["--loss.bias_lr_scale", "1"], PRETRAIN_ALIASES))
+    run_pretraining(parse_cli(PretrainConfig, resume + old, PRETRAIN_ALIASES))

@@ -117,6 +117,12 @@ class LossConfig:
     has the measurements); 1 trains b like every other parameter (and resumes checkpoints written before this
     option). With a pretrained b it only follows its optimum sooner."""
 
+    temperature_lr_scale: float | None = None
+    """Learning-rate multiplier of the log temperature log t (default 25 for siglip, 1 for clip). SigLIP starts t
+    at the batch prior ln(B - 1) (4-6 at one machine's batches) and training takes it to 11-15 within a few hundred
+    steps; at 1 x lr AdamW lets log t travel about the learning rate per step (t ended at 6.1 from 5.5 at batch
+    256), so the logits stay too flat to tell colour and position apart. CLIP starts at 1/0.07 and moves little."""
+
     def __post_init__(self) -> None:
         if isinstance(self.centre_init, bool):  # YAML's true / false
             self.centre_init = "both" if self.centre_init else "off"
@@ -135,6 +141,10 @@ class LossConfig:
                 raise ConfigError(f"loss.bias_lr_scale must be a finite number > 0, got {self.bias_lr_scale}")
             if self._default("init_logit_bias") is None:
                 raise ConfigError(f"loss.bias_lr_scale: {self.name} has no bias; leave it unset")
+        if self.temperature_lr_scale is not None and not (
+            math.isfinite(self.temperature_lr_scale) and self.temperature_lr_scale > 0
+        ):
+            raise ConfigError(f"loss.temperature_lr_scale must be a finite number > 0, got {self.temperature_lr_scale}")
         if self.init_logit_scale == "auto" and self._default("init_logit_bias") is None:
             raise ConfigError(
                 f"loss.init_logit_scale=auto is the sigmoid loss's batch prior (paired with its bias); {self.name} has "
@@ -210,6 +220,16 @@ class LossConfig:
     def resolved_bias_lr_scale(self) -> float:
         """The bias's learning-rate multiplier (``bias_lr_scale``, or the loss's default, or 1)."""
         value = self.bias_lr_scale if self.bias_lr_scale is not None else self._default("bias_lr_scale")
+        return 1.0 if value is None else float(value)
+
+    @property
+    def resolved_temperature_lr_scale(self) -> float:
+        """The log temperature's learning-rate multiplier (``temperature_lr_scale``, or the loss's default, or 1)."""
+        value = (
+            self.temperature_lr_scale
+            if self.temperature_lr_scale is not None
+            else self._default("temperature_lr_scale")
+        )
         return 1.0 if value is None else float(value)
 
     @property
@@ -311,14 +331,20 @@ class DataConfig:
             raise ConfigError(f"data.source_weights must all be > 0, got {self.source_weights}")
 
 
+#: the learning rate of objectives that name none of their own (ObjectiveSpec.default_lr)
+DEFAULT_LR = 2e-3
+
+
 @dataclass
 class OptimConfig:
     """AdamW with linear warmup then cosine decay."""
 
-    lr: float = 2e-3
-    """Peak learning rate. The default suits the CPU demo (tiny-resnet-hr, batch 64, 1000 steps; on a 7x7-stem variant
-    of its tower, 600 SigLIP steps gave held-out shape top-1 33% at 2e-3, 26% at 1e-3 and 12% at 3e-3); set it for
-    your model and batch (open_clip_train's default is 5e-4)."""
+    lr: float | None = None
+    """Peak learning rate; default: the objective's (3e-3 for siglip, 2e-3 for clip and the SSL objectives),
+    resolved when training starts (config.yaml records the number). The defaults suit the CPU demo (tiny-resnet-hr,
+    batches 64-256, 64,000 pairs): SigLIP's logits move at t x the embeddings' speed and its t starts 2.6-3.5 x
+    below CLIP's, so it takes a higher rate (docs/training.md has the measurements); set it for your model and batch
+    (open_clip_train's default is 5e-4)."""
     weight_decay: float = 0.1
     """AdamW weight decay of the weight matrices; 1-D parameters (biases, norms), the temperature, the bias and
     positional embeddings get none."""
@@ -339,12 +365,17 @@ class OptimConfig:
     parameter is a floating-point tensor on a CPU or CUDA device."""
 
     def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
+        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"optim.lr must be a finite number > 0, got {self.lr}")
         if self.warmup_steps < 0:
             raise ConfigError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
         if self.warmup_ratio is not None and not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+
+    @property
+    def resolved_lr(self) -> float:
+        """The peak learning rate (``lr``, or :data:`DEFAULT_LR` where no objective has resolved it)."""
+        return DEFAULT_LR if self.lr is None else self.lr
 
     def resolved_warmup_steps(self, total_steps: int) -> int:
         """Warmup steps of a run of ``total_steps``."""

@@ -41,20 +41,24 @@ def centred_towers(rows: list[dict]) -> str:
     return "both" if len(towers) == 2 else towers[0] if towers else "off"
 
 
-def bias_lr_scale(out: Path) -> float:
-    """The learning-rate multiplier a run's bias trained at (1 for CLIP, and for runs older than the option)."""
+def lr_scales(out: Path) -> dict[str, float]:
+    """The learning-rate multipliers a run's bias and temperature trained at (1 for CLIP's absent bias, and for runs
+    older than the options)."""
     from vlp.config import LossConfig
 
     loss = yaml.safe_load((out / "config.yaml").read_text())["loss"]
-    if "bias_lr_scale" not in loss:
-        return 1.0
-    return LossConfig(name=loss["name"], bias_lr_scale=loss["bias_lr_scale"]).resolved_bias_lr_scale
+    given = {k: loss[k] for k in ("bias_lr_scale", "temperature_lr_scale") if k in loss}
+    cfg = LossConfig(name=loss["name"], **given)
+    return {
+        "bias_lr_scale": cfg.resolved_bias_lr_scale if "bias_lr_scale" in loss else 1.0,
+        "temperature_lr_scale": cfg.resolved_temperature_lr_scale if "temperature_lr_scale" in loss else 1.0,
+    }
 
 
 def run_row(out: Path, wall_s: float) -> dict:
-    """A finished run's row: ``wall_s``, its initial t, which towers it centred on the first batch, its bias's
-    learning-rate multiplier, first and final loss, final t and b, and every zero-shot top-1 and R@1 of its
-    summary.json."""
+    """A finished run's row: ``wall_s``, its initial t, which towers it centred on the first batch, its bias's and
+    temperature's learning-rate multipliers, its peak learning rate, first and final loss, final t and b, and every
+    zero-shot top-1 and R@1 of its summary.json."""
     summary = json.loads((out / "summary.json").read_text())
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     trained = [r for r in rows if "loss" in r]
@@ -63,7 +67,8 @@ def run_row(out: Path, wall_s: float) -> dict:
         "wall_s": round(wall_s, 1),
         "init_t": round(math.exp(first["logit_scale"]), 4),
         "centred": centred_towers(rows),
-        "bias_lr_scale": bias_lr_scale(out),
+        **lr_scales(out),
+        "lr": yaml.safe_load((out / "config.yaml").read_text())["optim"]["lr"],
         "first_loss": summary["first_loss"],
         "final_loss": summary["final_loss"],
         "final_t": round(math.exp(last["logit_scale"]), 4),

@@ -74,12 +74,13 @@ def write_table(out: Path, rows: list[dict]) -> None:
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         t = round(initial_temperature(r), 2)
-        b_lr = r.get("bias_lr_scale", 1)
-        key = (r["dataset"], r["batch"], warmup_of(r), r["loss"], r["bias"], t, centred_of(r), b_lr)
+        lrs = (r.get("bias_lr_scale", 1), r.get("temperature_lr_scale", 1), r.get("lr", 2e-3))
+        key = (r["dataset"], r["batch"], warmup_of(r), r["loss"], r["bias"], t, centred_of(r), lrs)
         groups.setdefault(key, []).append(r)
     lines = ["| data | batch | steps | warmup | run | seeds | " + " | ".join(families) + " | image-to-text R1 |"]
     lines.append("|---" * (7 + len(families)) + "|")
-    for (dataset, batch, warmup, loss, bias, t, centred, b_lr), rs in sorted(groups.items(), key=lambda kv: kv[0][:4]):
+    for (dataset, batch, warmup, loss, bias, t, centred, lrs), rs in sorted(groups.items(), key=lambda kv: kv[0][:4]):
+        b_lr, t_lr, lr = lrs
         cells = []
         for f in families:
             vals = [100 * r[f"zeroshot/{f}/top1"] for r in rs if f"zeroshot/{f}/top1" in r]
@@ -95,6 +96,8 @@ def write_table(out: Path, rows: list[dict]) -> None:
         run = "CLIP" if loss == "clip" else f"SigLIP b = {auto if bias == 'auto' else bias}, t = {t:g}"
         run += {"off": "", "both": ", centred"}.get(centred, f", {centred} centred")
         run += "" if b_lr == 1 else f", b at {b_lr:g} x lr"
+        run += "" if t_lr == 1 else f", t at {t_lr:g} x lr"
+        run += "" if lr == 2e-3 else f", lr {lr:g}"
         seeds = ",".join(str(r["seed"]) for r in sorted(rs, key=lambda r: r["seed"]))
         head = f"| {dataset} | {batch} | {rs[0]['steps']} | {warmup} | {run} | {seeds} | "
         lines.append(head + " | ".join(cells) + " |")

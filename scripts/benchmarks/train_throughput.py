@@ -131,12 +131,14 @@ def run_vlp(args, device) -> dict:
     from vlp.distributed import world_info
     from vlp.model import build_model, load_preset
     from vlp.objectives import get_objective
+    from vlp.objectives.registry import default_lr
     from vlp.train.engine import build_accelerator, build_engine
     from vlp.train.gradcache import accumulate_step
     from vlp.train.optim import build_optimizer
 
     cfg = PretrainConfig()
     cfg.model.name, cfg.loss.name, cfg.loss.impl = args.model, args.loss, args.loss_impl
+    cfg.optim.lr = default_lr(get_objective(args.loss))  # the rate a run of this loss trains at
     cfg.train.batch_size = args.batch_size
     cfg.train.deepspeed = None if args.deepspeed == "none" else args.deepspeed
     cfg.train.precision = "bf16" if device.type == "cuda" else "fp32"
@@ -291,8 +293,11 @@ def run_open_clip_on_shards(args) -> dict:
 
     from vlp.config import LossConfig, OptimConfig
     from vlp.model import build_open_clip_model, build_tokenizer, build_transforms, load_preset
+    from vlp.objectives import get_objective
+    from vlp.objectives.registry import default_lr
 
-    preset, lc, oc_ = load_preset(args.model), LossConfig(name=args.loss), OptimConfig()
+    preset, lc = load_preset(args.model), LossConfig(name=args.loss)
+    oc_ = OptimConfig(lr=default_lr(get_objective(args.loss)))
     device = torch.device(args.device)
     precision = "amp_bf16" if device.type == "cuda" else "fp32"
     oa = parse_args(

@@ -129,9 +129,13 @@ class ContrastiveObjective(DualTowerObjective):
         return tuple(t for t in wanted if not locked[t] and maps[t] is not None)
 
     def lr_scales(self) -> dict[str, float]:
-        scale = self._cfg.loss.resolved_bias_lr_scale
-        has_bias = self.model.logit_bias is not None and self.model.logit_bias.requires_grad
-        return {"logit_bias": scale} if has_bias and scale != 1.0 else {}
+        loss = self._cfg.loss
+        scales = {}
+        if self.model.logit_bias is not None and self.model.logit_bias.requires_grad:
+            scales["logit_bias"] = loss.resolved_bias_lr_scale
+        if self.model.logit_scale.requires_grad:
+            scales["logit_scale"] = loss.resolved_temperature_lr_scale
+        return {k: v for k, v in scales.items() if v != 1.0}
 
     def wants_data_init(self) -> bool:
         return bool(self.centred_towers)

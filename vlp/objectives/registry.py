@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from vlp.config import LOSS_DEFAULTS, ConfigError, PretrainConfig, from_dict
+from vlp.config import DEFAULT_LR, LOSS_DEFAULTS, ConfigError, PretrainConfig, from_dict
 
 #: what an objective trains: image-text towers (clip, siglip), the image tower alone (SSL), or a projector
 KINDS = ("image_text", "image", "adapter")
@@ -41,6 +41,9 @@ class ObjectiveSpec:
     """image_text objectives: defaults of the ``loss`` section's None fields (init_logit_scale, ...)."""
     check: Callable[[Any], None] | None = None
     """``check(cfg)``: raise ConfigError for a config this objective cannot run, before a run starts."""
+    default_lr: float | None = None
+    """The peak learning rate a run of this objective trains at when ``optim.lr`` is unset (None:
+    vlp.config.DEFAULT_LR)."""
 
 
 OBJECTIVES: dict[str, ObjectiveSpec] = {}
@@ -74,6 +77,7 @@ def register_objective(
     auxiliary: Callable[..., Any] | None = None,
     loss_defaults: Mapping[str, float | str | None] | None = None,
     check: Callable[[Any], None] | None = None,
+    default_lr: float | None = None,
 ) -> Callable:
     """Decorator registering ``build(cfg, world) -> Objective`` as objective ``name``, with its config sections."""
     if kind not in KINDS:
@@ -83,7 +87,14 @@ def register_objective(
         for path, cls in (sections or {}).items():
             register_section(path, cls)
         OBJECTIVES[name] = ObjectiveSpec(
-            name, kind, build, description or (build.__doc__ or "").strip(), auxiliary, dict(loss_defaults or {}), check
+            name,
+            kind,
+            build,
+            description or (build.__doc__ or "").strip(),
+            auxiliary,
+            dict(loss_defaults or {}),
+            check,
+            default_lr,
         )
         if kind == "image_text":
             LOSS_DEFAULTS[name] = dict(loss_defaults or {})
@@ -97,6 +108,11 @@ def get_objective(name: str) -> ObjectiveSpec:
     if name not in OBJECTIVES:
         raise ConfigError(f"unknown objective {name!r}; valid: {', '.join(sorted(OBJECTIVES))}")
     return OBJECTIVES[name]
+
+
+def default_lr(spec: ObjectiveSpec) -> float:
+    """The peak learning rate ``spec`` trains at when ``optim.lr`` is unset."""
+    return spec.default_lr if spec.default_lr is not None else DEFAULT_LR
 
 
 def resolve(cfg: Any) -> ObjectiveSpec:

@@ -29,7 +29,9 @@ def _loss(loss_cfg: Any):
         "max_logit_scale": None,
         "centre_init": "both",
         "bias_lr_scale": 25.0,
+        "temperature_lr_scale": 25.0,
     },
+    default_lr=3e-3,
 )
 def build(cfg: Any, world: Any, model: Any = None, preset: Any = None):
     """Image-text contrastive training with the SigLIP sigmoid loss (the ``loss`` section configures it)."""

@@ -50,7 +50,7 @@ def build_optimizer(
     with an ``lr_scale`` runs at that multiple of ``cfg.lr`` (the schedule scales every group alike)."""
     groups = param_groups(model, cfg.weight_decay, lr_scales)
     for group in groups:
-        group["lr"] = cfg.lr * group.get("lr_scale", 1.0)
+        group["lr"] = cfg.resolved_lr * group.get("lr_scale", 1.0)
     params = [p for g in groups for p in g["params"]]
     fused = fused_supported(params) if cfg.fused is None else cfg.fused
     if fused and not fused_supported(params):
@@ -58,7 +58,7 @@ def build_optimizer(
             "optim.fused=true needs floating-point parameters on a CPU or CUDA device; "
             "use optim.fused=false (or leave it unset)"
         )
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None)
+    return torch.optim.AdamW(groups, lr=cfg.resolved_lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused or None)
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float = 0.0) -> float:

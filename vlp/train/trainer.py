@@ -137,8 +137,8 @@ def check_lr_groups(ckpt: Path, saved: list[float], current: list[float]) -> Non
     if len(saved) != len(current) or ratio(saved) != ratio(current):
         raise ConfigError(
             f"--resume {ckpt}: the checkpoint's optimiser groups run at {ratio(saved)} x lr, this run's at "
-            f"{ratio(current)} x lr; resume with the checkpoint's --loss.bias_lr_scale (1 for runs written before "
-            "the option existed, 2026-12-05)"
+            f"{ratio(current)} x lr; resume with the checkpoint's --loss.bias_lr_scale and "
+            "--loss.temperature_lr_scale (1 for runs written before the options existed, 2026-12-05)"
         )
 
 
@@ -185,6 +185,9 @@ class Trainer:
                 math.exp(loss_cfg.resolved_init_logit_scale),
                 loss_cfg.resolved_init_logit_bias,
             )
+        if cfg.optim.lr is None:  # the objective's default rate, recorded in config.yaml
+            cfg.optim.lr = registry.default_lr(spec)
+            log.info("learning rate: %g (%s's default; --lr sets another)", cfg.optim.lr, spec.name)
         if world.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
             save_yaml(cfg, out_dir / "config.yaml")
