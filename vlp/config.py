@@ -119,9 +119,11 @@ class LossConfig:
 
     temperature_lr_scale: float | None = None
     """Learning-rate multiplier of the log temperature log t (default 25 for siglip, 1 for clip). SigLIP starts t
-    at the batch prior ln(B - 1) (4-6 at one machine's batches) and training takes it to 11-15 within a few hundred
+    at the batch prior ln(B - 1) (4-6 at one machine's batches) and training takes it to 10-15 within a few hundred
     steps; at 1 x lr AdamW lets log t travel about the learning rate per step (t ended at 6.1 from 5.5 at batch
-    256), so the logits stay too flat to tell colour and position apart. CLIP starts at 1/0.07 and moves little."""
+    256), so the logits stay flat (docs/training.md has the measurements). CLIP starts at 1/0.07 and moves little.
+    With a pretrained t it only follows its optimum sooner; 1 trains t like every other parameter (and resumes
+    checkpoints written before this option)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.centre_init, bool):  # YAML's true / false
