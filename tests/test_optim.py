@@ -160,13 +160,19 @@ def test_a_run_trains_the_bias_and_temperature_at_their_multiples(tmp_path):
 
 def test_the_learning_rate_defaults_to_the_objectives(tmp_path):
     """An unset --lr resolves to the objective's rate when training starts and config.yaml records it (siglip 3e-3,
-    clip vlp.config.DEFAULT_LR = 2e-3); a given --lr is kept."""
+    clip vlp.config.DEFAULT_LR = 2e-3); a given --lr is kept. config.yaml records the scalars' multipliers too (the
+    loss's defaults where unset; clip has no bias)."""
     from vlp.config import DEFAULT_LR
 
     assert OptimConfig().lr is None and OptimConfig().resolved_lr == DEFAULT_LR == 2e-3
-    assert _run(tmp_path, "siglip", [])[2].optim.lr == 3e-3
-    assert _run(tmp_path, "clip", [], loss="clip")[2].optim.lr == DEFAULT_LR
-    assert _run(tmp_path, "given", ["--lr", "1e-4"])[2].optim.lr == 1e-4
+    siglip = _run(tmp_path, "siglip", [])[2]
+    assert siglip.optim.lr == 3e-3
+    assert (siglip.loss.bias_lr_scale, siglip.loss.temperature_lr_scale) == (25.0, 25.0)
+    clip = _run(tmp_path, "clip", [], loss="clip")[2]
+    assert clip.optim.lr == DEFAULT_LR
+    assert (clip.loss.bias_lr_scale, clip.loss.temperature_lr_scale) == (None, 1.0)
+    given = _run(tmp_path, "given", ["--lr", "1e-4", "--loss.temperature_lr_scale", "3"])[2]
+    assert (given.optim.lr, given.loss.temperature_lr_scale) == (1e-4, 3.0)
 
 
 def test_resuming_with_other_optimiser_groups_says_how(tmp_path):

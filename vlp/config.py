@@ -234,6 +234,14 @@ class LossConfig:
         )
         return 1.0 if value is None else float(value)
 
+    def resolve_lr_scales(self) -> None:
+        """Replace the unset learning-rate multipliers by the loss's defaults, so that config.yaml records the
+        multipliers a run trained at (the bias's only for a loss with a bias)."""
+        if self.bias_lr_scale is None and self._default("init_logit_bias") is not None:
+            self.bias_lr_scale = self.resolved_bias_lr_scale
+        if self.temperature_lr_scale is None:
+            self.temperature_lr_scale = self.resolved_temperature_lr_scale
+
     @property
     def resolved_max_logit_scale(self) -> float | None:
         return self.max_logit_scale if self.max_logit_scale is not None else self._default("max_logit_scale")

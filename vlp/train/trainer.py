@@ -185,6 +185,8 @@ class Trainer:
                 math.exp(loss_cfg.resolved_init_logit_scale),
                 loss_cfg.resolved_init_logit_bias,
             )
+        if loss_cfg is not None and getattr(cfg, "image_text_loss", None):
+            loss_cfg.resolve_lr_scales()  # config.yaml records the multipliers the run trains at
         if cfg.optim.lr is None:  # the objective's default rate, recorded in config.yaml
             cfg.optim.lr = registry.default_lr(spec)
             log.info("learning rate: %g (%s's default; --lr sets another)", cfg.optim.lr, spec.name)
