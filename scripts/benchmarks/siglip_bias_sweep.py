@@ -97,7 +97,8 @@ def write_table(out: Path, rows: list[dict]) -> None:
         run += {"off": "", "both": ", centred"}.get(centred, f", {centred} centred")
         run += "" if b_lr == 1 else f", b at {b_lr:g} x lr"
         run += "" if t_lr == 1 else f", t at {t_lr:g} x lr"
-        run += "" if lr == 2e-3 else ", lr " + f"{lr:.0e}".replace("e-0", "e-")
+        mantissa, exponent = f"{lr:e}".split("e")
+        run += "" if lr == 2e-3 else f", lr {mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
         seeds = ",".join(str(r["seed"]) for r in sorted(rs, key=lambda r: r["seed"]))
         head = f"| {dataset} | {batch} | {rs[0]['steps']} | {warmup} | {run} | {seeds} | "
         lines.append(head + " | ".join(cells) + " |")
