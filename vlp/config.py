@@ -75,6 +75,9 @@ class ModelConfig:
 #: image-text loss name -> defaults of LossConfig's None fields; filled when the clip/siglip objectives register
 LOSS_DEFAULTS: dict[str, dict[str, float | str | None]] = {}
 
+#: the loss section's learning-rate multipliers of single parameters (LossConfig.resolved_*_lr_scale)
+LR_SCALE_FIELDS = ("bias_lr_scale", "temperature_lr_scale")
+
 
 @dataclass
 class LossConfig:
@@ -138,15 +141,12 @@ class LossConfig:
             import vlp.objectives  # noqa: F401 - registers the built-in losses' defaults (no torch)
         if self.name not in LOSS_DEFAULTS:
             raise ConfigError(f"loss.name: invalid value {self.name!r}; valid: {', '.join(sorted(LOSS_DEFAULTS))}")
-        if self.bias_lr_scale is not None:
-            if not (math.isfinite(self.bias_lr_scale) and self.bias_lr_scale > 0):
-                raise ConfigError(f"loss.bias_lr_scale must be a finite number > 0, got {self.bias_lr_scale}")
-            if self._default("init_logit_bias") is None:
-                raise ConfigError(f"loss.bias_lr_scale: {self.name} has no bias; leave it unset")
-        if self.temperature_lr_scale is not None and not (
-            math.isfinite(self.temperature_lr_scale) and self.temperature_lr_scale > 0
-        ):
-            raise ConfigError(f"loss.temperature_lr_scale must be a finite number > 0, got {self.temperature_lr_scale}")
+        for key in LR_SCALE_FIELDS:
+            value = getattr(self, key)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"loss.{key} must be a finite number > 0, got {value}")
+        if self.bias_lr_scale is not None and self._default("init_logit_bias") is None:
+            raise ConfigError(f"loss.bias_lr_scale: {self.name} has no bias; leave it unset")
         if self.init_logit_scale == "auto" and self._default("init_logit_bias") is None:
             raise ConfigError(
                 f"loss.init_logit_scale=auto is the sigmoid loss's batch prior (paired with its bias); {self.name} has "
@@ -218,29 +218,28 @@ class LossConfig:
         value = self.centre_init if self.centre_init is not None else self._default("centre_init")
         return CENTRE_TOWERS[value or "off"]
 
+    def resolved_lr_scale(self, key: str) -> float:
+        """A learning-rate multiplier (``key`` of :data:`LR_SCALE_FIELDS`): as given, or the loss's default, or 1."""
+        value = getattr(self, key)
+        value = self._default(key) if value is None else value
+        return 1.0 if value is None else float(value)
+
     @property
     def resolved_bias_lr_scale(self) -> float:
         """The bias's learning-rate multiplier (``bias_lr_scale``, or the loss's default, or 1)."""
-        value = self.bias_lr_scale if self.bias_lr_scale is not None else self._default("bias_lr_scale")
-        return 1.0 if value is None else float(value)
+        return self.resolved_lr_scale("bias_lr_scale")
 
     @property
     def resolved_temperature_lr_scale(self) -> float:
         """The log temperature's learning-rate multiplier (``temperature_lr_scale``, or the loss's default, or 1)."""
-        value = (
-            self.temperature_lr_scale
-            if self.temperature_lr_scale is not None
-            else self._default("temperature_lr_scale")
-        )
-        return 1.0 if value is None else float(value)
+        return self.resolved_lr_scale("temperature_lr_scale")
 
     def resolve_lr_scales(self) -> None:
         """Replace the unset learning-rate multipliers by the loss's defaults, so that config.yaml records the
         multipliers a run trained at (the bias's only for a loss with a bias)."""
-        if self.bias_lr_scale is None and self._default("init_logit_bias") is not None:
-            self.bias_lr_scale = self.resolved_bias_lr_scale
-        if self.temperature_lr_scale is None:
-            self.temperature_lr_scale = self.resolved_temperature_lr_scale
+        for key in LR_SCALE_FIELDS:
+            if getattr(self, key) is None and (key != "bias_lr_scale" or self._default("init_logit_bias") is not None):
+                setattr(self, key, self.resolved_lr_scale(key))
 
     @property
     def resolved_max_logit_scale(self) -> float | None:

@@ -41,18 +41,13 @@ def centred_towers(rows: list[dict]) -> str:
     return "both" if len(towers) == 2 else towers[0] if towers else "off"
 
 
-def lr_scales(out: Path) -> dict[str, float]:
-    """The learning-rate multipliers a run's bias and temperature trained at (1 for CLIP's absent bias, and for runs
-    older than the options)."""
-    from vlp.config import LossConfig
+def lr_scales(loss: dict) -> dict[str, float]:
+    """The learning-rate multipliers a run's bias and temperature trained at, from its config.yaml's ``loss``
+    section (1 for CLIP's absent bias, and for runs older than the options)."""
+    from vlp.config import LR_SCALE_FIELDS, LossConfig
 
-    loss = yaml.safe_load((out / "config.yaml").read_text())["loss"]
-    given = {k: loss[k] for k in ("bias_lr_scale", "temperature_lr_scale") if k in loss}
-    cfg = LossConfig(name=loss["name"], **given)
-    return {
-        "bias_lr_scale": cfg.resolved_bias_lr_scale if "bias_lr_scale" in loss else 1.0,
-        "temperature_lr_scale": cfg.resolved_temperature_lr_scale if "temperature_lr_scale" in loss else 1.0,
-    }
+    cfg = LossConfig(name=loss["name"], **{k: loss[k] for k in LR_SCALE_FIELDS if k in loss})
+    return {k: cfg.resolved_lr_scale(k) if k in loss else 1.0 for k in LR_SCALE_FIELDS}
 
 
 def run_row(out: Path, wall_s: float) -> dict:
@@ -60,6 +55,7 @@ def run_row(out: Path, wall_s: float) -> dict:
     temperature's learning-rate multipliers, its peak learning rate, first and final loss, final t and b, and every
     zero-shot top-1 and R@1 of its summary.json."""
     summary = json.loads((out / "summary.json").read_text())
+    config = yaml.safe_load((out / "config.yaml").read_text())
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     trained = [r for r in rows if "loss" in r]
     first, last = trained[0], trained[-1]  # the first step's row is logged before its update
@@ -67,8 +63,8 @@ def run_row(out: Path, wall_s: float) -> dict:
         "wall_s": round(wall_s, 1),
         "init_t": round(math.exp(first["logit_scale"]), 4),
         "centred": centred_towers(rows),
-        **lr_scales(out),
-        "lr": yaml.safe_load((out / "config.yaml").read_text())["optim"]["lr"],
+        **lr_scales(config["loss"]),
+        "lr": config["optim"]["lr"],
         "first_loss": summary["first_loss"],
         "final_loss": summary["final_loss"],
         "final_t": round(math.exp(last["logit_scale"]), 4),
